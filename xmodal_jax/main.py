@@ -1,0 +1,62 @@
+"""The `xmodal` command: `train` and `eval` an experiment config in a workdir.
+
+    xmodal train --config experiments/X.py[:k=v,...] --workdir DIR [--config.a.b=value ...]
+    xmodal eval  --config experiments/X.py[:k=v,...] --workdir DIR
+
+A train run in a workdir that holds checkpoints resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from xmodal_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for verb, text in (("train", "train (or resume) a config"), ("eval", "evaluate a workdir")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("--config", required=True, help="experiments/X.py[:k=v,...]")
+        p.add_argument("--workdir", required=True, help="where checkpoints and logs go")
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    """Parses `argv` (without the program name) and runs the verb; returns its metrics."""
+    args, rest = _parser().parse_known_args(argv)
+    from xmodal_jax import config as config_lib
+
+    config = config_lib.load(args.config)
+    config_lib.apply_overrides(config, rest)
+    import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
+    from xmodal_jax.train import trainer
+
+    workdir = os.path.abspath(args.workdir)
+    if args.verb == "train":
+        results = trainer.train_and_evaluate(config, workdir)
+    else:
+        results = trainer.evaluate(config, workdir)
+    print(json.dumps(results, indent=1, sort_keys=True))
+    print(f"Results in {workdir}: summary.json, metrics.jsonl, plots/, checkpoints/")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"xmodal: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"xmodal: training diverged: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Plots written to `<workdir>/plots/`: training curves and confusion matrices."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def curves(rows: Sequence[dict], path: str) -> None:
+    """One panel for `train/loss`, one for every `eval/*/accuracy` series."""
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return np.asarray(pts).T if pts else None
+
+    keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("accuracy")})
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss = series("train/loss")
+    if loss is not None:
+        ax_loss.plot(*loss, label="train/loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    for k in keys:
+        ax_acc.plot(*series(k), marker="o", label=k)
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="evaluations", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: str) -> None:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
+    m = np.asarray(matrix, np.float64)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6, color=color)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_all(workdir: str, rows: Sequence[dict], evaluators: dict) -> list[str]:
+    """Curves plus one confusion matrix per evaluator that has one; returns the paths."""
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "curves.png")]
+    curves(rows, paths[0])
+    for name, ev in evaluators.items():
+        if getattr(ev, "confusion", None) is not None:
+            paths.append(os.path.join(out_dir, f"confusion_{name}.png"))
+            confusion(ev.confusion, ev.class_names, f"{name}: confusion", paths[-1])
+    return paths

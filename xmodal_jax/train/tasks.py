@@ -1,0 +1,90 @@
+"""Tasks: what a training config trains. A task owns its model, input and loss; the trainer
+only sees `init`, `loss`, `predict` and `train_iterator`. `config.task` picks one by name."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Protocol
+
+import flax.linen as nn
+import grain
+import jax
+import ml_collections
+
+from xmodal_jax import models
+from xmodal_jax.data import pipeline
+from xmodal_jax.errors import UserError
+from xmodal_jax.objectives.classification import softmax_xent
+
+Variables = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator: ...
+
+    def init(self, rng: jax.Array, batch: dict) -> Variables: ...
+
+    def loss(
+        self, params: Any, model_state: Variables, batch: dict, rng: jax.Array, progress: jax.Array
+    ) -> tuple[jax.Array, tuple[Variables, Metrics]]: ...
+
+    def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]: ...
+
+
+class Classification:
+    """Supervised classification of `batch['image']` into `batch['label']`.
+
+    Config: `model` (with `num_classes`), `data` (`name`, `split`, `pp`), `label_smoothing`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = models.build(config.model)
+
+    def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
+        return pipeline.train_iterator(
+            self.config.data,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def init(self, rng: jax.Array, batch: dict) -> Variables:
+        return dict(self.model.init({"params": rng, "dropout": rng}, batch["image"]))
+
+    def apply(self, params, model_state, images, rng, train: bool):
+        """Forward pass; returns outputs and the updated non-parameter state."""
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            return self.model.apply(
+                variables, images, train=True, rngs={"dropout": rng}, mutable=list(model_state)
+            )
+        return self.model.apply(variables, images, train=train, rngs={"dropout": rng}), model_state
+
+    def loss(self, params, model_state, batch, rng, progress):
+        del progress
+        out, model_state = self.apply(params, model_state, batch["image"], rng, train=True)
+        logits = out["logits"]
+        loss = softmax_xent(
+            logits, batch["label"], label_smoothing=self.config.get("label_smoothing", 0.0)
+        )
+        accuracy = (logits.argmax(-1) == batch["label"]).mean()
+        return loss, (model_state, {"accuracy": accuracy})
+
+    def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
+        return self.model.apply(variables, batch["image"], train=False)
+
+
+TASKS = {"classification": Classification}
+
+
+def build(config: ml_collections.ConfigDict) -> Task:
+    name = config.get("task", "classification")
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, TASKS, n=3)
+        raise UserError(f"config.task={name!r} unknown; closest: {close or sorted(TASKS)}.")
+    return TASKS[name](config)
