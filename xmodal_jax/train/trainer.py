@@ -110,6 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, train_iter, start = _initial_state(config, task, tx, mesh, sample, ckpt, train_iter)
     writer = metrics.MetricWriter(workdir, active=is_main, resume_step=start)
+    if start and is_main:
+        print(f"Resuming from the checkpoint of step {start} in {workdir}/checkpoints.")
     total = config.total_steps
 
     train_step = jax.jit(

@@ -1,0 +1,79 @@
+"""The `xmodal` command end to end, in subprocesses as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CONFIG = "experiments/digits/source_only.py:direction=m2u"
+SMALL = ["--config.log_every=5", "--config.eval_every=20", "--config.checkpoint_every=10"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xmodal(*args, tfds_dir):
+    env = {**os.environ, "TFDS_DATA_DIR": tfds_dir}
+    return subprocess.run(
+        [sys.executable, "-m", "xmodal_jax.main", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_misspelled_key_is_one_clear_line(tmp_path, tfds_dir):
+    r = xmodal("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.lrr=0.1",
+               tfds_dir=tfds_dir)  # fmt: skip
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "'lrr'" in lines[0] and "'lr'" in lines[0]
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config", "experiments/digits/source_onyl.py"], ["source_only.py"]),
+        (["--config", CONFIG, "--config.data.name=digits_mnist"], ["digits_mnist5k"]),
+        (["--config", CONFIG, "--config.model.bottleneck=wide"], ["expected int"]),
+        (["--config", "experiments/digits/source_only.py:direction=m2u,sed=1"], ["'seed'"]),
+    ],
+)
+def test_bad_names_are_one_clear_line(args, words, tmp_path, tfds_dir):
+    r = xmodal("train", *args, "--workdir", str(tmp_path), tfds_dir=tfds_dir)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_train_resume_and_eval(tmp_path, tfds_dir):
+    wd = str(tmp_path / "run")
+    r = xmodal("train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=20", *SMALL,
+               tfds_dir=tfds_dir)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = _rows(wd)
+    assert [x["step"] for x in first if "train/loss" in x] == [5, 10, 15, 20]
+    summary = json.load(open(os.path.join(wd, "summary.json")))
+    assert {"eval/source/accuracy", "eval/target/accuracy"} <= set(summary)
+    assert json.load(open(os.path.join(wd, "config.json")))["total_steps"] == 20
+
+    r = xmodal("train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=30", *SMALL,
+               tfds_dir=tfds_dir)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming from the checkpoint of step 20" in r.stdout
+    rows = _rows(wd)
+    assert rows[: len(first)] == first  # the first run's log is kept as it was
+    assert [x["step"] for x in rows if "train/loss" in x] == [5, 10, 15, 20, 25, 30]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["20", "30"]
+    assert {"curves.png", "confusion_target.png"} <= set(os.listdir(os.path.join(wd, "plots")))
+
+    r = xmodal("eval", "--config", CONFIG, "--workdir", wd, tfds_dir=tfds_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = json.load(open(os.path.join(wd, "summary.json")))
+    assert evaluated["step"] == 30
+    assert evaluated["eval/target/accuracy"] == pytest.approx(rows[-1]["eval/target/accuracy"])
