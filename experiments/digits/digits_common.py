@@ -53,6 +53,21 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     return c
 
 
+def adaptation_config(arg: str | None, method: str, **options) -> ml_collections.ConfigDict:
+    """Source-labelled + target-unlabelled training with the adaptation loss `method`."""
+    c = base_config(arg)
+    source, target = DIRECTIONS[c.direction]
+    c.task = "domain_adaptation"
+    c.data = {"source": domain_data(source, "train"), "target": domain_data(target, "train")}
+    c.adaptation = {"method": method, **options}
+    c.evals.a_distance = {
+        "type": "a_distance",
+        "source": _eval_data(source),
+        "target": _eval_data(target),
+    }
+    return c
+
+
 def _eval_data(domain: str) -> dict:
     d = domain_data(domain, "test")
     return {"dataset": d["name"], "split": d["split"], "pp": d["pp"]}

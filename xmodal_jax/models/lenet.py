@@ -2,7 +2,8 @@
 
 Layout follows the digits LeNet used in domain adaptation benchmarks (two 5x5 convolutions with
 20 and 50 channels, max-pool, a 500-unit layer, dropout), then a `bottleneck`-wide feature layer
-and a linear head; no BatchNorm.
+and a linear head. No BatchNorm by default; `norm="batch"` adds BatchNorm after each
+convolution and the 500-unit layer (the variant AdaBN adapts).
 """
 
 from __future__ import annotations
@@ -27,16 +28,25 @@ class LeNet(nn.Module):
     num_classes: int = 10
     bottleneck: int = 256
     dropout: float = 0.5
+    norm: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> dict[str, jnp.ndarray]:
+        if self.norm not in (None, "batch"):
+            raise ValueError(f"LeNet norm={self.norm!r}: use None or 'batch'.")
+
+        def norm(y):
+            if self.norm is None:
+                return y
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9)(y)
+
         x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_conv_init, bias_init=_bias)(x)
-        x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        x = nn.relu(nn.max_pool(norm(x), (2, 2), (2, 2)))
         x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_conv_init, bias_init=_bias)(x)
-        x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
+        x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(norm(x))
         fmap = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
         x = fmap.reshape(fmap.shape[0], -1)
-        x = nn.relu(_dense(500, ("embed", "mlp"), "fc")(x))
+        x = nn.relu(norm(_dense(500, ("embed", "mlp"), "fc")(x)))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         feats = nn.relu(_dense(self.bottleneck, ("mlp", "embed"), "bottleneck")(x))
         logits = _dense(self.num_classes, ("embed", "classes"), "head")(feats)

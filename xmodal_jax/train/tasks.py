@@ -1,9 +1,15 @@
 """Tasks: what a training config trains. A task owns its model, input and loss; the trainer
-only sees `init`, `loss`, `predict` and `train_iterator`. `config.task` picks one by name."""
+only sees `init`, `loss`, `predict` and `train_iterator`.
+
+`config.task` picks one by name: `classification` (here) or the module
+`xmodal_jax/train/<name>.py` that defines `Task`, so a new task is one new file.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -82,9 +88,28 @@ class Classification:
 TASKS = {"classification": Classification}
 
 
+def _task_modules() -> list[str]:
+    import xmodal_jax.train as package
+
+    found = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    return [*TASKS, *(m for m in found if hasattr(_import(m), "Task"))]
+
+
+def _import(name: str):
+    return importlib.import_module(f"xmodal_jax.train.{name}")
+
+
 def build(config: ml_collections.ConfigDict) -> Task:
     name = config.get("task", "classification")
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=3)
-        raise UserError(f"config.task={name!r} unknown; closest: {close or sorted(TASKS)}.")
-    return TASKS[name](config)
+    if name in TASKS:
+        return TASKS[name](config)
+    try:
+        module = _import(name)
+    except ModuleNotFoundError as e:
+        if e.name != f"xmodal_jax.train.{name}":
+            raise
+        module = None
+    if not hasattr(module, "Task"):
+        close = difflib.get_close_matches(name, _task_modules(), n=3)
+        raise UserError(f"config.task={name!r} unknown; closest: {close}.")
+    return module.Task(config)

@@ -1,0 +1,13 @@
+"""Entropy minimisation on digits: LeNet, labelled source + unlabelled target, loss `entropy`.
+
+    xmodal train --config experiments/digits/entropy.py:direction=m2u,seed=0 \
+        --workdir workdirs/digits_entropy_m2u_s0
+
+Results over seeds and both directions: experiments/digits/README.md.
+"""
+
+from digits_common import adaptation_config
+
+
+def get_config(arg=None):
+    return adaptation_config(arg, "entropy")

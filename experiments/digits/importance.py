@@ -1,0 +1,13 @@
+"""Importance weighting on digits: LeNet, source examples weighted by a domain classifier.
+
+    xmodal train --config experiments/digits/importance.py:direction=m2u,seed=0 \
+        --workdir workdirs/digits_importance_m2u_s0
+
+Results over seeds and both directions: experiments/digits/README.md.
+"""
+
+from digits_common import adaptation_config
+
+
+def get_config(arg=None):
+    return adaptation_config(arg, "importance")

@@ -1,0 +1,13 @@
+"""JAN on digits: LeNet, labelled source + unlabelled target, adaptation loss `jmmd`.
+
+    xmodal train --config experiments/digits/jan.py:direction=m2u,seed=0 \
+        --workdir workdirs/digits_jan_m2u_s0
+
+Results over seeds and both directions: experiments/digits/README.md.
+"""
+
+from digits_common import adaptation_config
+
+
+def get_config(arg=None):
+    return adaptation_config(arg, "jmmd")

@@ -1,0 +1,105 @@
+"""Domain adaptation task: labelled source + unlabelled target batches, one adaptation loss.
+
+`config.adaptation.method` names a loss of `xmodal_jax.objectives.adaptation` (dann, mmd/dan,
+jmmd/jan, coral, cdan, cdan_e, entropy, mcc, importance); its other keys are that loss's options
+(e.g. `weight`). Source and target images go through the model as one batch, the loss gets
+features and logits of both halves, and a domain discriminator is added to the parameters when
+the loss needs one (`params = {'model': ..., 'discriminator': ...}`).
+
+Config: `data.source` and `data.target` (each `name`, `split`, `pp`), `batch_size` per domain.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xmodal_jax.data import pipeline
+from xmodal_jax.errors import UserError
+from xmodal_jax.objectives import adaptation
+from xmodal_jax.objectives.adaptation import dann
+from xmodal_jax.objectives.classification import softmax_xent
+from xmodal_jax.train.tasks import Classification, Variables
+
+
+class DomainAdaptation(Classification):
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        opts = dict(config.get("adaptation", {}) or {})
+        method = opts.pop("method", None)
+        if method is None:
+            raise UserError("config.adaptation.method is not set; name a loss, e.g. 'dann'.")
+        try:
+            self.spec = adaptation.get_spec(method)
+        except ValueError as e:
+            raise UserError(f"config.adaptation.method: {e}") from None
+        self.options = opts
+        needs_disc = self.spec.discriminator_input_dim is not None
+        self.discriminator = dann.make_discriminator(opts) if needs_disc else None
+        for domain in ("source", "target"):
+            if domain not in config.data:
+                raise UserError(f"config.data.{domain} is missing; set name, split and pp.")
+
+    def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
+        return pipeline.paired_iterator(
+            self.config.data.source,
+            self.config.data.target,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def init(self, rng: jax.Array, batch: dict) -> Variables:
+        model_rng, disc_rng = jax.random.split(rng)
+        variables = super().init(model_rng, batch["source"])
+        params = {"model": variables.pop("params")}
+        if self.discriminator is not None:
+            out = self.model.apply(
+                {"params": params["model"], **variables}, batch["source"]["image"]
+            )
+            width = self.spec.discriminator_input_dim(
+                out["pooled"].shape[-1], out["logits"].shape[-1], self.options
+            )
+            params["discriminator"] = self.discriminator.init(disc_rng, jnp.zeros((1, width)))[
+                "params"
+            ]
+        return {"params": params, **variables}
+
+    def loss(self, params, model_state, batch, rng, progress):
+        source, target = batch["source"], batch["target"]
+        n = source["image"].shape[0]
+        images = jnp.concatenate([source["image"], target["image"]])
+        model_rng, disc_rng = jax.random.split(rng)
+        out, model_state = self.apply(params["model"], model_state, images, model_rng, train=True)
+        features, logits = out["pooled"], out["logits"]
+
+        def discriminator(h):
+            variables = {"params": params["discriminator"]}
+            return self.discriminator.apply(variables, h, train=True, rngs={"dropout": disc_rng})
+
+        inputs = adaptation.AdaptationInputs(
+            features_s=features[:n],
+            features_t=features[n:],
+            logits_s=logits[:n],
+            logits_t=logits[n:],
+            labels_s=source["label"],
+            progress=progress,
+            discriminator=discriminator if self.discriminator is not None else None,
+        )
+        transfer_loss, aux = self.spec.fn(inputs, self.options)
+        loss = transfer_loss
+        if not self.spec.replaces_source_loss:
+            loss = loss + softmax_xent(logits[:n], source["label"])
+        metrics = {f"adapt/{k}": v for k, v in aux.items()}
+        metrics["accuracy"] = (logits[:n].argmax(-1) == source["label"]).mean()
+        return loss, (model_state, metrics)
+
+    def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
+        variables = {**variables, "params": variables["params"]["model"]}
+        return self.model.apply(variables, batch["image"], train=False)
+
+
+Task = DomainAdaptation
