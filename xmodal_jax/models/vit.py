@@ -1,0 +1,142 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): patch embedding, learned position embeddings,
+pre-LN transformer, pooling by cls token, global average or multi-head attention (MAP).
+
+The position table has a row for the cls token when `pool='cls'` (HF / timm / CLIP layout);
+inputs whose patch grid differs from `image_size // patch_size` get a bilinearly resized
+table. `pre_norm` (a LayerNorm before the encoder) and `proj_dim` (a bias-free projection of
+the pooled features) give the CLIP image tower.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmodal_jax.models import axes, layers
+
+# width, depth, mlp_dim, heads: Table 1 of Dosovitskiy et al. (B, L) and Touvron et al. 2021
+# (Ti, S), as in big_vision `big_vision/models/vit.py` `decode_variant`.
+VARIANTS = {
+    "ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "s": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "b": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "l": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+}
+
+
+class ViT(nn.Module):
+    """ViT tower: `{'pooled': [B, D], 'features': [B, N, D], 'logits'?}` (features after the
+    final norm, prefix token included)."""
+
+    num_classes: int = 0
+    patch_size: int = 16
+    image_size: int = 224
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int | None = None  # default 4 * width
+    num_heads: int = 12
+    pool: str = "cls"  # 'cls' | 'gap' | 'map'
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    pre_norm: bool = False
+    patch_bias: bool = True
+    proj_dim: int = 0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    head_zeroinit: bool = True
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        layers.check_choice("pool", self.pool, ("cls", "gap", "map"))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        p, d = self.patch_size, self.width
+        mlp_dim = self.mlp_dim or 4 * d
+
+        x = layers.Conv(
+            d,
+            p,
+            strides=p,
+            padding=0,
+            use_bias=self.patch_bias,
+            kernel_init=nn.initializers.lecun_normal(),
+            name="embedding",
+            **kw,
+        )(images)
+        b, h, w, _ = x.shape
+        x = x.reshape(b, h * w, d)
+
+        prefix = 1 if self.pool == "cls" else 0
+        if prefix:
+            cls = layers.param(
+                self,
+                "cls",
+                nn.initializers.zeros,
+                (1, 1, d),
+                (None, None, axes.EMBED),
+                self.param_dtype,
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+        grid = self.image_size // p
+        posemb = layers.param(
+            self,
+            "pos_embedding",
+            nn.initializers.normal(stddev=0.02),
+            (1, prefix + grid * grid, d),
+            (None, None, axes.EMBED),
+            self.param_dtype,
+        )
+        if (h, w) != (grid, grid):
+            posemb = layers.resize_posemb(posemb, (h, w), prefix)
+        x = x + posemb.astype(self.dtype)
+
+        if self.pre_norm:
+            x = layers.layer_norm(self.norm_eps, name="norm_pre", **kw)(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=mlp_dim,
+            norm_first=True,
+            act=self.act,
+            norm_eps=self.norm_eps,
+            dropout=self.dropout,
+            attn_dropout=self.attn_dropout,
+            deterministic=not train,
+            **kw,
+        )
+        x = layers.LayerStack(
+            layers.TransformerBlock,
+            block_kwargs,
+            self.depth,
+            self.scan_layers,
+            self.remat_policy,
+            name="encoder",
+        )(x)
+        x = layers.layer_norm(self.norm_eps, name="norm", **kw)(x)
+
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "gap":
+            pooled = jnp.mean(x, axis=1)
+        else:
+            pooled = layers.MAPHead(
+                self.num_heads, mlp_dim, self.act, self.norm_eps, name="map_head", **kw
+            )(x)
+        if self.proj_dim:
+            pooled = layers.Dense(
+                self.proj_dim, (axes.EMBED, None), use_bias=False, name="proj", **kw
+            )(pooled)
+
+        out = {"pooled": pooled, "features": x}
+        if self.num_classes:
+            init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+            out["logits"] = layers.Dense(
+                self.num_classes, (axes.EMBED, axes.CLASSES), kernel_init=init, name="head", **kw
+            )(pooled)
+        return out

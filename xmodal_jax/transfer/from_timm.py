@@ -1,0 +1,86 @@
+"""timm `VisionTransformer` state dicts -> our ViT.
+
+Key names of huggingface/pytorch-image-models `timm/models/vision_transformer.py`:
+`cls_token` [1, 1, D], `pos_embed` [1, 1 + N, D], `patch_embed.proj`, `blocks.{i}.norm1`,
+`blocks.{i}.attn.qkv` (one Linear, rows ordered q, k, v), `blocks.{i}.attn.proj`,
+`blocks.{i}.norm2`, `blocks.{i}.mlp.fc1` / `fc2`, `norm`, `head`. Variants with register
+tokens, layer scale, or `fc_norm` (norm after average pooling) are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xmodal_jax.transfer import torch_layout as tl
+from xmodal_jax.transfer.converted import Converted, closest_arch
+
+_UNSUPPORTED = (
+    "reg_token",
+    "blocks.0.ls1.gamma",
+    "fc_norm.weight",
+    "attn_pool.latent",
+    "blocks.0.attn.q_norm.weight",
+)
+
+
+def is_timm_vit(keys: set[str]) -> bool:
+    return "patch_embed.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys
+
+
+def convert_vit(sd: tl.StateDict, hint: dict[str, Any] | None) -> Converted:
+    found = [k for k in _UNSUPPORTED if sd.has(k)]
+    if found or not sd.has("cls_token"):
+        raise tl.ConversionError(
+            f"{sd.source}: timm ViT variant with {found or 'no cls token'} is not supported "
+            "(cls-token ViTs with a plain final norm are)."
+        )
+    patch = sd("patch_embed.proj.weight")
+    width, _, p_size, _ = patch.shape
+    heads = int((hint or {}).get("num_heads", width // 64))  # ViT Ti/S/B/L use 64-wide heads
+    p = {"params/embedding/kernel": patch.transpose(2, 3, 1, 0)}
+    p["params/embedding/bias"] = sd("patch_embed.proj.bias")
+    p["params/cls"] = sd("cls_token")
+    p["params/pos_embedding"] = sd("pos_embed")
+    depth = sd.count("blocks.{}.attn.qkv.weight")
+    for i in range(depth):
+        s, o = f"blocks.{i}", f"params/encoder/layer_{i}"
+        qkv_w, qkv_b = sd(f"{s}.attn.qkv.weight"), sd(f"{s}.attn.qkv.bias")
+        for j, name in enumerate(("query", "key", "value")):
+            rows = slice(j * width, (j + 1) * width)
+            tl.put(p, f"{o}/attn/{name}", tl.heads_in(qkv_w[rows], qkv_b[rows], heads))
+        tl.put(
+            p,
+            f"{o}/attn/out",
+            tl.heads_out(sd(f"{s}.attn.proj.weight"), sd(f"{s}.attn.proj.bias"), heads),
+        )
+        tl.put(p, f"{o}/norm1", tl.layer_norm(sd, f"{s}.norm1"))
+        tl.put(p, f"{o}/mlp/fc1", tl.linear(sd, f"{s}.mlp.fc1"))
+        tl.put(p, f"{o}/mlp/fc2", tl.linear(sd, f"{s}.mlp.fc2"))
+        tl.put(p, f"{o}/norm2", tl.layer_norm(sd, f"{s}.norm2"))
+    tl.put(p, "params/norm", tl.layer_norm(sd, "norm"))
+    num_classes = 0
+    if sd.has("head.weight"):
+        tl.put(p, "params/head", tl.linear(sd, "head"))
+        num_classes = int(p["params/head/kernel"].shape[1])
+    sd.finish()
+    grid = int(np.sqrt(p["params/pos_embedding"].shape[1] - 1))
+    overrides = dict(
+        num_classes=num_classes,
+        patch_size=int(p_size),
+        image_size=int(grid * p_size),
+        width=int(width),
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=int(p["params/encoder/layer_0/mlp/fc1/kernel"].shape[1]),
+        pool="cls",
+        act="gelu",
+        norm_eps=1e-6,
+    )
+    pre = {
+        "image_size": overrides["image_size"],
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    return Converted(closest_arch("vit", overrides, "vit_b16"), overrides, p, {"preprocess": pre})
