@@ -106,3 +106,22 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tfds_dir):
                "--config.log_every=5", tfds_dir=tfds_dir)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Resuming from the checkpoint of step {saved}" in r.stdout
+
+
+def test_convert_verb(tmp_path, tfds_dir):
+    r = xmodal("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"),
+               tfds_dir=tfds_dir)  # fmt: skip
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "missing.pth" in r.stderr
+
+    from xmodal_jax.pretrained import asset_path
+
+    dst = tmp_path / "mobilenet.safetensors"
+    r = xmodal("convert", asset_path("mobilenet-v2-imagenet"), str(dst), tfds_dir=tfds_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(dst))
+    # 3,504,872 parameters (torchvision's count) plus the BatchNorm statistics.
+    n_params = sum(v.size for k, v in tensors.items() if k.startswith("params/"))
+    assert n_params == 3_504_872

@@ -47,6 +47,11 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.evals = {
         "source": {"type": "classification", **_eval_data(source)},
         "target": {"type": "classification", **_eval_data(target)},
+        "a_distance": {
+            "type": "a_distance",
+            "source": _eval_data(source),
+            "target": _eval_data(target),
+        },
     }
     c.eval_batch_size = 256
     c.direction = args.direction
@@ -60,11 +65,6 @@ def adaptation_config(arg: str | None, method: str, **options) -> ml_collections
     c.task = "domain_adaptation"
     c.data = {"source": domain_data(source, "train"), "target": domain_data(target, "train")}
     c.adaptation = {"method": method, **options}
-    c.evals.a_distance = {
-        "type": "a_distance",
-        "source": _eval_data(source),
-        "target": _eval_data(target),
-    }
     return c
 
 
