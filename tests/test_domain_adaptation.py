@@ -1,0 +1,85 @@
+"""The domain-adaptation task: every registered loss trains through the generic train step."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from xmodal_jax.objectives import adaptation
+from xmodal_jax.objectives.adaptation import coral as coral_lib
+from xmodal_jax.objectives.classification import softmax_xent
+from xmodal_jax.parallel import mesh as mesh_lib
+from xmodal_jax.train import optim, tasks, trainer
+
+
+def _config(method, **options):
+    c = ml_collections.ConfigDict()
+    c.seed, c.total_steps, c.batch_size, c.lr = 0, 10, 8, 0.01
+    c.task = "domain_adaptation"
+    c.model = {"name": "lenet", "num_classes": 10, "bottleneck": 16, "dropout": 0.0}
+    c.data = {"source": {"name": "x", "split": "train"}, "target": {"name": "y", "split": "train"}}
+    c.adaptation = {"method": method, "hidden": (32,), **options}
+    return c
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    dom = lambda: {"image": rng.random((8, 28, 28, 1), np.float32), "label": rng.integers(0, 10, 8)}
+    return {"source": dom(), "target": dom()}
+
+
+@pytest.mark.parametrize("method", sorted(adaptation.SPECS))
+def test_every_method_trains(method):
+    opts = {} if adaptation.get_spec(method).discriminator_input_dim else {"hidden": None}
+    config = _config(method)
+    if "hidden" in opts:
+        config.adaptation = {"method": method}
+    task = tasks.build(config)
+    tx, lr_fn = optim.build(config)
+    mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    batch = mesh_lib.global_batch(_batch(), mesh)
+    init_fn, _ = trainer.init_state(config, task, tx, mesh, batch)
+    state = init_fn(batch)
+    params = state.params
+    assert ("discriminator" in params) == (task.discriminator is not None)
+    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, 10))
+    new_state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["train/loss"]))
+    assert any(k.startswith("train/adapt/") for k in metrics)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_state.params)
+    assert all(jax.tree.leaves(changed["model"]))
+    if "discriminator" in params:
+        assert all(jax.tree.leaves(changed["discriminator"]))
+
+
+def test_loss_is_source_cross_entropy_plus_weighted_transfer_loss():
+    config = _config("coral", weight=0.7)
+    config.adaptation = {"method": "coral", "weight": 0.7}
+    task = tasks.build(config)
+    batch = _batch(3)
+    variables = task.init(jax.random.key(0), batch)
+    params = variables.pop("params")
+    loss, _ = task.loss(params, variables, batch, jax.random.key(2), 0.5)
+    images = jnp.concatenate([batch["source"]["image"], batch["target"]["image"]])
+    out = task.model.apply({"params": params["model"]}, images)
+    want = softmax_xent(out["logits"][:8], batch["source"]["label"]) + 0.7 * coral_lib.coral(
+        out["pooled"][:8], out["pooled"][8:]
+    )
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_unknown_method_names_the_choices():
+    from xmodal_jax.errors import UserError
+
+    with pytest.raises(UserError, match="dann"):
+        tasks.build(_config("danm"))
+
+
+def test_unknown_task_names_the_closest():
+    from xmodal_jax.errors import UserError
+
+    config = _config("dann")
+    config.task = "domain_adaptaton"
+    with pytest.raises(UserError, match="domain_adaptation"):
+        tasks.build(config)
