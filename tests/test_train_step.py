@@ -1,5 +1,6 @@
 """The jitted train step gives the same result on a mesh of 8 devices as on one device."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +27,12 @@ def _run(mesh, batches):
     task = tasks.build(config)
     tx, lr_fn = optim.build(config)
     rng = jax.random.key(0)
-    variables = task.init(rng, mesh_lib.global_batch(batches[0], mesh))
+    variables = nn.unbox(task.init(rng, mesh_lib.global_batch(batches[0], mesh)))
     params = variables.pop("params")
-    state = trainer.TrainState(jnp.int32(0), params, variables, tx.init(params))
+    key_data = jax.random.key_data(rng)
+    state = trainer.TrainState(jnp.int32(0), params, variables, tx.init(params), key_data)
     state = jax.device_put(state, mesh_lib.replicated(mesh))
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, rng, config.total_steps))
+    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps))
     losses = []
     for b in batches:
         state, m = step(state, mesh_lib.global_batch(b, mesh))

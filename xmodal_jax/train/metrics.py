@@ -27,11 +27,11 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        """Drops lines logged after the checkpoint we resume from: they will be logged again."""
+        """Drops lines logged after the checkpoint we resume from (they will be logged again)
+        and a last line cut short by a killed run."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [json.dumps(row) + "\n" for row in _parse(self.path) if row["step"] <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
@@ -53,13 +53,21 @@ class MetricWriter:
             self._tb.close()
 
 
-def read(workdir: str) -> list[dict]:
-    """All rows of `metrics.jsonl`."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
+def _parse(path: str) -> list[dict]:
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # blank, or cut short when a run was killed mid-write
+    return rows
+
+
+def read(workdir: str) -> list[dict]:
+    """All complete rows of `metrics.jsonl`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    return _parse(path) if os.path.exists(path) else []
 
 
 def write_json(path: str, obj) -> None:

@@ -13,13 +13,21 @@ import numpy as np  # noqa: E402
 
 
 def curves(rows: Sequence[dict], path: str) -> None:
-    """One panel for `train/loss`, one for every `eval/*/accuracy` series."""
+    """One panel for `train/loss`, one for the evaluations' accuracies (top-1, few-shot;
+    per-class series are left to TensorBoard)."""
 
     def series(key):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         return np.asarray(pts).T if pts else None
 
-    keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("accuracy")})
+    keys = sorted(
+        {
+            k
+            for r in rows
+            for k in r
+            if k.startswith("eval/") and k.endswith("accuracy") and "class_accuracy" not in k
+        }
+    )
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     loss = series("train/loss")
     if loss is not None:

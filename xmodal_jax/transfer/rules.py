@@ -20,9 +20,8 @@ by every rule as their layers, `.../layer_{i}/...`: multipliers, decay and unloc
 per-layer vectors along the stacked axis, so a scanned and an unscanned model train alike.
 
 Frozen leaves go to `optax.set_to_zero()` through `optax.partition`, so they carry no optimiser
-state. Leaves that only *start* frozen (an `unfreeze` entry, or part of a stack) must train
-later, so they carry state from the start and a gate zeroes their gradients and updates while
-they are locked.
+state. Leaves that are locked only for a while (an `unfreeze` entry) or only in part (some
+layers of a stack) carry state, and `zero_locked` holds their locked layers at rest.
 """
 
 from __future__ import annotations
@@ -119,10 +118,11 @@ def _list(paths: Sequence[str], limit: int = 12) -> str:
 
 # ------------------------------------------------------------------ layer-wise decay
 
-_BLOCK = re.compile(r"^(?P<tower>(?:.*/)?)[^/]+/layer_(?P<i>\d+)/")
-_STAGE = re.compile(r"^(?P<tower>(?:.*/)?)(?:stage|block)(?P<i>\d+)_[^/]*/")
+_TOWER = r"^(?P<tower>(?:[^/]+/)*?)"  # shortest prefix: the outermost match names the tower
+_BLOCK = re.compile(_TOWER + r"[^/]+/layer_(?P<i>\d+)/")
+_STAGE = re.compile(_TOWER + r"(?:stage|block)(?P<i>\d+)_[^/]*/")
 _STEM = re.compile(
-    r"^(?P<tower>(?:.*/)?)(?:stem_[^/]*|embedding|pos_embedding|cls|[^/]*_embeddings?"
+    _TOWER + r"(?:stem_[^/]*|embedding|pos_embedding|cls|[^/]*_embeddings?"
     r"|embed_norm|norm_pre)(?:/|$)"
 )
 
@@ -220,15 +220,18 @@ def plan(rules: Rules, named: Sequence[tuple[str, tuple[int, ...]]]) -> list[Lea
             f"config.schedule covers no rule for {len(missing)} parameters: {_list(missing)}. "
             "Add a rule for them, e.g. ('.*', None) to freeze the rest or ('.*', 'base')."
         )
-    dead = [rules.patterns[i] for i in range(len(sched)) if i not in set(hits)]
+    reached = set(hits)
+    dead = [rules.patterns[i] for i in range(len(sched)) if i not in reached]
     if dead:
         raise UserError(
             f"config.schedule rules {dead} match no parameter (or only ones an earlier rule "
             f"took); parameters are e.g. {_list(every, 6)}. Fix or remove them."
         )
-    for name, compiled, entries in (("lr_mults", lr_m, rules.lr_mults),
-                                    ("wd_mults", wd_m, rules.wd_mults),
-                                    ("unfreeze", unf, rules.unfreeze)):  # fmt: skip
+    for name, compiled, entries in (
+        ("lr_mults", lr_m, rules.lr_mults),
+        ("wd_mults", wd_m, rules.wd_mults),
+        ("unfreeze", unf, rules.unfreeze),
+    ):
         for (pattern, _), entry in zip(compiled, entries, strict=True):
             if not any(pattern.fullmatch(p) for p in every):
                 raise UserError(
@@ -348,34 +351,36 @@ def add_decayed_weights(wd: float, rules: Rules) -> optax.GradientTransformation
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-class GateState(NamedTuple):
-    count: jax.Array
-    inner: Any
+def clip_trainable(max_norm: float, rules: Rules) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` with the norm taken over the leaves that train (frozen
+    leaves' gradients are computed but never used)."""
+
+    def update(updates, state, params=None):
+        del params
+        plans, leaves = _leaf_plans(rules, updates), jax.tree.leaves(updates)
+        norm = optax.global_norm([x for p, x in zip(plans, leaves, strict=True) if not p.frozen])
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def unfreeze_gate(
-    inner: optax.GradientTransformation, rules: Rules
-) -> optax.GradientTransformation:
-    """Zeroes the gradients (so optimiser state stays at rest) and the updates (so weight decay
-    does not move them) of every layer before its unlock step."""
+def zero_locked(rules: Rules) -> optax.GradientTransformation:
+    """Zeroes the updates of every layer before its unlock step (see `transform` for where)."""
 
-    def gate(count, tree):
+    def update(updates, state, params=None):
+        del params
+
         def one(p: LeafPlan, x):
             if p.frozen or not p.unlock.any():
                 return x
-            unlocked = jnp.asarray(_per_layer(p.unlock, x.ndim)) <= count
+            unlocked = jnp.asarray(_per_layer(p.unlock, x.ndim)) <= state.count
             return jnp.where(unlocked, x, jnp.zeros_like(x))
 
-        return _map_plans(one, rules, tree)
+        updates = _map_plans(one, rules, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
-    def init(params):
-        return GateState(jnp.zeros([], jnp.int32), inner.init(params))
-
-    def update(updates, state, params=None):
-        updates, inner_state = inner.update(gate(state.count, updates), state.inner, params)
-        new_state = GateState(optax.safe_increment(state.count), inner_state)
-        return gate(state.count, updates), new_state
-
+    init = lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
     return optax.GradientTransformation(init, update)
 
 
@@ -399,6 +404,20 @@ def preset(name: str, config: Any) -> list[tuple[str, Any]]:
     return [(pattern.format(**fill), value) for pattern, value in PRESETS[name]]
 
 
+def _entries(config: Any, key: str, value_first: bool = False) -> list[tuple[Any, Any]]:
+    """`config[key]` as a checked list of pairs (one clear error for a malformed entry)."""
+    raw = config.get(key) or ()
+    entries = [tuple(e) if isinstance(e, list | tuple) else e for e in raw]
+    _compile(entries, key, value_first)
+    return entries
+
+
+def _number(value: Any, what: str, cast: type = float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"config.{what}: {value!r} is not a number.")
+    return cast(value)
+
+
 def from_config(config: Any) -> tuple[Rules, list[Any]]:
     """`Rules` from config, and the schedule spec of each rule (None for a frozen one)."""
     if config.get("schedule") and config.get("transfer"):
@@ -408,7 +427,7 @@ def from_config(config: Any) -> tuple[Rules, list[Any]]:
     if config.get("transfer"):
         schedule = preset(config.transfer, config)
     else:
-        schedule = [tuple(r) for r in (config.get("schedule") or [(".*", "base")])]
+        schedule = _entries(config, "schedule") or [(".*", "base")]
     _compile(schedule, "schedule")
     specs = [value for _, value in schedule]
     for spec in specs:
@@ -419,17 +438,20 @@ def from_config(config: Any) -> tuple[Rules, list[Any]]:
                 "number or a dict like {'name': 'cosine', 'warmup_steps': 100}."
             )
     llrd = config.get("llrd")
-    if llrd is not None and not 0.0 < float(llrd) <= 1.0:
+    if llrd is not None and not 0.0 < _number(llrd, "llrd") <= 1.0:
         raise UserError(f"config.llrd={llrd}: the layer-wise decay must be in (0, 1].")
-    pairs = lambda key: [tuple(e) for e in (config.get(key) or ())]
-    unfreeze = tuple((int(step), regex) for step, regex in pairs("unfreeze"))
+    unfreeze = tuple(
+        (_number(step, "unfreeze step", int), regex)
+        for step, regex in _entries(config, "unfreeze", value_first=True)
+    )
     if any(step < 0 for step, _ in unfreeze):
         raise UserError(f"config.unfreeze={list(unfreeze)}: steps must be >= 0.")
+    mults = lambda key: tuple((r, _number(m, key)) for r, m in _entries(config, key))
     rules = Rules(
         patterns=tuple(p for p, _ in schedule),
         frozen=tuple(s is None for s in specs),
-        lr_mults=tuple((r, float(m)) for r, m in pairs("lr_mults")),
-        wd_mults=tuple((r, float(m)) for r, m in pairs("wd_mults")),
+        lr_mults=mults("lr_mults"),
+        wd_mults=mults("wd_mults"),
         llrd=None if llrd is None else float(llrd),
         unfreeze=unfreeze,
     )
@@ -444,23 +466,27 @@ def transform(
     grad_clip_norm: float | None = None,
     wd: float | None = None,
 ) -> optax.GradientTransformation:
-    """Coupled weight decay -> [trainable leaves: clip -> `optimizer` at learning rate 1;
-    frozen leaves: `set_to_zero`, no state] -> per-leaf learning rate; all gated while locked.
+    """Locked layers zeroed -> clipping -> coupled weight decay -> locked layers zeroed ->
+    [trainable leaves: `optimizer` at learning rate 1; frozen leaves: `set_to_zero`, no state]
+    -> per-leaf learning rate -> locked layers zeroed.
 
     `schedules` has one entry per rule (any for a frozen rule) plus the base schedule last.
-    Clipping sees only trainable leaves. The optimisers used here (sgd, adam, adamw, lamb) end
-    in a plain scaling by the learning rate, so running them at rate 1 and scaling after is the
-    same update.
+    Clipping comes before weight decay (as `torch.nn.utils.clip_grad_norm_` before an SGD step)
+    and sees only trained leaves. Locked layers are zeroed before clipping (not in the norm),
+    before the optimiser (its state stays at rest) and at the end (decoupled decay of adamw).
+    The optimisers used here (sgd, adam, adamw, lamb) end in a plain scaling by the learning
+    rate, so running them at rate 1 and scaling after is the same update.
     """
     if len(schedules) != rules.base_index + 1:
         raise ValueError(f"{len(schedules)} schedules for {rules.base_index} rules + base.")
-    train = optimizer
-    if grad_clip_norm:
-        train = optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
-    parts = [add_decayed_weights(wd, rules)] if wd else []
-    parts.append(optax.partition({"train": train, "frozen": optax.set_to_zero()}, _labels(rules)))
-    parts.append(scale_by_rules(rules, schedules))
-    return unfreeze_gate(optax.chain(*parts), rules)
+    return optax.chain(
+        zero_locked(rules),
+        *([clip_trainable(grad_clip_norm, rules)] if grad_clip_norm else []),
+        *([add_decayed_weights(wd, rules), zero_locked(rules)] if wd else []),
+        optax.partition({"train": optimizer, "frozen": optax.set_to_zero()}, _labels(rules)),
+        scale_by_rules(rules, schedules),
+        zero_locked(rules),
+    )
 
 
 def trainable_count(rules: Rules, params: Any) -> tuple[int, int]:
