@@ -23,8 +23,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 quickstart: install
-	$(BIN)/xmodal train --config experiments/digits/source_only.py:direction=m2u \
-	  --workdir workdirs/quickstart
+	$(BIN)/xmodal train --config experiments/quickstart.py --workdir workdirs/quickstart
 
 test: install
 	$(BIN)/ruff check .

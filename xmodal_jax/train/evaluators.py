@@ -294,3 +294,8 @@ def run_all(evaluators: Mapping[str, Any], variables) -> dict[str, float]:
         for k, v in ev.run(variables).items()
     }
 
+
+# Two-tower evaluators (zero-shot, generalised zero-shot, retrieval, ITM).
+from xmodal_jax.train import zeroshot_evals  # noqa: E402
+
+EVALUATORS.update(zeroshot_evals.EVALUATORS)

@@ -66,7 +66,9 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: 
 
 
 def write_all(workdir: str, rows: Sequence[dict], evaluators: dict) -> list[str]:
-    """Curves plus one confusion matrix per evaluator that has one; returns the paths."""
+    """Curves, one confusion matrix per evaluator that has one, and each evaluator's own plots
+    (`ev.plot(out_dir)`: zero-shot per-split bars, t-SNE of A-distance features); returns the
+    paths."""
     out_dir = os.path.join(workdir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "curves.png")]
@@ -75,4 +77,6 @@ def write_all(workdir: str, rows: Sequence[dict], evaluators: dict) -> list[str]
         if getattr(ev, "confusion", None) is not None:
             paths.append(os.path.join(out_dir, f"confusion_{name}.png"))
             confusion(ev.confusion, ev.class_names, f"{name}: confusion", paths[-1])
+        if callable(getattr(ev, "plot", None)):
+            paths += ev.plot(out_dir)
     return paths

@@ -1,0 +1,114 @@
+"""Feature cache: hits and misses, what changes the key, random preprocessing, and the task's
+use of it (a second run does not recompute the locked tower)."""
+
+import numpy as np
+import pytest
+from twotower_testing import tiny_config
+
+from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.train import feature_cache, tasks
+
+UCI = {"name": "digits_uci", "split": "test", "pp": "value_range(0, 1, in_hi=16)"}
+
+
+class CountingTower:
+    """A linear 'tower' x -> flatten(x) @ w that counts the images it has seen."""
+
+    def __init__(self, seed=0):
+        self.w = np.random.default_rng(seed).normal(size=(64, 5)).astype(np.float32)
+        self.seen = 0
+
+    def __call__(self, images):
+        self.seen += len(images)
+        return {"pooled": images.reshape(len(images), -1) @ self.w}
+
+    def description(self):
+        return {"name": "linear", "weights": feature_cache.weights_digest({"w": self.w})}
+
+
+def outputs(tower, cache, data=UCI):
+    return feature_cache.tower_outputs(
+        tower, data, tower=tower.description(), batch_size=100, cache=cache
+    )
+
+
+def test_miss_then_hit_and_values(tfds_dir, tmp_path):
+    cache, tower = feature_cache.FeatureCache(str(tmp_path)), CountingTower()
+    first = outputs(tower, cache)
+    n = len(pipeline.source("digits_uci", "test"))
+    assert (cache.misses, cache.hits) == (1, 0) and tower.seen >= n
+    # Values: the tower applied to every preprocessed example, in split order (float64 ref).
+    src, pp = pipeline.source("digits_uci", "test"), preprocess.compose(UCI["pp"])
+    x = np.stack([pp(src[i])["image"] for i in range(n)]).reshape(n, -1).astype(np.float64)
+    np.testing.assert_allclose(
+        first["pooled"], x @ tower.w.astype(np.float64), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(first["label"], [src[i]["label"] for i in range(n)])
+    np.testing.assert_array_equal(first["index"], np.arange(n))
+
+    seen = tower.seen
+    again = outputs(tower, feature_cache.FeatureCache(str(tmp_path)))  # a new process, say
+    assert tower.seen == seen  # nothing recomputed
+    np.testing.assert_array_equal(again["pooled"], first["pooled"])
+
+
+def test_preprocessing_weights_and_data_change_the_key(tfds_dir, tmp_path):
+    cache, tower = feature_cache.FeatureCache(str(tmp_path)), CountingTower()
+    outputs(tower, cache)
+    outputs(tower, cache, {**UCI, "pp": "value_range(0, 2, in_hi=16)"})  # other preprocessing
+    assert cache.misses == 2
+    outputs(CountingTower(seed=1), cache)  # other weights
+    assert cache.misses == 3
+    outputs(tower, cache, {**UCI, "split": "train"})  # other data
+    assert cache.misses == 4
+    outputs(tower, cache)
+    assert (cache.misses, cache.hits) == (4, 1)
+    assert len(list((tmp_path / "features").glob("*.npz"))) == 4
+
+
+def test_damaged_entry_is_recomputed(tfds_dir, tmp_path):
+    cache, tower = feature_cache.FeatureCache(str(tmp_path)), CountingTower()
+    outputs(tower, cache)
+    (path,) = (tmp_path / "features").glob("*.npz")
+    path.write_bytes(b"truncated")
+    outputs(tower, cache)
+    assert cache.misses == 2 and cache.load(path.stem) is not None
+
+
+def test_random_preprocessing_is_detected_and_never_cached(tfds_dir, tmp_path):
+    example = {"image": np.zeros((8, 8, 1), np.uint8)}
+    assert not feature_cache.uses_randomness("invert|resize(16)|grey_to_rgb", example)
+    assert feature_cache.uses_randomness("resize(16)|flip_lr", example)
+    assert feature_cache.uses_randomness("random_crop(6, pad=1)", example)
+    with pytest.raises(ValueError, match="random numbers"):
+        outputs(
+            CountingTower(), feature_cache.FeatureCache(str(tmp_path)), {**UCI, "pp": "flip_lr"}
+        )
+
+
+def test_cache_root_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "elsewhere"))
+    assert feature_cache.FeatureCache().dir == str(tmp_path / "elsewhere" / "features")
+    assert feature_cache.cache_root("/x") == "/x"
+
+
+def test_task_second_run_reads_the_cache(tfds_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    c = tiny_config()
+    first = tasks.build(c)
+    assert first.image_cached and first.text_cached
+    a = first.cached_image_features(first.data)
+    assert first._cache.misses == 1
+    second = tasks.build(c)
+    b = second.cached_image_features(second.data)
+    assert (second._cache.misses, second._cache.hits) == (0, 1)
+    np.testing.assert_array_equal(a["pooled"], b["pooled"])
+    c.seed = 1  # the locked random tower gets other weights: a new key
+    third = tasks.build(c)
+    third.cached_image_features(third.data)
+    assert third._cache.misses == 1
+    # Random augmentation: the locked tower runs in the step instead.
+    c.data.pp = "flip_lr|" + c.data.pp
+    c.model.image_proj.norm = "none"
+    augmented = tasks.build(c)
+    assert not augmented.image_cached and augmented.text_cached

@@ -1,0 +1,209 @@
+"""On-disk cache of locked-tower outputs.
+
+A tower that is fully frozen and whose input has no random augmentation gives the same output
+for an example at every step, so LiT-style training computes it once per dataset split and then
+trains only what sits on top. The cache key is a SHA-256 over everything the output depends on:
+the tower (its module description and a digest of its weights), the dataset (name, split,
+version, size and a digest of three of its examples), the preprocessing spec and the output kept.
+A changed weight, preprocessing op or dataset gives a new key, so a stale file is never read.
+
+Files live in `<root>/features/<key>.npz` with a JSON sidecar that spells the key out; the root
+is the `root` argument, else `$XMODAL_CACHE`, else `~/.cache/xmodal_jax`. Files are written to a
+temporary name and renamed, so a killed run never leaves a truncated entry. With several
+processes each one computes and writes the same deterministic file (the last rename wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import tqdm
+
+from xmodal_jax.data import pipeline, preprocess
+
+CACHE_ENV = "XMODAL_CACHE"
+FORMAT = 1  # bump when the file layout changes
+
+
+def cache_root(root: str | None = None) -> str:
+    """`root`, else `$XMODAL_CACHE`, else `~/.cache/xmodal_jax`."""
+    path = root or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "xmodal_jax")
+    return os.path.expanduser(path)
+
+
+def _hash_array(h: Any, x: Any) -> None:
+    x = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(x.tobytes() if x.dtype.kind != "O" else repr(x.tolist()).encode())
+
+
+def weights_digest(variables: Any) -> str:
+    """SHA-256 over the path, dtype, shape and bytes of every leaf of `variables`."""
+    h = hashlib.sha256()
+    flat, _ = jax.tree_util.tree_flatten_with_path(nn.unbox(variables))
+    for path, leaf in flat:
+        h.update(jax.tree_util.keystr(path).encode())
+        _hash_array(h, leaf)
+    return h.hexdigest()
+
+
+def source_digest(source: Any) -> dict[str, Any]:
+    """Size and a digest of the first, middle and last example of a random-access source."""
+    n = len(source)
+    h = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1} if n else set()):
+        example = source[i]
+        for key in sorted(example):
+            h.update(key.encode())
+            value = example[key]
+            if isinstance(value, Mapping):
+                for sub in sorted(value):
+                    _hash_array(h, value[sub])
+            else:
+                _hash_array(h, value)
+    return {"num_examples": n, "examples_sha256": h.hexdigest()}
+
+
+class _RecordingGenerator:
+    """Stands in for `np.random.Generator` and records whether any op drew from it."""
+
+    def __init__(self):
+        self.used = False
+        self._rng = np.random.default_rng(0)
+
+    def __getattr__(self, name: str) -> Any:
+        self.used = True
+        return getattr(self._rng, name)
+
+
+def uses_randomness(pp_spec: str, example: Mapping[str, Any]) -> bool:
+    """Whether preprocessing `pp_spec` draws random numbers (random crops, flips, ...) when
+    applied to `example`: such a tower input differs from step to step and cannot be cached."""
+    rng = _RecordingGenerator()
+    preprocess.compose(pp_spec)(dict(example), rng)
+    return rng.used
+
+
+def key_of(description: Mapping[str, Any]) -> str:
+    """The cache key of a JSON-able description (sorted keys, so order does not matter)."""
+    text = json.dumps({"format": FORMAT, **description}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """`<root>/features/<key>.npz` files; counts hits and misses (handy in tests and logs)."""
+
+    def __init__(self, root: str | None = None):
+        self.dir = os.path.join(cache_root(root), "features")
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.dir, f"{key}.npz")
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays stored under `key`, or None if there are none (or the file is unreadable)."""
+        path = self.path(key)
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError):
+            return None  # a damaged entry is recomputed and overwritten
+
+    def save(self, key: str, arrays: Mapping[str, np.ndarray], description: Mapping) -> str:
+        """Writes `arrays` under `key` atomically, with `description` in a JSON sidecar."""
+        os.makedirs(self.dir, exist_ok=True)
+        path = self.path(key)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+        meta = f"{path[:-4]}.json"
+        with open(f"{meta}.{os.getpid()}.tmp", "w") as f:
+            json.dump({"format": FORMAT, **description}, f, indent=1, sort_keys=True, default=str)
+        os.replace(f"{meta}.{os.getpid()}.tmp", meta)
+        return path
+
+    def get_or_compute(
+        self, description: Mapping[str, Any], compute: Callable[[], Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """The cached arrays for `description`, computing and saving them on a miss."""
+        key = key_of(description)
+        found = self.load(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        self.save(key, arrays, description)
+        return arrays
+
+
+def tower_outputs(
+    apply_fn: Callable[[np.ndarray], Mapping[str, Any]],
+    data_cfg: Mapping[str, Any],
+    *,
+    tower: Mapping[str, Any],
+    outputs: tuple[str, ...] = ("pooled",),
+    input_key: str = "image",
+    batch_size: int = 128,
+    cache: FeatureCache | None = None,
+) -> dict[str, np.ndarray]:
+    """Outputs of a locked tower on every example of a dataset split, computed once and cached.
+
+    `apply_fn(inputs) -> {name: [B, ...]}` runs the tower (jitted by the caller) on a batch of
+    preprocessed `input_key` fields; `data_cfg` has `name`, `split`, `pp` (deterministic) and
+    optionally `data_dir`; `tower` describes the tower for the key and must hold `weights`, a
+    `weights_digest`. Returns `{output: [N, ...], 'label': [N] (if the split has labels),
+    'index': [N]}` in the order of the split.
+    """
+    src = pipeline.source(data_cfg["name"], data_cfg["split"], data_cfg.get("data_dir"))
+    pp = data_cfg.get("pp", "")
+    if len(src) and uses_randomness(pp, src[0]):
+        raise ValueError(
+            f"Preprocessing {pp!r} draws random numbers, so the tower's outputs change every "
+            "step and cannot be cached; set the tower's cache=False or drop the random ops."
+        )
+    version = str(pipeline.builder(data_cfg["name"], data_cfg.get("data_dir")).info.version)
+    description = {
+        "tower": dict(tower),
+        "dataset": data_cfg["name"],
+        "split": data_cfg["split"],
+        "version": version,
+        "source": source_digest(src),
+        "pp": pp,
+        "input_key": input_key,
+        "outputs": list(outputs),
+    }
+
+    def compute() -> dict[str, np.ndarray]:
+        found: dict[str, list[np.ndarray]] = {k: [] for k in (*outputs, "label")}
+        keys = (input_key, "label") if "label" in src[0] else (input_key,)
+        keep = "|".join(filter(None, [pp, f"keep{keys!r}".replace(",)", ")")]))
+        batches = pipeline.eval_batches({**data_cfg, "pp": keep}, batch_size=batch_size)
+        label = tower.get("name", "tower")
+        bar = tqdm.tqdm(
+            total=len(src), desc=f"{label} on {data_cfg['name']}:{data_cfg['split']}", unit="ex"
+        )
+        for batch in batches:
+            mask = np.asarray(batch["_mask"], bool)
+            out = apply_fn(np.asarray(batch[input_key]))
+            for k in outputs:
+                found[k].append(np.asarray(out[k], np.float32)[mask])
+            if "label" in batch:
+                found["label"].append(np.asarray(batch["label"])[mask])
+            bar.update(int(mask.sum()))
+        bar.close()
+        arrays = {k: np.concatenate(v) for k, v in found.items() if v}
+        arrays["index"] = np.arange(len(src), dtype=np.int64)
+        return arrays
+
+    return (cache or FeatureCache()).get_or_compute(description, compute)

@@ -1,0 +1,431 @@
+"""Evaluators of the two-tower task: zero-shot (seen, unseen, permuted-names control),
+generalised zero-shot with calibrated stacking, image-text retrieval and image-text matching.
+
+Each evaluator scores every head of its kind (`heads`: `main`, `control` or `calibration`; see
+`two_tower.make_heads`) and reports the mean over them plus one value per split, e.g.
+`eval/zeroshot_unseen/accuracy` and `eval/zeroshot_unseen/split_0/accuracy`. Config keys shared
+by all: `dataset`, `split` (default `test`), `pp` (default: the training `data.pp`), `templates`
+(default: the training templates).
+
+    evals.seen = {'type': 'zeroshot', 'classes': 'seen'}     # among a head's seen classes
+    evals.zeroshot_unseen = {'type': 'zeroshot_unseen'}      # among its unseen classes
+    evals.zeroshot_unseen_control = {'type': 'zeroshot_control'}  # same, permuted-name heads
+    evals.gzsl = {'type': 'gzsl', 'val_split': 'train[90%:]'}
+    evals.retrieval = {'type': 'retrieval', 'text_key': 'captions/text'}
+    evals.itm = {'type': 'itm'}
+
+Zero-shot evaluators also report `chance` (1 / number of candidate classes). Plots: `plot(out_dir)`
+on the zero-shot evaluators, and `plot_summary(workdir)` (or
+`python -m xmodal_jax.train.zeroshot_evals WORKDIR`) draws `<workdir>/plots/zeroshot_unseen.png`
+from a finished run's `summary.json`: per-split bars, their mean, chance and the control.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from xmodal_jax.data import pipeline  # noqa: E402
+from xmodal_jax.errors import UserError  # noqa: E402
+from xmodal_jax.evaluation import retrieval as retrieval_lib  # noqa: E402
+from xmodal_jax.evaluation import zeroshot as zs  # noqa: E402
+
+
+def class_subset(task, head, classes: str | Sequence[str], where: str) -> np.ndarray:
+    """Class indices of `classes` for `head`: 'seen' (the classes it trains on; for a
+    calibration head also its pseudo-unseen ones), 'unseen', 'pseudo_unseen' (the seen classes a
+    calibration head does not train on), 'all', or a list of names."""
+    if isinstance(classes, str):
+        if classes == "all":
+            return np.arange(len(task.class_names))
+        if classes == "pseudo_unseen":
+            if not head.pseudo_unseen:
+                raise UserError(
+                    f"{where}: classes='pseudo_unseen' needs calibration heads; set "
+                    "heads='calibration' and config.heads.calibration_holdout."
+                )
+            return np.asarray(head.pseudo_unseen)
+        if classes == "seen":
+            return np.asarray(sorted(head.train_classes + head.pseudo_unseen))
+        if classes == "unseen":
+            if not head.unseen:
+                raise UserError(
+                    f"{where}: classes='unseen' but config.heads.unseen is empty; give the "
+                    "held-out classes."
+                )
+            return np.asarray(head.unseen)
+        raise UserError(
+            f"{where}.classes={classes!r}: use 'seen', 'unseen', 'pseudo_unseen', 'all' or a "
+            "list of class names."
+        )
+    index = {n: i for i, n in enumerate(task.class_names)}
+    bad = [n for n in classes if n not in index]
+    if bad:
+        raise UserError(f"{where}.classes: unknown {bad}; use {task.class_names}.")
+    return np.asarray([index[n] for n in classes])
+
+
+def _split_key(head) -> str:
+    return f"split_{head.split}" if head.unseen else head.name
+
+
+class _TwoTowerEval:
+    """Shared set-up: checks the task, resolves the data config and the heads to score."""
+
+    roles: tuple[str, ...] = ("main",)
+
+    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
+        if not hasattr(task, "class_embeddings"):
+            raise UserError(
+                f"config.evals.{name}.type={cfg.get('type')!r} evaluates a two-tower model; "
+                "set config.task='two_tower'."
+            )
+        self.name, self.cfg, self.task, self.mesh = name, cfg, task, mesh
+        self.batch_size = batch_size
+        self.data_cfg = {
+            "name": cfg.get("dataset", task.data["name"]),
+            "split": cfg.get("split", "test"),
+            "pp": cfg.get("pp", task.data.get("pp", "")),
+            "data_dir": cfg.get("data_dir", task.data.get("data_dir")),
+        }
+        self.templates = tuple(cfg.get("templates") or task.templates)
+        roles = cfg.get("heads", self.roles)
+        self.roles = (roles,) if isinstance(roles, str) else tuple(roles)
+        self.heads = [(i, h) for i, h in enumerate(task.heads) if h.role in self.roles]
+        if not self.heads:
+            raise UserError(
+                f"config.evals.{name}: the task has no {'/'.join(self.roles)} heads; "
+                "check config.heads (control=True, calibration_holdout, ...)."
+            )
+
+    def _images(self, variables, data_cfg=None) -> dict[str, np.ndarray]:
+        return self.task.image_embeddings(
+            variables, data_cfg or self.data_cfg, batch_size=self.batch_size, mesh=self.mesh
+        )
+
+    def _mean_and_splits(self, per_head: dict[str, dict[str, float]]) -> dict[str, float]:
+        out = {}
+        for metric in next(iter(per_head.values())):
+            out[metric] = float(np.mean([v[metric] for v in per_head.values()]))
+        if len(per_head) > 1:
+            for key, values in per_head.items():
+                out.update({f"{key}/{m}": v for m, v in values.items()})
+        return out
+
+
+class ZeroShot(_TwoTowerEval):
+    """Zero-shot accuracy among `classes` (`seen`, `unseen`, `all` or a list of names): test
+    images of those classes, each head's classifier from the class names x templates.
+    `score='itm'` ranks the classes by the fused head's match score instead of the cosine."""
+
+    default_classes = "all"
+
+    def __init__(self, name, cfg, task, mesh, batch_size):
+        super().__init__(name, cfg, task, mesh, batch_size)
+        self.classes = cfg.get("classes", self.default_classes)
+        self.score = cfg.get("score", "cosine")
+        if self.score not in ("cosine", "itm"):
+            raise UserError(f"config.evals.{name}.score={self.score!r}: use 'cosine' or 'itm'.")
+        if not task.class_names:
+            raise UserError(f"config.evals.{name}: zero-shot needs data.text='class_names'.")
+        self.last: dict[str, float] = {}
+        self.last_control: dict[str, float] = {}
+        for _, head in self.heads:
+            self._class_subset(head)  # fail early on bad class lists
+
+    def _class_subset(self, head) -> np.ndarray:
+        return class_subset(self.task, head, self.classes, f"config.evals.{self.name}")
+
+    def _accuracies(self, variables, heads, images, classifier, text_feats):
+        out = {}
+        for i, head in heads:
+            classes = self._class_subset(head)
+            rows = np.isin(images["label"], classes)
+            if not rows.any():
+                raise UserError(
+                    f"config.evals.{self.name}: {self.data_cfg['name']}:{self.data_cfg['split']} "
+                    f"has no example of classes {classes.tolist()}."
+                )
+            if self.score == "itm":
+                scores = self.task.match_scores(
+                    variables, images["feats"][rows], text_feats[i, classes], head=i
+                )
+            else:
+                scores = zs.zeroshot_logits(images["emb"][i][rows], classifier[i][classes])
+            pred = classes[np.argmax(scores, axis=1)]
+            out[_split_key(head)] = {"accuracy": float(np.mean(pred == images["label"][rows]))}
+        return out
+
+    def run(self, variables) -> dict[str, float]:
+        images = self._images(variables)
+        classifier, text_feats = self.task.class_embeddings(variables, self.templates)
+        per_head = self._accuracies(variables, self.heads, images, classifier, text_feats)
+        self.last = {k: v["accuracy"] for k, v in per_head.items()}
+        controls = [(i, h) for i, h in enumerate(self.task.heads) if h.role == "control"]
+        if "main" in self.roles and controls:  # kept for the plot's control line only
+            found = self._accuracies(variables, controls, images, classifier, text_feats)
+            self.last_control = {k: v["accuracy"] for k, v in found.items()}
+        self.chance = float(np.mean([1 / len(self._class_subset(h)) for _, h in self.heads]))
+        return {**self._mean_and_splits(per_head), "chance": self.chance}
+
+    def plot(self, out_dir: str) -> list[str]:
+        """Per-split accuracy bars with their mean, chance and (if trained) the control."""
+        if not self.last:
+            return []
+        path = os.path.join(out_dir, f"zeroshot_{self.name}.png")
+        plot_splits(
+            self.last, self.chance, path, title=f"{self.name} ({self.classes} classes)",
+            control=self.last_control or None,
+        )  # fmt: skip
+        return [path]
+
+
+class ZeroShotUnseen(ZeroShot):
+    """`zeroshot` among each split's unseen classes (those never trained on)."""
+
+    default_classes = "unseen"
+
+
+class ZeroShotControl(ZeroShot):
+    """`zeroshot_unseen` on the heads trained with permuted class names: accuracy that does not
+    come from what the names mean (expected near chance)."""
+
+    default_classes = "unseen"
+    roles = ("control",)
+
+
+def plot_splits(
+    accuracy: Mapping[str, float],
+    chance: float,
+    path: str,
+    *,
+    title: str,
+    control: Mapping[str, float] | None = None,
+) -> None:
+    """Bars per split, a line at their mean, at chance and (dashed) at the control's mean."""
+    names = list(accuracy)
+    values = [accuracy[n] for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 3.6))
+    x = np.arange(len(names))
+    width = 0.38 if control else 0.6
+    ax.bar(x - (width / 2 if control else 0), values, width, label="zero-shot", color="C0")
+    if control:
+        ax.bar(
+            x + width / 2, [control.get(n, np.nan) for n in names], width,
+            label="permuted names", color="C7",
+        )  # fmt: skip
+        ax.axhline(np.mean(list(control.values())), color="C7", ls="--", lw=1,
+                   label=f"control mean {np.mean(list(control.values())):.3f}")  # fmt: skip
+    ax.axhline(np.mean(values), color="C0", lw=1, label=f"mean {np.mean(values):.3f}")
+    ax.axhline(chance, color="C3", ls=":", lw=1.5, label=f"chance {chance:.3f}")
+    ax.set_xticks(x, names, rotation=30, fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="accuracy", title=title)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class GeneralizedZeroShot(_TwoTowerEval):
+    """Generalised zero-shot with calibrated stacking: test images of all classes, predictions
+    over all class names, a penalty gamma subtracted from seen-class scores.
+
+    gamma is chosen per split on `val_split` (a part of the *training* split held out of
+    training, e.g. `train[90%:]` when `data.split='train[:90%]'`), using only images of the
+    split's seen classes and the split's calibration head, trained without
+    `config.heads.calibration_holdout` of those seen classes (the pseudo-unseen ones): gamma
+    maximises the harmonic mean of pseudo-seen and pseudo-unseen accuracy
+    (`evaluation.zeroshot.choose_calibration`). Test images never choose anything. Reports
+    `seen`, `unseen`, `harmonic_mean` (per-class mean accuracies, mean over splits), `gamma`, and
+    `harmonic_mean_uncalibrated` (gamma = 0)."""
+
+    def __init__(self, name, cfg, task, mesh, batch_size):
+        super().__init__(name, cfg, task, mesh, batch_size)
+        if "val_split" not in cfg:
+            raise UserError(
+                f"config.evals.{name} needs val_split: a part of the training split that "
+                "training does not see (e.g. data.split='train[:90%]', val_split='train[90%:]')."
+            )
+        if cfg["val_split"] == task.data["split"]:
+            raise UserError(
+                f"config.evals.{name}.val_split equals data.split; hold it out of training."
+            )
+        self.val_cfg = {**self.data_cfg, "split": cfg["val_split"]}
+        self.calibration = {}
+        for i, h in enumerate(task.heads):
+            if h.role == "calibration":
+                self.calibration[h.split] = (i, h)
+        missing = [h.name for _, h in self.heads if h.split not in self.calibration]
+        if missing:
+            raise UserError(
+                f"config.evals.{name}: no calibration head for {missing}; set "
+                "config.heads.calibration_holdout (e.g. 2)."
+            )
+
+    def run(self, variables) -> dict[str, float]:
+        test, val = self._images(variables), self._images(variables, self.val_cfg)
+        classifier, _ = self.task.class_embeddings(variables, self.templates)
+        per_head = {}
+        for i, head in self.heads:
+            j, calib = self.calibration[head.split]
+            rows = np.isin(val["label"], head.train_classes)
+            val_scores = zs.zeroshot_logits(val["emb"][j][rows], classifier[j])
+            gamma = zs.choose_calibration(
+                val_scores, val["label"][rows], calib.train_classes, calib.pseudo_unseen
+            )
+            scores = zs.zeroshot_logits(test["emb"][i], classifier[i])
+            args = (scores, test["label"], head.train_classes, head.unseen)
+            calibrated = zs.gzsl_metrics(*args, gamma=gamma)
+            plain = zs.gzsl_metrics(*args, gamma=0.0)
+            per_head[_split_key(head)] = {
+                "seen": calibrated["seen_accuracy"],
+                "unseen": calibrated["unseen_accuracy"],
+                "harmonic_mean": calibrated["harmonic_mean"],
+                "gamma": gamma,
+                "harmonic_mean_uncalibrated": plain["harmonic_mean"],
+            }
+        return self._mean_and_splits(per_head)
+
+
+def _field(example: Mapping[str, Any], path: str) -> Any:
+    value = example
+    for part in path.split("/"):
+        if not isinstance(value, Mapping) or part not in value:
+            raise UserError(
+                f"Example has no field {path!r} (at {part!r}); its fields: {sorted(example)}."
+            )
+        value = value[part]
+    return value
+
+
+class Retrieval(_TwoTowerEval):
+    """Image<->text retrieval R@1/5/10 (`ks`) of head 0 on a split with captions: every image
+    against every caption of `text_key` (e.g. `captions/text`), at most `max_captions` each."""
+
+    def __init__(self, name, cfg, task, mesh, batch_size):
+        super().__init__(name, cfg, task, mesh, batch_size)
+        self.text_key = cfg.get("text_key", "captions/text")
+        self.max_captions = int(cfg.get("max_captions", 5))
+        self.ks = tuple(cfg.get("ks", (1, 5, 10)))
+
+    def _captions(self) -> tuple[list[str], np.ndarray]:
+        src = pipeline.source(
+            self.data_cfg["name"], self.data_cfg["split"], self.data_cfg.get("data_dir")
+        )
+        texts, owner = [], []
+        for i in range(len(src)):
+            caps = np.atleast_1d(_field(src[i], self.text_key))[: self.max_captions]
+            for c in caps:
+                texts.append(c.decode() if isinstance(c, bytes) else str(c))
+                owner.append(i)
+        return texts, np.asarray(owner)
+
+    def run(self, variables) -> dict[str, float]:
+        images = self._images(variables)
+        texts, owner = self._captions()
+        text_emb = self.task.text_embeddings(variables, texts)
+        out = {}
+        for i, head in self.heads:
+            sim = images["emb"][i] @ text_emb[i].T
+            out[_split_key(head)] = retrieval_lib.retrieval_metrics(sim, owner, self.ks)
+        return self._mean_and_splits(out)
+
+
+class ImageTextMatching(_TwoTowerEval):
+    """ITM accuracy of the fused head on class-named data: every test image of `classes`
+    (default `seen`) with its own class prompt (a match) and with the most similar other class
+    prompt under the head's contrastive similarity (a hard non-match); accuracy of
+    `score > 0` over both."""
+
+    def __init__(self, name, cfg, task, mesh, batch_size):
+        super().__init__(name, cfg, task, mesh, batch_size)
+        if not task.class_names or not task.fusion_opts["name"]:
+            raise UserError(
+                f"config.evals.{name}: ITM evaluation needs data.text='class_names' and a fused "
+                "head (config.model.fusion.name)."
+            )
+        self.classes = cfg.get("classes", "seen")
+        for _, head in self.heads:
+            class_subset(task, head, self.classes, f"config.evals.{name}")
+
+    def run(self, variables) -> dict[str, float]:
+        images = self._images(variables)
+        classifier, text_feats = self.task.class_embeddings(variables, self.templates)
+        per_head = {}
+        for i, head in self.heads:
+            classes = class_subset(self.task, head, self.classes, f"config.evals.{self.name}")
+            rows = np.isin(images["label"], classes)
+            labels = images["label"][rows]
+            sims = zs.zeroshot_logits(images["emb"][i][rows], classifier[i][classes])
+            position = {int(c): k for k, c in enumerate(classes)}
+            own = np.asarray([position[int(y)] for y in labels])
+            n = np.arange(len(labels))
+            sims[n, own] = -np.inf
+            hard = np.argmax(sims, axis=1)
+            scores = self.task.match_scores(
+                variables, images["feats"][rows], text_feats[i, classes], head=i
+            )
+            correct = np.concatenate([scores[n, own] > 0, scores[n, hard] <= 0])
+            per_head[_split_key(head)] = {"accuracy": float(np.mean(correct))}
+        return self._mean_and_splits(per_head)
+
+
+EVALUATORS: dict[str, type] = {
+    "zeroshot": ZeroShot,
+    "zeroshot_unseen": ZeroShotUnseen,
+    "zeroshot_control": ZeroShotControl,
+    "gzsl": GeneralizedZeroShot,
+    "retrieval": Retrieval,
+    "itm": ImageTextMatching,
+}
+
+
+def plot_summary(
+    workdir: str, name: str = "zeroshot_unseen", control: str = "zeroshot_unseen_control"
+) -> str:
+    """Draws `<workdir>/plots/<name>.png` (per-split bars, chance and control lines) from the
+    run's `summary.json`; returns the path. `python -m xmodal_jax.train.zeroshot_evals DIR`."""
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+
+    def per_split(evaluator: str) -> dict[str, float]:
+        prefix, suffix = f"eval/{evaluator}/", "/accuracy"
+        return {
+            k[len(prefix) : -len(suffix)]: v
+            for k, v in summary.items()
+            if k.startswith(prefix) and k.endswith(suffix) and k.count("/") == 3
+        }
+
+    found = per_split(name) or (
+        {"all": summary[f"eval/{name}/accuracy"]} if f"eval/{name}/accuracy" in summary else {}
+    )
+    if not found:
+        raise UserError(f"{workdir}/summary.json has no eval/{name}/ accuracies to plot.")
+    chance = summary.get(f"eval/{name}/chance", np.nan)
+    path = os.path.join(workdir, "plots", f"{name}.png")
+    plot_splits(found, chance, path, title=name, control=per_split(control) or None)
+    return path
+
+
+__all__: Sequence[str] = [
+    *(c.__name__ for c in EVALUATORS.values()),
+    "plot_splits",
+    "plot_summary",
+]
+
+if __name__ == "__main__":
+    import sys
+
+    for workdir in sys.argv[1:]:
+        print(plot_summary(workdir))
