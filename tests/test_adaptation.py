@@ -599,6 +599,17 @@ def test_adabn_errors():
 # ---------------------------------------------------------------------------------------------
 
 
+def capped_mean_one(w, cap):
+    """min(cap, a w) with mean 1, a found by bisection in float64."""
+    lo, hi = 0.0, 1.0
+    while np.mean(np.minimum(cap, hi * w)) < 1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(np.minimum(cap, mid * w)) < 1 else (lo, mid)
+    return np.minimum(cap, hi * w)
+
+
 def test_importance_weights_formula_clip_and_normalisation():
     rng = np.random.default_rng(13)
     d = f32(rng, 9, scale=3.0)
@@ -607,9 +618,18 @@ def test_importance_weights_formula_clip_and_normalisation():
     np.testing.assert_allclose(got, want, rtol=RTOL)
     got = importance.importance_weights(d, n_source=30, n_target=10, clip_max=5.0)
     np.testing.assert_allclose(got, np.minimum(want, 5.0), rtol=RTOL)
-    got = importance.importance_weights(d, clip_max=5.0, self_normalize=True)
-    w = np.minimum(np.exp(-np.float64(d)), 5.0)
+    got = importance.importance_weights(d, self_normalize=True)
+    w = np.exp(-np.float64(d))
     np.testing.assert_allclose(got, w / w.mean(), rtol=RTOL)
+    for cap in (1.0, 1.5, 3.0, 100.0):
+        got = importance.importance_weights(d, clip_max=cap, self_normalize=True)
+        np.testing.assert_allclose(got, capped_mean_one(w, cap), rtol=RTOL, atol=1e-6)
+    # Nearly separable domains: every raw weight is tiny and one dominates; the cap still holds
+    # (normalising alone would give that example 1/(1 + 8 e^-20) of the batch's weight).
+    d = np.array([20.0] * 8 + [0.0], np.float32)
+    got = np.asarray(importance.importance_weights(d, clip_max=3.0, self_normalize=True))
+    np.testing.assert_allclose(got, capped_mean_one(np.exp(-np.float64(d)), 3.0), rtol=RTOL)
+    np.testing.assert_allclose([got.max(), got.mean()], [3.0, 1.0], rtol=RTOL)
     # Extreme logits do not overflow.
     assert np.all(
         np.isfinite(importance.importance_weights(np.array([-500.0, 0.0]), self_normalize=True))

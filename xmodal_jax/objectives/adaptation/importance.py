@@ -7,8 +7,11 @@ target examples gives ``p(t|x) / p(s|x) = (n_t p_t(x)) / (n_s p_s(x))`` (Bickel 
 domain-logit convention ``logit = log p(source|x) / p(target|x)``. ``n_s / n_t`` is the class
 ratio the classifier was trained with: 1 for the balanced loss of ``dann.domain_bce``.
 
-Weights may be clipped at ``clip_max`` and self-normalised to mean 1 over the batch, both of
-which trade a little bias for much less variance.
+Weights may be self-normalised to mean 1 over the batch and clipped at ``clip_max``, both of
+which trade a little bias for much less variance. With self-normalisation the clip applies to the
+normalised weights: ``w_i = min(clip_max, a * raw_i)`` with ``a`` chosen so the mean is 1. When
+the domains are nearly separable every raw source weight is tiny, a clip on the raw scale never
+acts, and normalisation alone hands most of a batch's weight to one or two examples.
 
 ``loss(inputs, config)`` replaces the plain source cross-entropy: it returns the weighted source
 cross-entropy plus the BCE that trains the domain classifier on stop-gradient features (the
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xmodal_jax.errors import UserError
 from xmodal_jax.objectives._util import require, resolve_config
 from xmodal_jax.objectives.adaptation.api import AdaptationInputs
 from xmodal_jax.objectives.adaptation.dann import domain_bce, domain_logits
@@ -49,18 +53,38 @@ def importance_weights(
     clip_max: float | None = None,
     self_normalize: bool = False,
 ) -> Array:
-    """``w = (n_s / n_t) exp(-logit)`` per example, optionally clipped then normalised to mean 1.
+    """``w = (n_s / n_t) exp(-logit)`` per example, clipped at ``clip_max``; with
+    ``self_normalize``, ``min(clip_max, a * w)`` with ``a`` such that the mean is 1.
 
     ``domain_logits``: [B] ``log p(source|x) / p(target|x)`` of the source examples. Computed
     in log space so extreme logits cannot overflow. No gradient flows to the classifier.
     """
     logits = jax.lax.stop_gradient(jnp.asarray(domain_logits, jnp.float32))
     log_w = math.log(n_source / n_target) - logits
-    if clip_max is not None:
-        log_w = jnp.minimum(log_w, math.log(clip_max))
-    if self_normalize:
-        return log_w.shape[0] * jax.nn.softmax(log_w)
-    return jnp.exp(log_w)
+    if not self_normalize:
+        return jnp.exp(log_w if clip_max is None else jnp.minimum(log_w, math.log(clip_max)))
+    if clip_max is None:
+        return log_w.shape[0] * jax.nn.softmax(log_w)  # mean 1, in log space: no overflow
+    if clip_max < 1:
+        raise UserError(
+            f"config.adaptation.clip_max={clip_max} cannot bound weights whose mean is 1: "
+            "use a value >= 1 (default 10) or None."
+        )
+    return _capped_mean_one(log_w, clip_max)
+
+
+def _capped_mean_one(log_w: Array, cap: float) -> Array:
+    """``min(cap, a * exp(log_w))`` with the ``a`` that makes the mean 1 (water-filling: with the
+    weights sorted, the largest ``k`` sit at the cap and the rest share what is left)."""
+    n = log_w.shape[0]
+    log_u = jax.nn.log_softmax(log_w)
+    s = jnp.sort(log_u)[::-1]
+    log_tail = jax.lax.cumlogsumexp(s, reverse=True)  # log of sum_{i >= k} u_(i)
+    left = 1.0 - jnp.arange(n) * cap / n  # probability mass left when k weights are capped
+    log_a = jnp.log(jnp.maximum(left, 1e-30)) - log_tail
+    fits = (left > 0) & (log_a + s <= math.log(cap / n) + 1e-6)
+    k = jnp.argmax(fits)  # the fewest capped weights for which the largest free one fits
+    return jnp.minimum(cap, n * jnp.exp(log_a[k] + log_u))
 
 
 def weighted_cross_entropy(logits: Array, labels: Array, weights: Array) -> Array:
