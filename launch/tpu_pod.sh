@@ -9,8 +9,10 @@
 #       -- --config experiments/X.py[:k=v,...] [--config.key=value ...]
 #
 # --dry-run prints every command (one per line, shell-quoted) instead of running it. The workdir
-# must be on gs://: every worker writes its part of each checkpoint there, and a rerun of the
-# same command resumes from its latest checkpoint. Needs an authenticated `gcloud`.
+# must be on gs://: every worker writes its part of each checkpoint there (Orbax), worker 0 writes
+# the metrics, summary, plots and TensorBoard events there (etils.epath over gcsfs, installed
+# below), and a rerun of the same command resumes from its latest checkpoint, also on a slice
+# of another size. Needs an authenticated `gcloud`; the workers use the VM's service account.
 set -euo pipefail
 
 usage() {
@@ -123,7 +125,8 @@ on_all_workers "mkdir -p $remote_dir && find $remote_dir -mindepth 1 -maxdepth 1
 
 # ---------------------------------------------------------------- install
 install="cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
-install+=" && .venv/bin/pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'"
+# gcsfs: etils.epath reaches gs:// through fsspec when TensorFlow is not installed.
+install+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]>=0.10.2,<0.11'"
 [[ -z $assets ]] || install+=" && .venv/bin/pip install -q --no-deps $assets"
 on_all_workers "$install"
 

@@ -21,8 +21,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 CONFIG = os.path.join(ROOT, "experiments", "digits", "source_only.py") + ":direction=m2u"
 SHORT = ["--config.total_steps=10", "--config.log_every=1", "--config.eval_every=10",
-         "--config.checkpoint_every=10"]  # fmt: skip
+         "--config.checkpoint_every=5"]  # fmt: skip
 UCI_TEST_SIZE = 899
+TARGET_ONLY = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
+from digits_common import base_config
+
+
+def get_config(arg=None):
+    c = base_config("direction=m2u")
+    c.evals = {{"target": c.evals.target}}
+    return c
+"""
 
 
 def _env(tfds_dir: str, **extra: str) -> dict[str, str]:
@@ -229,23 +240,36 @@ def test_slurm_script_runs_one_xmodal_per_task(tmp_path):
 # ------------------------------------------------------------------ training and evaluation
 
 
-def test_two_processes_train_as_one(tmp_path, tfds_dir, monkeypatch):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tfds_dir) -> tuple[str, str]:
+    """The workdirs of SHORT trained by 1 process x 8 devices and by 2 processes x 4 devices
+    (tests that change them work on copies)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    one, two = str(tmp / "one"), str(tmp / "two")
     # The 1-process run first: it also prepares the embedded datasets.
-    _xmodal_in_process(monkeypatch, "train", "--config", CONFIG, "--workdir", one, *SHORT)
-
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _xmodal_in_process(monkeypatch, "train", "--config", CONFIG, "--workdir", one, *SHORT)
     r = _launch(2, 4, sys.executable, "-m", "xmodal_jax.main", "train", "--config", CONFIG,
                 "--workdir", two, *SHORT, tfds_dir=tfds_dir)  # fmt: skip
     assert r.returncode == 0, _tail(r)
     assert "process 1 of 2" in r.stderr and "4 local / 8 global devices" in r.stderr
+    return one, two
+
+
+def _loss(rows: list[dict], after: int = 0) -> np.ndarray:
+    return np.array([x["train/loss"] for x in rows if "train/loss" in x and x["step"] > after])
+
+
+def test_two_processes_train_as_one(runs, tmp_path, monkeypatch):
+    one, two = runs[0], str(tmp_path / "two")
+    shutil.copytree(runs[1], two)
 
     rows_one, rows_two = _rows(one), _rows(two)
     # Only process 0 writes: every step is logged once.
     assert [x["step"] for x in rows_two] == [x["step"] for x in rows_one]
     assert [x["step"] for x in rows_two if "train/loss" in x] == list(range(1, 11))
-    loss = lambda rows: np.array([x["train/loss"] for x in rows if "train/loss" in x])
-    np.testing.assert_allclose(loss(rows_two), loss(rows_one), rtol=2e-6, atol=1e-6)
-    assert loss(rows_one)[0] != loss(rows_one)[1]  # the batches differ step to step
+    np.testing.assert_allclose(_loss(rows_two), _loss(rows_one), rtol=2e-6, atol=1e-6)
+    assert _loss(rows_one)[0] != _loss(rows_one)[1]  # the batches differ step to step
 
     final_one, final_two = rows_one[-1], rows_two[-1]
     assert final_two["step"] == 10 and set(final_two) == set(final_one)
@@ -264,6 +288,56 @@ def test_two_processes_train_as_one(tmp_path, tfds_dir, monkeypatch):
     assert set(restored) == {k for k in final_two if k.startswith("eval/")}
     for key, value in restored.items():
         np.testing.assert_allclose(value, final_two[key], rtol=1e-5, err_msg=key)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, monkeypatch, capsys):
+    """The 2-process run, stopped after its checkpoint of step 5, resumed by 1 process: the
+    next steps' losses are those of the uninterrupted 1-process run."""
+    one, two = runs[0], str(tmp_path / "two")
+    shutil.copytree(runs[1], two)
+    shutil.rmtree(os.path.join(two, "checkpoints", "10"))  # as if stopped after step 5
+    os.remove(os.path.join(two, "summary.json"))
+    assert sorted(os.listdir(os.path.join(two, "checkpoints", "5", "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]  # fmt: skip
+
+    # The same training; evaluated on the target split only (no t-SNE plot), to save time.
+    config = tmp_path / "target_only.py"
+    config.write_text(TARGET_ONLY)
+    _xmodal_in_process(monkeypatch, "train", "--config", str(config), "--workdir", two, *SHORT)
+    out = capsys.readouterr().out
+    assert "Resuming from the checkpoint of step 5" in out
+    assert "The checkpoint of step 5 was written by 2 processes; 1 continue" in out
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [x["step"] for x in rows_two if "train/loss" in x] == list(range(1, 11))
+    assert len(_loss(rows_two, after=5)) == 5
+    np.testing.assert_allclose(_loss(rows_two, 5), _loss(rows_one, 5), rtol=2e-6, atol=1e-6)
+    with open(os.path.join(two, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["step"] == 10 and any(k.startswith("eval/target/") for k in summary)
+    for key, value in summary.items():
+        np.testing.assert_allclose(value, rows_one[-1][key], rtol=1e-5, err_msg=key)
+    assert sorted(os.listdir(os.path.join(two, "checkpoints", "10", "data"))) == [
+        "commit_success.txt", "process_0-of-1.json"]  # fmt: skip
+
+
+def test_input_positions_of_another_process_count(tmp_path):
+    from etils import epath
+
+    from xmodal_jax.errors import UserError
+    from xmodal_jax.train import checkpoint
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "process_0-of-2.json").write_text('{"next_index": 5}')
+    with pytest.raises(FileNotFoundError, match="incomplete input position"):
+        ckpt._saved_position(5, epath.Path(data))  # one of two files: torn
+    (data / "process_1-of-2.json").write_text('{"next_index": 5}')
+    assert ckpt._saved_position(5, epath.Path(data)) == {"next_index": 5}
+    (data / "process_1-of-2.json").write_text('{"next_index": 6}')
+    with pytest.raises(UserError, match="saved different input positions.*with 2 processes"):
+        ckpt._saved_position(5, epath.Path(data))
+    ckpt.close()
 
 
 def _target_eval() -> dict:

@@ -11,12 +11,19 @@ after a newer one is committed.
 
 `BestCheckpointer` keeps the state with the best value of one evaluation metric under
 `<workdir>/best/` (Orbax `best_fn` policy, keep 1).
+
+The workdir may be remote (`gs://...`): Orbax writes there itself, and every other access here
+goes through `etils.epath`.
+
+The input position is saved by every process (`data/process_<i>-of-<n>.json`). It is the same on
+every process and for every process count (each process reads its rows of the same global
+batches), so a checkpoint written by `n` processes resumes on any other number of them.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,9 +32,13 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from xmodal_jax.errors import UserError
+from xmodal_jax.train import metrics as metrics_lib
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 def _items(state: Any, data_iter: grain.DatasetIterator | None, restore: bool) -> dict:
@@ -78,9 +89,10 @@ def mismatches(saved_metadata: Any, target: Any, limit: int = 8) -> list[str]:
 class Checkpointer:
     """Async, keep-N checkpoints under `<workdir>/checkpoints`; items `state` and `data`."""
 
-    def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.quarantine = os.path.abspath(os.path.join(workdir, "checkpoints_incomplete"))
+    def __init__(self, workdir: epath.PathLike, *, keep: int = 2, async_save: bool = True):
+        workdir = metrics_lib.workdir_path(workdir)
+        self.directory = workdir / "checkpoints"
+        self.quarantine = workdir / "checkpoints_incomplete"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -103,10 +115,49 @@ class Checkpointer:
     def restore(
         self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
     ) -> tuple[Any, grain.DatasetIterator | None]:
-        """State restored onto the shardings of `abstract_state`; the iterator Orbax returns."""
-        args = ocp.args.Composite(**_items(abstract_state, data_iter, True))
-        restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["data"] if data_iter is not None else None
+        """State restored onto the shardings of `abstract_state`; the iterator Orbax returns
+        (or, for a checkpoint of another process count, `data_iter` moved to its position)."""
+        data_dir = self.directory / str(step) / "data"
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if data_iter is None or (data_dir / own).exists():
+            args = ocp.args.Composite(**_items(abstract_state, data_iter, True))
+            restored = self.manager.restore(step, args=args)
+            return restored["state"], restored["data"] if data_iter is not None else None
+        state = self._saved_position(step, data_dir)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**_items(abstract_state, None, True))
+        )
+        data_iter.set_state(state)
+        data_iter.start_prefetch()
+        return restored["state"], data_iter
+
+    def _saved_position(self, step: int, data_dir: epath.Path) -> dict:
+        """The input position of checkpoint `step` written by another number of processes,
+        after checking that all of them saved the same one."""
+        saved = {}
+        for f in data_dir.iterdir() if data_dir.exists() else ():
+            if match := _DATA_FILE.fullmatch(f.name):
+                saved[f.name] = (int(match.group(2)), json.loads(f.read_text()))
+        counts = {n for n, _ in saved.values()}
+        if len(counts) != 1 or len(saved) != next(iter(counts)):
+            # a torn checkpoint (not a UserError): restore_latest sets it aside
+            raise FileNotFoundError(
+                f"incomplete input position in {data_dir}: {sorted(saved) or 'no files'}"
+            )
+        states = [state for _, state in saved.values()]
+        if any(state != states[0] for state in states):
+            raise UserError(
+                f"The {len(saved)} processes that wrote the checkpoint of step {step} in "
+                f"{self.directory} saved different input positions, so it cannot resume on "
+                f"{jax.process_count()}; resume it with {len(saved)} processes."
+            )
+        if jax.process_index() == 0:
+            print(
+                f"The checkpoint of step {step} was written by {len(saved)} processes; "
+                f"{jax.process_count()} continue its global input stream at {states[0]}.",
+                flush=True,
+            )
+        return states[0]
 
     def restore_latest(
         self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
@@ -128,6 +179,8 @@ class Checkpointer:
                 )
             try:
                 state, data_iter = self.restore(step, abstract_state, data_iter)
+            except UserError:
+                raise  # readable, but not for this run: keep it where it is
             except Exception as e:  # noqa: BLE001
                 self._set_aside([str(step)], f"it cannot be read ({_short(e)})")
                 continue
@@ -135,13 +188,9 @@ class Checkpointer:
         return None
 
     def _temporary(self) -> list[str]:
-        if not os.path.isdir(self.directory):
+        if not self.directory.is_dir():
             return []
-        return sorted(
-            n
-            for n in os.listdir(self.directory)
-            if ocp.step.is_tmp_checkpoint(os.path.join(self.directory, n))
-        )
+        return sorted(p.name for p in self.directory.iterdir() if ocp.step.is_tmp_checkpoint(p))
 
     def _set_aside(self, names: list[str], why: str) -> None:
         """Moves unusable checkpoint directories to `checkpoints_incomplete/` (never deletes).
@@ -151,10 +200,10 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("xmodal_checkpoint_listed")
         if names and jax.process_index() == 0:
-            os.makedirs(self.quarantine, exist_ok=True)
+            self.quarantine.mkdir(parents=True, exist_ok=True)
             for name in names:
-                dest = os.path.join(self.quarantine, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                shutil.move(os.path.join(self.directory, name), dest)
+                dest = self.quarantine / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / name).rename(dest)
                 print(
                     f"WARNING: skipping checkpoint {name} in {self.directory}: {why}. "
                     f"Moved to {dest}; resuming from the previous complete one.",
@@ -175,12 +224,12 @@ class Checkpointer:
 class BestCheckpointer:
     """Saves the state whenever `metric` improves; keeps the best one under `<workdir>/best`."""
 
-    def __init__(self, workdir: str, metric: str, mode: str = "max"):
+    def __init__(self, workdir: epath.PathLike, metric: str, mode: str = "max"):
         if mode not in ("max", "min"):
             raise UserError(f"config.best_mode={mode!r}: use 'max' or 'min'.")
         self.metric, self.mode = metric, mode
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "best")),
+            metrics_lib.workdir_path(workdir) / "best",
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 best_fn=lambda metrics: metrics[metric],

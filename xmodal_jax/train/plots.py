@@ -1,8 +1,15 @@
-"""Plots written to `<workdir>/plots/`: training curves and confusion matrices."""
+"""Plots written to `<workdir>/plots/`: training curves and confusion matrices.
+
+The workdir may be remote (`gs://...`): figures are rendered in memory and written through
+`etils.epath`.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import matplotlib
@@ -10,9 +17,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+from xmodal_jax.train import metrics  # noqa: E402
 
 
-def curves(rows: Sequence[dict], path: str) -> None:
+def _save(fig, path: epath.PathLike) -> None:
+    """Writes `fig` as a PNG to a local or remote `path` and closes it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    metrics.write_bytes(path, buffer.getvalue())
+
+
+def curves(rows: Sequence[dict], path: epath.PathLike) -> None:
     """One panel for `train/loss`, one for the evaluations' accuracies (top-1, few-shot;
     per-class series are left to TensorBoard)."""
 
@@ -41,11 +59,12 @@ def curves(rows: Sequence[dict], path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: str) -> None:
+def confusion(
+    matrix: np.ndarray, class_names: Sequence[str], title: str, path: epath.PathLike
+) -> None:
     """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
     m = np.asarray(matrix, np.float64)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
@@ -61,22 +80,34 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, path: 
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6, color=color)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def write_all(workdir: str, rows: Sequence[dict], evaluators: dict) -> list[str]:
+def write_all(workdir: epath.PathLike, rows: Sequence[dict], evaluators: dict) -> list[str]:
     """Curves, one confusion matrix per evaluator that has one, and each evaluator's own plots
     (`ev.plot(out_dir)`: zero-shot per-split bars, t-SNE of A-distance features); returns the
     paths."""
-    out_dir = os.path.join(workdir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "curves.png")]
+    out_dir = metrics.workdir_path(workdir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "curves.png"]
     curves(rows, paths[0])
     for name, ev in evaluators.items():
         if getattr(ev, "confusion", None) is not None:
-            paths.append(os.path.join(out_dir, f"confusion_{name}.png"))
+            paths.append(out_dir / f"confusion_{name}.png")
             confusion(ev.confusion, ev.class_names, f"{name}: confusion", paths[-1])
         if callable(getattr(ev, "plot", None)):
-            paths += ev.plot(out_dir)
-    return paths
+            paths += _evaluator_plots(ev, out_dir)
+    return [os.fspath(p) for p in paths]
+
+
+def _evaluator_plots(ev, out_dir: epath.Path) -> list[epath.Path]:
+    """`ev.plot` writes with local file calls: into a remote `out_dir` through a local
+    temporary directory whose files are then copied over."""
+    if not metrics.is_remote(out_dir):
+        return [epath.Path(p) for p in ev.plot(os.fspath(out_dir))]
+    local = tempfile.mkdtemp(prefix="xmodal_plots_")
+    try:
+        written = ev.plot(local)
+        return [epath.Path(p).copy(out_dir / os.path.basename(p), overwrite=True) for p in written]
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

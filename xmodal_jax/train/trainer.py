@@ -7,12 +7,16 @@ where each array lives from `xmodal_jax.parallel.sharding`.
 
 Resuming is bit-exact on the same topology: the state holds the step and the base key of the
 step randomness, the data iterator's position is saved beside it, and every logged value after
-the checkpoint is recomputed identically (except the wall-clock rates).
+the checkpoint is recomputed identically (except the wall-clock rates). A checkpoint resumes on
+any number of processes; the global batches are the same, so the losses agree to float
+rounding.
+
+The workdir may be local or remote (`gs://...`): it is only reached through `etils.epath`
+(here and in `metrics`, `plots`, `checkpoint`) and Orbax.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Any
@@ -25,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
 from xmodal_jax.errors import UserError
@@ -210,13 +215,17 @@ class _Metrics:
         return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` to `config.total_steps`; returns the final eval metrics."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike
+) -> dict[str, float]:
+    """Trains `config` in `workdir` (local or remote) to `config.total_steps`; returns the final
+    eval metrics."""
     # ---------------------------------------------------------------- set-up
-    os.makedirs(workdir, exist_ok=True)
+    workdir = metrics.workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
-        metrics.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        metrics.write_json(workdir / "config.json", config.to_dict())
     mesh = mesh_lib.make_mesh(config.mesh)
     _check_batch(config, mesh)
     task = tasks.build(config)
@@ -314,13 +323,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step == total and not last_eval:  # resumed at the end already: evaluate for the summary
         last_eval = evaluators.run_all(evals, {"params": state.params, **state.model_state})
     if is_main and step == total:
-        metrics.write_json(os.path.join(workdir, "summary.json"), {"step": step, **last_eval})
+        metrics.write_json(workdir / "summary.json", {"step": step, **last_eval})
         plots.write_all(workdir, metrics.read(workdir), evals)
     return last_eval
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, float]:
     """Runs every evaluator on the latest checkpoint in `workdir` and writes `summary.json`."""
+    workdir = metrics.workdir_path(workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.build(config)
     tx, _ = optim.build(config)
@@ -336,6 +346,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     state, _, step = restored
     results = evaluators.run_all(evals, {"params": state.params, **state.model_state})
     if jax.process_index() == 0:
-        metrics.write_json(os.path.join(workdir, "summary.json"), {"step": step, **results})
+        metrics.write_json(workdir / "summary.json", {"step": step, **results})
         plots.write_all(workdir, metrics.read(workdir), evals)
     return results

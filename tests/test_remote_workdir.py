@@ -1,0 +1,191 @@
+"""A workdir on `gs://` goes through `etils.epath` (and Orbax) only, never through local file calls.
+
+No bucket can be reached here, so `gs://` is faked at the two places where this codebase's file
+access leaves Python for the network: fsspec's `gs` filesystem (what `etils.epath` uses for
+`gs://` without TensorFlow; here a local directory stands in for the buckets), and the
+TensorStore key-value store that Orbax builds for array data on `gs://` (here TensorStore's
+`file` driver on the same directory). Everything above them runs as it would against a bucket:
+Orbax's `gs://` code path (commit-file atomicity instead of renames), Grain's iterator state,
+metrics, summaries, plots and TensorBoard events. Not covered: gcsfs and TensorStore's `gcs`
+driver themselves.
+
+The runs start in an empty working directory: a writer that used `open`/`os.makedirs` on the
+`gs://` string would either fail or leave a `gs:` folder there, and the tests check both.
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from xmodal_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKDIR = "gs://xmodal-test-bucket/runs/digits"
+CONFIG = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
+from digits_common import base_config
+
+
+def get_config(arg=None):
+    c = base_config("direction=m2u")
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 4, 2
+    c.evals = {{"target": {{**c.evals.target, "split": "test[:256]"}}}}
+    c.best_metric = "eval/target/accuracy"
+    return c
+"""
+
+
+class _FakeGCS(LocalFileSystem):
+    """fsspec's `gs` protocol on a local directory: `gs://bucket/x` is `<root>/bucket/x`."""
+
+    protocol = ("gs", "gcs")
+    root = ""
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = os.fspath(path) if not isinstance(path, str) else path
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return os.path.join(cls.root, path[len(prefix) :].rstrip("/"))
+        return super()._strip_protocol(path)
+
+    def _unstrip(self, path: str) -> str:
+        """A local name under `root` as gcsfs names objects: `bucket/key`, no protocol."""
+        return os.path.relpath(path, self.root) if path.startswith(self.root + "/") else path
+
+    def glob(self, path, **kwargs):
+        return [self._unstrip(p) for p in super().glob(path, **kwargs)]
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """Routes `gs://` to `tmp_path/buckets`; runs in the empty directory `tmp_path/cwd`."""
+    from etils.epath import backend, gpath
+    from orbax.checkpoint._src.path import gcs_utils
+
+    buckets = tmp_path / "buckets"
+    buckets.mkdir()
+    monkeypatch.setattr(_FakeGCS, "root", str(buckets))
+    registry = importlib.import_module("fsspec.registry")._registry
+    for scheme in _FakeGCS.protocol:
+        monkeypatch.setitem(registry, scheme, _FakeGCS)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # epath: fsspec, not tf.gfile
+    type(backend.fsspec_backend)._get_filesystem.cache_clear()
+    _FakeGCS.clear_instance_cache()
+
+    def kvstore(path):
+        bucket, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
+        return {"driver": "file", "path": os.path.join(buckets, bucket, key)}
+
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("XMODAL_DISTRIBUTED", "off")
+    yield buckets / WORKDIR[len("gs://") :]
+    type(backend.fsspec_backend)._get_filesystem.cache_clear()
+    assert not os.listdir(cwd), f"local file calls on the gs:// workdir: {os.listdir(cwd)}"
+
+
+def _xmodal(*args) -> dict:
+    from xmodal_jax import main
+
+    return main.run(list(args))
+
+
+def _rows(path) -> list[dict]:
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in trainer.WALL_CLOCK_KEYS}
+            for line in f
+        ]
+
+
+def test_training_in_a_gs_workdir_matches_a_local_one(fake_gcs, tmp_path, tfds_dir):
+    config = str(tmp_path / "config.py")
+    with open(config, "w") as f:
+        f.write(CONFIG)
+    local = str(tmp_path / "local")
+    _xmodal("train", "--config", config, "--workdir", local)
+
+    _xmodal("train", "--config", config, "--workdir", WORKDIR)
+    bucket = str(fake_gcs)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "plots/curves.png",
+                 "plots/confusion_target.png"):  # fmt: skip
+        assert os.path.getsize(os.path.join(bucket, name)) > 0, name
+    assert not [n for n in os.listdir(os.path.join(bucket, "plots")) if n.endswith(".tmp")]
+    (events,) = os.listdir(os.path.join(bucket, "tensorboard"))
+    assert events.startswith("events.out.tfevents.")
+    assert os.path.getsize(os.path.join(bucket, "tensorboard", events)) > 0
+    # Orbax took its gs:// path: checkpoints committed in place by a commit file, not renamed.
+    assert sorted(os.listdir(os.path.join(bucket, "checkpoints"))) == ["2", "4"]
+    assert "commit_success.txt" in os.listdir(os.path.join(bucket, "checkpoints", "4"))
+    assert os.listdir(os.path.join(bucket, "best")) == os.listdir(os.path.join(local, "best"))
+    assert _rows(bucket) == _rows(local)
+
+    # Resume from step 2 (as if the run had been stopped after it): the bucket's metrics are
+    # cut back to step 2 and the same rows are logged again.
+    shutil.rmtree(os.path.join(bucket, "checkpoints", "4"))
+    os.remove(os.path.join(bucket, "summary.json"))
+    resumed = _xmodal("train", "--config", config, "--workdir", WORKDIR)
+    assert _rows(bucket) == _rows(local)
+    with open(os.path.join(local, "summary.json")) as f:
+        expected = json.load(f)
+    with open(os.path.join(bucket, "summary.json")) as f:
+        assert json.load(f) == expected
+    for key, value in resumed.items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-6, err_msg=key)
+
+    # `eval` restores the bucket's latest checkpoint.
+    again = _xmodal("eval", "--config", config, "--workdir", WORKDIR)
+    assert again == resumed
+
+
+@pytest.mark.parametrize(
+    "workdir, words",
+    [("nosuchfs://b/run", ["nosuchfs:// is not supported", "gs://"]),
+     ("s3://b/run", ["s3://b/run cannot be reached", "s3fs"])],
+)  # fmt: skip
+def test_an_unreachable_workdir_is_one_clear_error(workdir, words, monkeypatch, capsys):
+    from xmodal_jax import main
+
+    reachable = importlib.util.find_spec("s3fs") or importlib.util.find_spec("tensorflow")
+    if workdir.startswith("s3://") and reachable:
+        pytest.skip("s3:// is reachable in this installation")
+    monkeypatch.setenv("XMODAL_DISTRIBUTED", "off")
+    config = os.path.join(ROOT, "experiments", "digits", "source_only.py")
+    assert main.main(["train", "--config", config, "--workdir", workdir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+class _PlottingEvaluator:
+    """An evaluator with a confusion matrix and its own plot, written with local file calls."""
+
+    confusion = np.array([[3, 1], [0, 4]])
+    class_names = ["a", "b"]
+
+    def plot(self, out_dir: str) -> list[str]:
+        path = os.path.join(out_dir, "own_ev.png")
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG fake")
+        return [path]
+
+
+def test_plots_of_evaluators_reach_a_gs_workdir(fake_gcs):
+    from xmodal_jax.train import plots
+
+    paths = plots.write_all(WORKDIR, [{"step": 1, "train/loss": 1.0}], {"ev": _PlottingEvaluator()})
+    names = ["curves.png", "confusion_ev.png", "own_ev.png"]
+    assert paths == [f"{WORKDIR}/plots/{n}" for n in names]
+    assert sorted(os.listdir(fake_gcs / "plots")) == sorted(names)
+    assert (fake_gcs / "plots" / "own_ev.png").read_bytes() == b"\x89PNG fake"
+    assert (fake_gcs / "plots" / "curves.png").read_bytes()[:4] == b"\x89PNG"
