@@ -1,0 +1,415 @@
+"""Fine-tuning from pretrained weights, with a transfer regulariser added to the loss.
+
+`config.task = 'finetune'`. Supervised classification (`Classification`) whose model starts from
+pretrained weights and whose loss is `cross-entropy + regulariser`:
+
+* `config.pretrained`: `name` (a `pretrained.load` name or path), `reinit` (regexes of the
+  model's variables it initialises itself, default the new `params/head/`), `skip` (regexes of
+  checkpoint entries dropped, default the old `params/head/`). The loaded variables go through
+  `transfer.surgery.merge`, so any other mismatch is one error listing every culprit.
+* `config.regularizer`: `name` in `none`, `l1`, `l2`, `l2sp`, `delta`, `bss` and its options
+  (`REGULARIZERS` lists them with their defaults). `l2sp` and `delta` pull towards the starting
+  point: the merged pretrained variables, held by the task as constants (not parameters, no
+  optimiser state). `delta` compares the outputs of the modules named in `layers` with those of
+  the pretrained model (eval mode, pretrained BatchNorm statistics) on the same batch; with
+  `attention`, channels are weighted by DELTA's supervised attention, computed once when the
+  task is built (see `channel_attention`).
+* `config.data.per_class` (optional): train on a fixed labelled subset of that many examples of
+  every class, drawn with `config.data.subset_seed` (default 0) independently of the split order.
+
+Logged: `train/regularizer` (the term added to the loss), `train/xent`, and the regulariser's
+unweighted parts under `train/reg/...`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from xmodal_jax import pretrained as pretrained_lib
+from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.errors import UserError
+from xmodal_jax.objectives._util import flatten_with_paths, map_with_paths
+from xmodal_jax.objectives.classification import softmax_xent
+from xmodal_jax.objectives.regularizers import RegularizerInputs, bss, delta, l1_l2, l2_sp
+from xmodal_jax.train.tasks import Classification, Variables
+from xmodal_jax.transfer import checkpoint_io, surgery
+
+# Defaults follow the task-adaptation recipes of thuml/Transfer-Learning-Library: L2-SP and
+# DELTA trade-offs 0.01 for the backbone and the head, BSS eta 0.001 with k = 1, DELTA attention
+# temperature 5. TLlib sums DELTA's distance over the batch; here it is a batch mean (see
+# `objectives/regularizers/delta.py`), so configs scale `weight` by their batch size.
+REGULARIZERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "l1": {"weight": 1e-6, "include": l1_l2.DEFAULT_INCLUDE, "exclude": None},
+    "l2": {"weight": 1e-4, "include": l1_l2.DEFAULT_INCLUDE, "exclude": None},
+    "l2sp": {"alpha": 0.01, "beta": 0.01, "backbone": None, "head": None},
+    "delta": {
+        "weight": 0.01,
+        "layers": (),  # module paths (`block6_project_conv`) whose outputs are compared
+        "attention": False,  # weight channels by DELTA's supervised channel attention
+        "attention_batches": 1,  # training batches the attention is averaged over
+        "temperature": 5.0,
+        "head_steps": 300,  # Adam steps fitting the attention's head on pretrained features
+    },
+    "bss": {"weight": 0.001, "k": 1},
+}
+PRETRAINED_DEFAULTS = {"name": None, "reinit": ("^params/head/",), "skip": ("^params/head/",)}
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def regularizer_options(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """`(name, options)` of `config.regularizer` over the defaults; bad names are an error."""
+    given = _as_dict(cfg)
+    name = given.pop("name", "none")
+    if name not in REGULARIZERS:
+        raise UserError(
+            f"config.regularizer.name={name!r} is unknown; use one of {sorted(REGULARIZERS)}."
+        )
+    unknown = sorted(set(given) - set(REGULARIZERS[name]))
+    if unknown:
+        raise UserError(
+            f"config.regularizer ({name}) has unknown keys {unknown}; valid keys: "
+            f"{sorted(REGULARIZERS[name])}."
+        )
+    return name, {**REGULARIZERS[name], **given}
+
+
+def stratified_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of `per_class` examples of every class, drawn without replacement."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise UserError(
+                f"config.data.per_class={per_class} but class {int(c)} has only {len(idx)} "
+                "training examples; lower per_class."
+            )
+        chosen.append(rng.choice(idx, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+@functools.lru_cache(maxsize=8)
+def _labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
+    """The labels of a split, read once per process."""
+    src = pipeline.source(name, split, data_dir)
+    labels = np.array([int(src[i]["label"]) for i in range(len(src))])
+    labels.flags.writeable = False
+    return labels
+
+
+class _Subset:
+    """Random-access view of the rows `indices` of a source."""
+
+    def __init__(self, src: Any, indices: np.ndarray):
+        self.src, self.indices = src, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.src[int(self.indices[i])]
+
+
+def _module_output(intermediates: Mapping[str, Any], path: str) -> jax.Array:
+    node = intermediates
+    for part in path.split("/"):
+        node = node[part]
+    return node["__call__"][0]
+
+
+class FineTune(Classification):
+    """Classification from a pretrained start, plus `config.regularizer` (module doc)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.reg_name, self.reg = regularizer_options(config.get("regularizer"))
+        data = _as_dict(config.data)
+        self.src = pipeline.source(data["name"], data["split"], data.get("data_dir"))
+        self.indices = None
+        if data.get("per_class"):
+            labels = _labels(data["name"], data["split"], pipeline.data_dir(data.get("data_dir")))
+            self.indices = stratified_subset(
+                labels, int(data["per_class"]), int(data.get("subset_seed", 0))
+            )
+        example = preprocess.compose(data.get("pp", ""))(dict(self.src[0]))
+        self._dummy = np.zeros((1, *np.shape(example["image"])), np.float32)
+        self._load_start()
+        self.layers = tuple(self.reg["layers"]) if self.reg_name == "delta" else ()
+        self._check_layers()
+        self.attention, self.attention_head = None, None
+        if self.reg_name == "delta" and self.reg["attention"]:
+            self.attention = self.channel_attention()
+
+    # ------------------------------------------------------------------ starting point
+
+    def _load_start(self) -> None:
+        """Loads the pretrained variables and the starting point they give this model."""
+        opts = {**PRETRAINED_DEFAULTS, **_as_dict(self.config.get("pretrained"))}
+        unknown = sorted(set(opts) - set(PRETRAINED_DEFAULTS))
+        if unknown:
+            raise UserError(
+                f"config.pretrained has unknown keys {unknown}; valid: "
+                f"{sorted(PRETRAINED_DEFAULTS)}."
+            )
+        self.pretrained_opts = opts
+        self.loaded = None
+        self.start_params, self.start_state = None, None
+        if not opts["name"]:
+            if self.reg_name in ("l2sp", "delta"):
+                raise UserError(
+                    f"config.regularizer.name={self.reg_name!r} needs a starting point; set "
+                    "config.pretrained.name (e.g. 'mobilenet-v2-imagenet')."
+                )
+            return
+        enc = pretrained_lib.load(opts["name"])
+        self.loaded = jax.tree.map(np.asarray, dict(enc.variables))
+        abstract = jax.eval_shape(
+            lambda x: self.model.init({"params": jax.random.key(0)}, x), self._dummy
+        )
+        merged = self._merge(nn.unbox(abstract))
+        loaded_only = lambda tree: {
+            p: np.asarray(v)
+            for p, v in flatten_with_paths(tree).items()
+            if not isinstance(v, jax.ShapeDtypeStruct)
+        }
+        # Flat {path: value} of every variable the checkpoint provides (the new head excluded).
+        self.start_params = loaded_only(merged.pop("params"))
+        self.start_state = {k: loaded_only(v) for k, v in merged.items()}
+
+    def _merge(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(
+            surgery.merge(
+                target,
+                self.loaded,
+                reinit=tuple(self.pretrained_opts["reinit"]),
+                skip=tuple(self.pretrained_opts["skip"]),
+                source=f"pretrained {self.pretrained_opts['name']!r}",
+            )
+        )
+
+    def init(self, rng: jax.Array, batch: dict) -> Variables:
+        variables = super().init(rng, batch)
+        return variables if self.loaded is None else self._merge(variables)
+
+    def start_tree(self, params: Any) -> Any:
+        """`params` with every leaf the checkpoint provides replaced by its starting value."""
+        flat = self.start_params or {}
+        return map_with_paths(
+            lambda p, x: jnp.asarray(flat[p]) if p in flat else jax.lax.stop_gradient(x), params
+        )
+
+    def _start_variables(self, params: Any, model_state: Variables) -> Variables:
+        state = {
+            k: map_with_paths(
+                lambda p, x, k=k: (
+                    jnp.asarray(self.start_state[k][p]) if p in self.start_state.get(k, {}) else x
+                ),
+                v,
+            )
+            for k, v in model_state.items()
+        }
+        return {"params": self.start_tree(params), **state}
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _check_layers(self) -> None:
+        if self.reg_name != "delta":
+            return
+        convs = sorted(p[: -len("/kernel")] for p in self.start_params if p.endswith("/kernel"))
+        bad = [layer for layer in self.layers if f"{layer}/kernel" not in self.start_params]
+        if not self.layers or bad:
+            raise UserError(
+                f"config.regularizer.layers={list(self.layers)}: DELTA needs pretrained modules "
+                f"with a kernel{'; not found: ' + str(bad) if bad else ''}. Valid names look "
+                f"like {convs[:4]} ... {convs[-2:]}."
+            )
+
+    def _capture(self, module: Any, method: str) -> bool:
+        return method == "__call__" and "/".join(module.path) in self.layers
+
+    def forward(
+        self, variables: Variables, images: jax.Array, rng: jax.Array | None, train: bool
+    ) -> tuple[dict[str, jax.Array], Variables, dict[str, jax.Array]]:
+        """Model outputs, updated non-parameter state and the captured `layers` outputs."""
+        mutable = list(variables) if train else []
+        mutable = [k for k in mutable if k != "params"]
+        kwargs: dict[str, Any] = {"train": train}
+        if rng is not None:
+            kwargs["rngs"] = {"dropout": rng}
+        if self.layers:
+            kwargs["capture_intermediates"] = self._capture
+            mutable.append("intermediates")
+        if not mutable:
+            return self.model.apply(variables, images, **kwargs), {}, {}
+        out, state = self.model.apply(variables, images, mutable=mutable, **kwargs)
+        state = dict(state)
+        inter = state.pop("intermediates", {})
+        return out, state, {layer: _module_output(inter, layer) for layer in self.layers}
+
+    # ------------------------------------------------------------------ loss
+
+    def regularizer(
+        self,
+        params: Any,
+        out: Mapping[str, jax.Array],
+        feature_maps: Mapping[str, jax.Array],
+        reference_maps: Mapping[str, jax.Array] | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The weighted term added to the loss and the regulariser's unweighted parts."""
+        name, o = self.reg_name, self.reg
+        if name == "none":
+            return jnp.float32(0.0), {}
+        if name in ("l1", "l2"):
+            cfg = {name: o["weight"], "include": o["include"], "exclude": o["exclude"]}
+            value, aux = l1_l2.loss(RegularizerInputs(params=params), cfg)
+            return value, {name: aux[name]}
+        if name == "l2sp":
+            cfg = {k: o[k] for k in ("alpha", "beta", "backbone", "head")}
+            pretrained = checkpoint_io.unflatten(self.start_params)
+            inputs = RegularizerInputs(params=params, pretrained_params=pretrained)
+            value, aux = l2_sp.loss(inputs, cfg)
+            return value, {"sp": aux["sp"], "head_l2": aux["head_l2"]}
+        if name == "delta":
+            inputs = RegularizerInputs(
+                feature_maps=feature_maps,
+                pretrained_feature_maps=reference_maps,
+                channel_attention=self.attention,
+            )
+            cfg = {"weight": o["weight"], "use_attention": self.attention is not None}
+            return delta.loss(inputs, cfg)
+        return bss.loss(
+            RegularizerInputs(features=out["pooled"]), {"eta": o["weight"], "k": o["k"]}
+        )
+
+    def loss(self, params, model_state, batch, rng, progress):
+        del progress
+        images, labels = batch["image"], batch["label"]
+        variables = {"params": params, **model_state}
+        out, new_state, maps = self.forward(variables, images, rng, train=True)
+        model_state = {**model_state, **new_state}
+        reference = None
+        if self.reg_name == "delta":
+            _, _, reference = self.forward(
+                self._start_variables(params, model_state), images, None, train=False
+            )
+            reference = jax.lax.stop_gradient(reference)
+        logits = out["logits"]
+        xent = softmax_xent(logits, labels, label_smoothing=self.config.get("label_smoothing", 0.0))
+        reg, parts = self.regularizer(params, out, maps, reference)
+        metrics = {
+            "accuracy": (logits.argmax(-1) == labels).mean(),
+            "xent": xent,
+            "regularizer": reg,
+            **{f"reg/{k}": v for k, v in parts.items()},
+        }
+        return xent + reg, (model_state, metrics)
+
+    # ------------------------------------------------------------------ data
+
+    def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
+        if self.indices is None:
+            return super().train_iterator(process_index, process_count)
+        cfg, batch_size = self.config.data, self.config.batch_size
+        if batch_size % process_count:
+            raise UserError(
+                f"batch_size={batch_size} is not divisible by the {process_count} processes."
+            )
+        if len(self.indices) < batch_size:
+            raise UserError(
+                f"The labelled subset has {len(self.indices)} examples, fewer than the batch "
+                f"{batch_size}; lower batch_size or raise config.data.per_class."
+            )
+        pp = preprocess.compose(cfg.get("pp", ""))
+        seed = self.config.seed
+        ds = grain.MapDataset.source(_Subset(self.src, self.indices)).shuffle(seed=seed).repeat()
+        ds = ds.random_map(lambda ex, rng: pp(ex, rng), seed=seed + 1)
+        ds = ds.batch(batch_size // process_count, drop_remainder=True)
+        return iter(ds[process_index::process_count].to_iter_dataset())
+
+    # ------------------------------------------------------------------ DELTA attention
+
+    def channel_attention(self) -> dict[str, np.ndarray]:
+        """DELTA's supervised channel attention, once, from the pretrained model.
+
+        As in the DELTA paper: a new head is fitted on the pretrained model's pooled features of
+        `attention_batches` training batches (cross-entropy, Adam); for every channel j of every
+        layer, the kernel's output channel j is zeroed and the increase of that model's loss is
+        measured (`delta.channel_loss_increase`), averaged over the batches, standardised and
+        turned into `softmax(z / temperature)` (`delta.channel_attention`).
+        """
+        o = self.reg
+        it = self.train_iterator(0, 1)
+        batches = [next(it) for _ in range(int(o["attention_batches"]))]
+        variables = nn.unbox(self.init(jax.random.key(0), batches[0]))
+        params = self.start_tree(variables.pop("params"))
+        state = variables
+        head = {k: v for k, v in params.items() if k == "head"}
+        if set(head.get("head", {})) != {"kernel", "bias"}:
+            raise UserError(
+                "DELTA attention fits the model's `head` (a Dense on `pooled`); this model has "
+                f"no head/kernel and head/bias (top-level parameters {sorted(params)[:6]})."
+            )
+        apply = jax.jit(lambda p, x: self.model.apply({"params": p, **state}, x))
+        feats = jnp.concatenate([apply(params, b["image"])["pooled"] for b in batches])
+        labels = jnp.concatenate([jnp.asarray(b["label"]) for b in batches])
+        fitted = _fit_head(params["head"], feats, labels, int(o["head_steps"]))
+        params = {**params, "head": fitted}
+        self.attention_head = jax.tree.map(np.asarray, fitted)
+
+        def batch_loss(p, x, y):
+            logits = self.model.apply({"params": p, **state}, x)["logits"]
+            return softmax_xent(logits, y)
+
+        attention = {}
+        for layer in self.layers:
+            increase = jax.jit(
+                lambda p, x, y, layer=layer: delta.channel_loss_increase(
+                    functools.partial(batch_loss, x=x, y=y), p, f"{layer}/kernel"
+                )
+            )
+            mean = np.mean(
+                [np.asarray(increase(params, b["image"], b["label"])) for b in batches], 0
+            )
+            attention[layer] = np.asarray(delta.channel_attention(mean, float(o["temperature"])))
+        return attention
+
+
+def _fit_head(head: Mapping[str, Any], feats: jax.Array, labels: jax.Array, steps: int) -> dict:
+    """A Dense head fitted to `feats` by `steps` full-batch Adam steps on cross-entropy."""
+    tx = optax.adam(1e-2)
+
+    def loss(h):
+        return softmax_xent(feats @ h["kernel"] + h["bias"], labels)
+
+    @jax.jit
+    def run(h):
+        def step(carry, _):
+            h, s = carry
+            g = jax.grad(loss)(h)
+            u, s = tx.update(g, s, h)
+            return (optax.apply_updates(h, u), s), None
+
+        (h, _), _ = jax.lax.scan(step, (h, tx.init(h)), None, length=steps)
+        return h
+
+    return run(dict(head))
+
+
+Task = FineTune
