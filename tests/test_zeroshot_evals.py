@@ -1,12 +1,10 @@
 """Two-tower evaluators on hand-made embeddings (a fake task), with answers worked out by hand."""
 
-import json
-
 import numpy as np
 import pytest
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.train import evaluators, plots, zeroshot_evals
+from xmodal_jax.train import evaluators, plots
 from xmodal_jax.train.two_tower_heads import Head
 
 NAMES = ("a", "b", "c", "d")
@@ -176,21 +174,3 @@ def test_itm_accuracy_and_itm_ranking():
     assert build("itm", task).run({})["accuracy"] == pytest.approx(3 / 4)
     out = build("zeroshot", task, classes="seen", score="itm").run({})
     assert out["accuracy"] == pytest.approx(1.0)
-
-
-def test_plot_summary_from_a_workdir(tmp_path):
-    summary = {
-        "step": 10,
-        "eval/zeroshot_unseen/accuracy": 0.5,
-        "eval/zeroshot_unseen/chance": 1 / 3,
-        "eval/zeroshot_unseen/split_0/accuracy": 0.4,
-        "eval/zeroshot_unseen/split_1/accuracy": 0.6,
-        "eval/zeroshot_unseen_control/split_0/accuracy": 0.3,
-        "eval/zeroshot_unseen_control/split_1/accuracy": 0.35,
-    }
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
-    path = zeroshot_evals.plot_summary(str(tmp_path))
-    assert path == str(tmp_path / "plots" / "zeroshot_unseen.png")
-    assert (tmp_path / "plots" / "zeroshot_unseen.png").stat().st_size > 1000
-    with pytest.raises(UserError, match="no eval/seen/"):
-        zeroshot_evals.plot_summary(str(tmp_path), name="seen")

@@ -14,15 +14,13 @@ by all: `dataset`, `split` (default `test`), `pp` (default: the training `data.p
     evals.retrieval = {'type': 'retrieval', 'text_key': 'captions/text'}
     evals.itm = {'type': 'itm'}
 
-Zero-shot evaluators also report `chance` (1 / number of candidate classes). Plots: `plot(out_dir)`
-on the zero-shot evaluators, and `plot_summary(workdir)` (or
-`python -m xmodal_jax.train.zeroshot_evals WORKDIR`) draws `<workdir>/plots/zeroshot_unseen.png`
-from a finished run's `summary.json`: per-split bars, their mean, chance and the control.
+Zero-shot evaluators also report `chance` (1 / number of candidate classes). Their `plot(out_dir)`
+(called by the trainer with the other plots) draws `plots/zeroshot_<name>.png`: per-split bars,
+their mean, chance and, for `zeroshot_unseen`, the control.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -391,41 +389,7 @@ EVALUATORS: dict[str, type] = {
 }
 
 
-def plot_summary(
-    workdir: str, name: str = "zeroshot_unseen", control: str = "zeroshot_unseen_control"
-) -> str:
-    """Draws `<workdir>/plots/<name>.png` (per-split bars, chance and control lines) from the
-    run's `summary.json`; returns the path. `python -m xmodal_jax.train.zeroshot_evals DIR`."""
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-
-    def per_split(evaluator: str) -> dict[str, float]:
-        prefix, suffix = f"eval/{evaluator}/", "/accuracy"
-        return {
-            k[len(prefix) : -len(suffix)]: v
-            for k, v in summary.items()
-            if k.startswith(prefix) and k.endswith(suffix) and k.count("/") == 3
-        }
-
-    found = per_split(name) or (
-        {"all": summary[f"eval/{name}/accuracy"]} if f"eval/{name}/accuracy" in summary else {}
-    )
-    if not found:
-        raise UserError(f"{workdir}/summary.json has no eval/{name}/ accuracies to plot.")
-    chance = summary.get(f"eval/{name}/chance", np.nan)
-    path = os.path.join(workdir, "plots", f"{name}.png")
-    plot_splits(found, chance, path, title=name, control=per_split(control) or None)
-    return path
-
-
 __all__: Sequence[str] = [
     *(c.__name__ for c in EVALUATORS.values()),
     "plot_splits",
-    "plot_summary",
 ]
-
-if __name__ == "__main__":
-    import sys
-
-    for workdir in sys.argv[1:]:
-        print(plot_summary(workdir))
