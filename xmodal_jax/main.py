@@ -3,6 +3,9 @@
     xmodal train --config experiments/X.py[:k=v,...] --workdir DIR [--config.a.b=value ...]
     xmodal eval  --config experiments/X.py[:k=v,...] --workdir DIR
     xmodal convert SRC DST [--arch NAME]   # PyTorch / safetensors / .npz -> our safetensors
+    xmodal table experiments/tables/NAME.py --root DIR [--jobs K] [--dry-run]
+                 [--select last|source_val|oracle]
+    xmodal bench [--small] [--json PATH]
 
 A train run in a workdir that holds checkpoints resumes from the latest one.
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from xmodal_jax.errors import UserError
@@ -28,11 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a .pth / .bin / .safetensors / .npz file or an HF folder")
     p.add_argument("dst", help="the .safetensors file to write")
     p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred")
+    for verb, text in (
+        ("table", "run a table's jobs and write it (xmodal table --help)"),
+        ("bench", "measure step throughput and MFU (xmodal bench --help)"),
+    ):
+        p = verbs.add_parser(verb, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+# Verbs with their own argument parsers: `run(argv) -> dict` of these modules.
+_DELEGATED = {"table": "xmodal_jax.tables.cli", "bench": "xmodal_jax.bench.cli"}
 
 
 def run(argv: list[str]) -> dict:
     """Parses `argv` (without the program name) and runs the verb; returns its metrics."""
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        return importlib.import_module(_DELEGATED[argv[0]]).run(argv[1:])
     args, rest = _parser().parse_known_args(argv)
     if args.verb == "convert":
         if rest:
@@ -50,9 +66,9 @@ def run(argv: list[str]) -> dict:
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, rest)
     import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
-    from xmodal_jax.train import trainer
+    from xmodal_jax.train import metrics, trainer
 
-    workdir = os.path.abspath(args.workdir)
+    workdir = metrics.workdir_path(args.workdir)  # local (made absolute) or gs://...
     if args.verb == "train":
         results = trainer.train_and_evaluate(config, workdir)
     else:

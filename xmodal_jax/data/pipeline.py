@@ -54,6 +54,10 @@ def source(name: str, split: str, path: str | None = None):
         except FileExistsError:  # another process of a multi-process job finished it first
             b = builder(name, path)
     known = list(b.info.splits)  # empty for catalogue datasets that are not prepared (or mocked)
+    if not known and getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        raise UserError(
+            f"Dataset {name!r} is not prepared in {b.data_dir}.\n{b.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
     if known and split.split("[")[0] not in known:
         raise UserError(f"Dataset {name!r} has no split {split!r}; it has {sorted(known)}.")
     try:

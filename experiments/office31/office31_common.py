@@ -1,0 +1,86 @@
+"""Shared settings of the Office-31 domain-adaptation configs (ResNet-50, six tasks).
+
+The recipe follows the Office-31 protocol of domain-adaptation benchmarks (TLlib's ResNet-50
+recipe): batch 32 per domain, SGD with Nesterov momentum 0.9, lr 0.01·(1 + 0.001·step)^-0.75,
+weight decay 1e-3, the backbone at 0.1x the rate of the new head (and of the domain
+discriminator), 20,000 steps, no bottleneck layer (TLlib adds a 256-wide one); images resized
+to 256x256 (done when the dataset is prepared), random 224 px crops and flips for training,
+resized to 224 px for evaluation; accuracy on all target images at the final step.
+
+Arguments: `task` (A2W, D2W, W2D, A2D, D2A, W2A), `model` (a zoo ResNet, or `lenet` for quick
+checks), `width` (ResNet width multiplier), `image_size`, `steps`. The data is a manual
+download: see `xmodal_jax/data/office31.py`.
+
+ResNet-50 starts from random weights: the classification task has no hook yet to load
+ImageNet weights into its model, and no ImageNet ResNet-50 ships with the offline assets. The
+benchmark's numbers assume ImageNet initialisation; expect far lower accuracy until then.
+"""
+
+import ml_collections
+
+from xmodal_jax.config import parse_arg
+
+DOMAINS = {"A": "amazon", "D": "dslr", "W": "webcam"}
+TASKS = ("A2W", "D2W", "W2D", "A2D", "D2A", "W2A")
+
+
+def _data(domain: str, image_size: int, train: bool) -> dict:
+    big = image_size * 256 // 224
+    pp = (
+        f"resize({big})|random_crop({image_size})|flip_lr" if train else f"resize({image_size})"
+    ) + "|value_range(0, 1)|normalize|keep('image', 'label')"
+    return {"name": f"office31/{DOMAINS[domain]}", "split": "train", "pp": pp}
+
+
+def _eval(domain: str, image_size: int) -> dict:
+    d = _data(domain, image_size, train=False)
+    return {"type": "classification", "dataset": d["name"], "split": d["split"], "pp": d["pp"]}
+
+
+def _args(arg: str | None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, task="A2W", model="resnet50", width=1.0, image_size=224, steps=20000)
+    if args.task not in TASKS:
+        raise ValueError(f"task={args.task!r}: use one of {list(TASKS)}.")
+    return args
+
+
+def base_config(arg: str | None) -> ml_collections.ConfigDict:
+    """Source-only training on the task's source domain; evaluation on source and target."""
+    args = _args(arg)
+    source, target = args.task[0], args.task[2]
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = args.steps
+    c.batch_size = 32
+    c.lr = 0.01
+    c.wd = 1e-3
+    c.optimizer = {"name": "sgd", "momentum": 0.9, "nesterov": True}
+    c.lr_schedule = {"name": "inv", "gamma": 0.001, "power": 0.75}
+    c.log_every = 100
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.mesh = {"data": -1, "fsdp": 1, "model": 1}
+    c.model = {"name": args.model, "num_classes": 31}
+    if args.model.startswith("resnet"):
+        c.model.width = args.width
+        c.lr_mults = [("(model/)?(stem|stage).*", 0.1)]  # the backbone; head, discriminator: 1x
+    c.task = "classification"
+    c.data = _data(source, args.image_size, train=True)
+    c.evals = {"source": _eval(source, args.image_size), "target": _eval(target, args.image_size)}
+    c.eval_batch_size = 64
+    c.office31_task = args.task
+    return c
+
+
+def adaptation_config(arg: str | None, method: str, **options) -> ml_collections.ConfigDict:
+    """Labelled source + unlabelled target (all target images) with adaptation loss `method`."""
+    c, args = base_config(arg), _args(arg)
+    c.task = "domain_adaptation"
+    c.data = {
+        "source": _data(args.task[0], args.image_size, train=True),
+        "target": _data(args.task[2], args.image_size, train=True),
+    }
+    c.adaptation = {"method": method, **options}
+    return c

@@ -1,0 +1,15 @@
+"""Office-31, source-only (labelled source only) on ResNet-50.
+
+    xmodal train --config experiments/office31/source_only.py:task=A2W \
+        --workdir workdirs/office31_source_only_a2w
+
+Needs the prepared dataset (`python -m xmodal_jax.data.office31 --manual_dir DIR`); the table
+over all tasks and methods is experiments/tables/office31.py. Not measured here: no Office-31
+images and no ImageNet ResNet-50 are available offline (see office31_common.py).
+"""
+
+from office31_common import base_config
+
+
+def get_config(arg=None):
+    return base_config(arg)

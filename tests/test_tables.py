@@ -1,0 +1,388 @@
+"""Paper tables: job keys, the resumable runner, model selection, collection and rendering."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+import textwrap
+
+import pytest
+
+from xmodal_jax import config as config_lib
+from xmodal_jax.errors import UserError
+from xmodal_jax.tables import Column, Reference, Row, Table, aggregate, cli, render, runner, select
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import spec as spec_lib
+
+# A stand-in for `xmodal train`: writes metrics.jsonl and summary.json from the seed and the
+# config arguments, counts its invocations, and fails when the arguments say `fail=1`.
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, os, sys
+    argv = sys.argv[1:]
+    assert argv[0] == "train"
+    spec = argv[argv.index("--config") + 1]
+    wd = argv[argv.index("--workdir") + 1]
+    seed = int([a for a in argv if a.startswith("--config.seed=")][0].split("=")[1])
+    args = dict(kv.split("=") for kv in spec.partition(":")[2].split(",") if kv)
+    with open(os.path.join(os.path.dirname(wd), "calls.txt"), "a") as f:
+        f.write(wd + "\\n")
+    print("training", spec, seed)
+    if args.get("fail") == "1":
+        sys.exit(5)
+    acc = float(args.get("base", "0.5")) + 0.01 * seed
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "train/loss": 1.0}) + "\\n")
+        f.write(json.dumps({"step": 1, "eval/target/accuracy": acc + 0.1,
+                            "eval/source/accuracy": 0.9}) + "\\n")
+        f.write(json.dumps({"step": 2, "eval/target/accuracy": acc,
+                            "eval/source/accuracy": 0.8}) + "\\n")
+    with open(os.path.join(wd, "summary.json"), "w") as f:
+        json.dump({"step": 2, "eval/target/accuracy": acc, "eval/source/accuracy": 0.8}, f)
+    """
+)
+
+
+def _job(**kw) -> jobs_lib.Job:
+    base = dict(row="r", config="experiments/x.py", args=(), seed=0, overrides=(), grid_point=())
+    return jobs_lib.Job(**{**base, **kw})
+
+
+def test_job_keys_are_stable_and_depend_only_on_the_run():
+    a = _job(args=(("direction", "m2u"),), seed=1, overrides=(("lr", "0.1"),))
+    # The key of a run must never change between versions: finished runs are found by it.
+    assert a.key == "759ff39deb1dfcdb"
+    assert a.key == _job(row="other label", args=(("direction", "m2u"),), seed=1,
+                         overrides=(("lr", "0.1"),), config="experiments/./x.py").key  # fmt: skip
+    others = [
+        _job(args=(("direction", "m2u"),), seed=2, overrides=(("lr", "0.1"),)),
+        _job(args=(("direction", "u2m"),), seed=1, overrides=(("lr", "0.1"),)),
+        _job(args=(("direction", "m2u"),), seed=1, overrides=(("lr", "0.01"),)),
+        _job(
+            config="experiments/y.py",
+            args=(("direction", "m2u"),),
+            seed=1,
+            overrides=(("lr", "0.1"),),
+        ),  # fmt: skip
+    ]
+    assert len({a.key, *(o.key for o in others)}) == 5
+
+
+def test_expand_orders_arguments_and_merges_column_arguments():
+    t = Table(
+        title="t",
+        rows=[Row("a", "c.py", "width=1,b=2"), Row("b", "c.py", seeds=(7,))],
+        columns=[Column("x", "m", args="direction=m2u"), Column("y", "m", args="direction=u2m")],
+        seeds=(0, 1),
+        grid={"lr": [0.1, 0.01]},
+    )
+    jobs = jobs_lib.expand(t)
+    assert len(jobs) == 2 * 2 * 2 + 1 * 2 * 2  # rows x columns x grid x seeds
+    first = jobs[0]
+    assert first.spec == "c.py:b=2,direction=m2u,width=1"
+    assert first.command("/w", ["prog"]) == [
+        "prog", "train", "--config", "c.py:b=2,direction=m2u,width=1", "--workdir", "/w",
+        "--config.seed=0", "--config.lr=0.1",
+    ]  # fmt: skip
+    assert {j.seed for j in jobs if j.row == "b"} == {7}
+    # The same config arguments written in another order are the same job.
+    swapped = Table(title="t", rows=[Row("z", "c.py", "b=2,width=1")], columns=t.columns[:1],
+                    seeds=(0,), grid={"lr": [0.1]})  # fmt: skip
+    assert jobs_lib.expand(swapped)[0].key == first.key
+
+
+def test_seed_override_reaches_the_digits_configs():
+    # The runner passes --config.seed=S; the digits configs also take `seed` as an argument, so
+    # check that the override is what the trainer sees (config.seed seeds init and data order).
+    config = config_lib.load("experiments/digits/dann.py:direction=u2m")
+    assert config.seed == 0
+    config_lib.apply_overrides(config, ["--config.seed=2"])
+    assert config.seed == 2 and config.direction == "u2m"
+
+
+@pytest.mark.parametrize("name", ["digits_da", "animals_zeroshot", "transfer_ablation", "office31"])
+def test_table_files_load(name):
+    table_name, table = spec_lib.load(f"experiments/tables/{name}.py")
+    assert table_name == name
+    jobs = jobs_lib.expand(table)
+    seeds = {r.label: set(table.seeds_of(r)) for r in table.rows}
+    assert jobs and all(j.seed in seeds[j.row] for j in jobs)
+
+
+def test_digits_table_covers_every_config_both_directions_three_seeds():
+    _, table = spec_lib.load("experiments/tables/digits_da.py")
+    jobs = jobs_lib.expand(table)
+    configs = sorted(f for f in os.listdir("experiments/digits") if f.endswith(".py"))
+    configs.remove("digits_common.py")
+    assert sorted(os.path.basename(r.config) for r in table.rows) == configs
+    assert len(jobs) == len(configs) * 2 * 3
+    assert {(j.args, j.seed) for j in jobs if j.row == "dann"} == {
+        ((("direction", d),), s) for d in ("m2u", "u2m") for s in (0, 1, 2)
+    }
+    jobs_lib.check_configs(jobs, "digits_da")  # every config exists
+
+
+def test_missing_config_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "t.py"
+    path.write_text(
+        "from xmodal_jax.tables import Column, Row, Table\n"
+        "TABLE = Table(title='t', rows=[Row('gone', 'experiments/animals/no_such.py')],"
+        " columns=[Column('acc', 'eval/test/accuracy')])\n"
+    )
+    with pytest.raises(UserError, match=r"no_such\.py.*do not exist.*gone"):
+        cli.run([str(path), "--root", str(tmp_path / "root"), "--dry-run"])
+
+
+def test_bad_table_definitions_are_rejected():
+    cols = [Column("x", "m")]
+    with pytest.raises(UserError, match="appear twice"):
+        spec_lib.check(Table("t", [Row("a", "c.py"), Row("a", "d.py")], cols))
+    with pytest.raises(UserError, match="not column labels"):
+        spec_lib.check(Table("t", [Row("a", "c.py", reference=Reference("s", {"z": 1.0}))], cols))
+    with pytest.raises(UserError, match="select_metric"):
+        spec_lib.select_rule(Table("t", [Row("a", "c.py")], cols), "source_val")
+    with pytest.raises(UserError, match="seeds="):
+        spec_lib.check(Table("t", [Row("a", "c.py")], cols, grid={"seed": [1, 2]}))
+
+
+def test_selection_rules_on_a_metrics_history():
+    rows = [
+        {"step": 100, "train/loss": 2.0},
+        {"step": 100, "eval/source/accuracy": 0.70, "eval/target/accuracy": 0.40},
+        {"step": 200, "eval/source/accuracy": 0.90, "eval/target/accuracy": 0.55},
+        {"step": 300, "eval/source/accuracy": 0.90, "eval/target/accuracy": 0.65},
+        {"step": 400, "eval/source/accuracy": 0.85},
+        {"step": 400, "eval/target/accuracy": 0.60, "eval/target/loss": 1.0},
+    ]
+    history = select.eval_history(rows)
+    assert history[400] == {"eval/source/accuracy": 0.85, "eval/target/accuracy": 0.60,
+                            "eval/target/loss": 1.0}  # fmt: skip
+    summary = {"step": 400, "eval/source/accuracy": 0.85, "eval/target/accuracy": 0.60}
+    metrics = [("eval/target/accuracy", True), ("eval/target/loss", False)]
+    src = "eval/source/accuracy"
+    last = select.selected("last", summary, history, metrics, src)
+    assert last["eval/target/accuracy"] == (0.60, 0.85, 400)
+    assert last["eval/target/loss"] == (None, 0.85, 400)  # not in summary: not reported
+    # Best source accuracy 0.90 at steps 200 and 300: the earliest wins.
+    val = select.selected("source_val", summary, history, metrics, src)
+    assert val["eval/target/accuracy"] == (0.55, 0.90, 200)
+    oracle = select.selected("oracle", summary, history, metrics, src)
+    assert oracle["eval/target/accuracy"] == (0.65, 0.65, 300)
+    assert oracle["eval/target/loss"] == (1.0, 1.0, 400)
+    with pytest.raises(UserError, match="eval/val/accuracy"):
+        select.selected("source_val", summary, history, metrics, "eval/val/accuracy")
+
+
+def _finish(workdir: str, summary: dict, history: list[dict] | None = None) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history or [])
+    open(os.path.join(workdir, jobs_lib.DONE), "w").close()
+
+
+def _hand_table() -> Table:
+    return Table(
+        title="Hand table",
+        rows=[
+            Row("base", "a.py", reference=Reference("Paper [x], Table 2", {"A": (61.5, 0.4)})),
+            Row("new", "b.py"),
+            Row("oracle", "c.py", compete=False, columns=["A"]),
+        ],
+        columns=[
+            Column("A", "eval/target/accuracy", args="d=a"),
+            Column("B", "eval/target/accuracy", args="d=b"),
+        ],  # fmt: skip
+        seeds=(0, 1, 2),
+    )
+
+
+def test_collect_and_render_against_hand_computed_figures(tmp_path):
+    table, root = _hand_table(), str(tmp_path)
+    values = {  # (row, column) -> accuracy per seed; None: that run never finished
+        ("base", "A"): [0.60, 0.62, 0.65],
+        ("base", "B"): [0.30, 0.32, None],
+        ("new", "A"): [0.70, 0.66, 0.71],
+        ("new", "B"): [None, None, None],
+        ("oracle", "A"): [0.97, 0.99, 0.98],
+    }
+    for (row_label, col_label), accs in values.items():
+        row = next(r for r in table.rows if r.label == row_label)
+        col = next(c for c in table.columns if c.label == col_label)
+        for job, acc in zip(jobs_lib.row_jobs(table, row, col.args), accs, strict=True):
+            if acc is not None:
+                _finish(job.workdir(root, "hand"), {"step": 9, "eval/target/accuracy": acc})
+    new_b0 = jobs_lib.row_jobs(table, table.rows[1], "d=b")[0].workdir(root, "hand")
+    os.makedirs(new_b0)  # started, never finished (running, or killed)
+    cells = aggregate.collect(table, "hand", root, "last")
+
+    base_a = cells["base", "A"]
+    assert base_a.n == 3 and base_a.mean == pytest.approx((0.60 + 0.62 + 0.65) / 3)
+    assert base_a.std == pytest.approx(statistics.stdev([0.60, 0.62, 0.65]))
+    assert cells["base", "B"].n == 2 and [s for s, _, _ in cells["base", "B"].missing] == [2]
+    assert cells["new", "B"].n == 0 and len(cells["new", "B"].missing) == 3
+    assert cells["oracle", "B"].expected == 0  # the row does not fill this column
+
+    md = render.markdown(table, cells, "last", "last: the final evaluation")
+    # 100 * mean and sample std, by hand: base A 62.33 ± 2.52; new A 69.00 ± 2.65;
+    # base B 31.00 ± 1.41 from 2 of 3 seeds; oracle A 98.0 ± 1.0, excluded from bold.
+    # base B is the best of its column (new B has no run): bold, and still marked 2 of 3.
+    assert "| base | 62.3 ± 2.5 (3) | 61.5 ± 0.4 [1] | **31.0 ± 1.4** (2 of 3) |" in md
+    assert "| new | **69.0 ± 2.6** (3) | — | missing (0 of 3) |" in md
+    assert "| oracle † | 98.0 ± 1.0 (3) | — | n/a |" in md
+    assert "[1] Paper [x], Table 2" in md
+    assert "Model selection: last: the final evaluation." in md
+    assert "Missing: 4." in md and md.count("not run") == 3
+    assert f"- new, seed 0: unfinished [B] ({new_b0})" in md
+    assert "- base, seed 2: not run [B] (" in md
+    tex = render.latex(table, cells, "last", "last")
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{69.0 $\pm$ 2.6}" in tex
+    assert r"\textit{missing} (0 of 3)" in tex and r"oracle$^\dagger$" in tex
+    rows = list(csv.DictReader(io.StringIO(render.csv_text(table, cells, "last"))))
+    by = {(r["row"], r["column"]): r for r in rows}
+    assert float(by["new", "A"]["mean"]) == pytest.approx(69.0)
+    assert float(by["new", "A"]["std"]) == pytest.approx(100 * statistics.stdev([0.70, 0.66, 0.71]))
+    assert by["new", "A"]["best"] == "1" and by["oracle", "A"]["best"] == "0"
+    assert by["base", "B"]["missing_seeds"] == "2:not run" and by["base", "B"]["n"] == "2"
+    assert by["new", "B"]["missing_seeds"] == "0:unfinished 1:not run 2:not run"
+    assert by["base", "A"]["ref_mean"] == "61.5" and by["base", "A"]["ref_std"] == "0.4"
+
+
+def test_grid_point_chosen_by_the_selection_metric(tmp_path):
+    table = Table(
+        title="g",
+        rows=[Row("m", "a.py")],
+        columns=[Column("T", "eval/target/accuracy")],
+        seeds=(0, 1),
+        grid={"lr": [0.1, 0.01]},
+        select_metric="eval/source/accuracy",
+    )
+    src = {"0.1": 0.9, "0.01": 0.8}  # lr=0.1 wins on source, lr=0.01 on target
+    tgt = {"0.1": 0.5, "0.01": 0.7}
+    for job in jobs_lib.expand(table):
+        lr = dict(job.grid_point)["lr"]
+        summary = {"step": 5, "eval/source/accuracy": src[lr], "eval/target/accuracy": tgt[lr]}
+        history = [{"step": 5, **summary}]
+        _finish(job.workdir(str(tmp_path), "g"), summary, history)
+    for rule, lr, value in (("last", "0.1", 0.5), ("source_val", "0.1", 0.5),
+                            ("oracle", "0.01", 0.7)):  # fmt: skip
+        cell = aggregate.collect(table, "g", str(tmp_path), rule)["m", "T"]
+        assert cell.hparams == {"lr": lr} and cell.mean == pytest.approx(value)
+
+
+def _write_table(tmp_path, rows: str) -> str:
+    for name in ("good.py", "bad.py"):
+        (tmp_path / name).write_text("def get_config(arg=None):\n    raise NotImplementedError\n")
+    path = tmp_path / "fake.py"
+    path.write_text(
+        "from xmodal_jax.tables import Column, Row, Table\n"
+        f"GOOD, BAD = {str(tmp_path / 'good.py')!r}, {str(tmp_path / 'bad.py')!r}\n"
+        f"TABLE = Table(title='Fake', rows=[{rows}],\n"
+        "    columns=[Column('T', 'eval/target/accuracy')], seeds=(0, 1),\n"
+        "    select_metric='eval/source/accuracy')\n"
+    )
+    return str(path)
+
+
+def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5'), Row('bad', BAD, 'fail=1')")
+    root = str(tmp_path / "root")
+    argv = [table, "--root", root, "--jobs", "2"]
+
+    with pytest.raises(UserError, match="2 of 4 jobs failed"):
+        cli.run(argv)
+    calls = (tmp_path / "root" / "fake" / "calls.txt").read_text().split()
+    assert len(calls) == 4
+    _, t = spec_lib.load(table)
+    by_row = {j.row: [] for j in jobs_lib.expand(t)}
+    for j in jobs_lib.expand(t):
+        by_row[j.row].append(j.workdir(root, "fake"))
+    for wd in by_row["bad"]:
+        assert jobs_lib.status(wd) == "failed"
+        assert json.load(open(os.path.join(wd, "failed")))["rc"] == 5
+        assert "training" in open(os.path.join(wd, "log.txt")).read()  # the log is kept
+    assert all(jobs_lib.status(wd) == "done" for wd in by_row["good"])
+    md = open(os.path.join(root, "fake.md")).read()
+    assert "| good | **50.5 ± 0.7** (2) |" in md  # 0.50 and 0.51
+    assert "| bad | missing (0 of 2) |" in md and "bad, seed 0: failed (" in md
+
+    # Rerun: the finished jobs are skipped, only the failed ones start again.
+    with pytest.raises(UserError, match="2 of 4 jobs failed"):
+        cli.run(argv)
+    calls = (tmp_path / "root" / "fake" / "calls.txt").read_text().split()
+    assert len(calls) == 6 and set(calls[4:]) == set(by_row["bad"])
+    assert "2 of 4 jobs already done" in capsys.readouterr().out
+
+    # Without the failing row everything is done: nothing runs and the exit is clean.
+    result = cli.run([*argv, "--only", "^good$", "--select", "oracle"])
+    assert result["skipped"] == 2 and result["done"] == 0
+    assert len((tmp_path / "root" / "fake" / "calls.txt").read_text().split()) == 6
+    md = open(os.path.join(root, "fake.md")).read()
+    assert md.startswith("# Fake (oracle selection)")
+    assert "| good | **60.5 ± 0.7** (2) |" in md  # the best target step (step 1) per seed
+
+
+def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    root = str(tmp_path / "root")
+    result = cli.run([table, "--root", root, "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert result == {"jobs": 2, "to_run": 2} and len(lines) == 2
+    _, t = spec_lib.load(table)
+    jobs = jobs_lib.expand(t)
+    for job, line in zip(jobs, lines, strict=True):
+        wd = job.workdir(root, "fake")
+        assert line.endswith(f"--config.seed={job.seed} && touch {wd}/done")
+        assert (
+            f"-m xmodal_jax.main train --config {tmp_path}/good.py:base=0.5 --workdir {wd}" in line
+        )
+    assert not os.path.exists(os.path.join(root, "fake"))  # nothing ran, nothing was created
+    _finish(jobs[0].workdir(root, "fake"), {"step": 1})
+    cli.run([table, "--root", root, "--dry-run"])
+    assert capsys.readouterr().out.strip().splitlines() == lines[1:]
+
+
+def test_no_bold_in_a_control_column():
+    table = Table(
+        title="c",
+        rows=[Row("a", "a.py"), Row("b", "b.py")],
+        columns=[Column("T", "m"), Column("control", "m2", bold=False)],
+    )
+    cells = {
+        (r, c): aggregate.Cell(expected=1, values=[v], seeds=[0])
+        for (r, c), v in {
+            ("a", "T"): 0.5,
+            ("b", "T"): 0.7,
+            ("a", "control"): 0.4,
+            ("b", "control"): 0.3,
+        }.items()  # fmt: skip
+    }
+    assert render.best_rows(table, cells) == {("b", "T")}
+
+
+def test_a_row_can_report_a_column_under_its_own_key(tmp_path):
+    col = Column("split 0", "eval/zs/split_0/accuracy")
+    table = Table(
+        title="k",
+        rows=[Row("many", "a.py"), Row("one", "b.py", metrics={"split 0": "eval/zs/accuracy"})],
+        columns=[col],
+    )
+    summaries = {"many": {"eval/zs/split_0/accuracy": 0.4, "eval/zs/accuracy": 0.5},
+                 "one": {"eval/zs/accuracy": 0.6}}  # fmt: skip
+    for row in table.rows:
+        job = jobs_lib.row_jobs(table, row, "")[0]
+        _finish(job.workdir(str(tmp_path), "k"), {"step": 1, **summaries[row.label]})
+    cells = aggregate.collect(table, "k", str(tmp_path), "last")
+    assert cells["many", "split 0"].values == [0.4] and cells["one", "split 0"].values == [0.6]
+    md = render.markdown(table, cells, "last", "last")
+    assert "Row one: split 0 = eval/zs/accuracy." in md
+    with pytest.raises(UserError, match="maps unknown columns"):
+        spec_lib.check(Table("k", [Row("x", "a.py", metrics={"nope": "m"})], [col]))

@@ -1,0 +1,128 @@
+"""Collects finished runs into table cells: mean ± std over seeds, with what is missing.
+
+A cell is one row x one column. Every seed the table asks for is accounted for: finished and
+reported, finished without the metric ('not reported'), or not finished ('missing': never run,
+failed or still running). With a grid, the grid point with the best mean selection score over
+its finished seeds fills the cell (DomainBed's protocol), and the cell records which one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import select
+from xmodal_jax.tables.spec import Column, Row, Table
+from xmodal_jax.train import metrics as metrics_lib
+
+
+@dataclasses.dataclass
+class Cell:
+    expected: int  # seeds the table asks for (0: the row does not fill this column)
+    hparams: dict[str, str] = dataclasses.field(default_factory=dict)  # selected grid point
+    values: list[float] = dataclasses.field(default_factory=list)  # per reporting seed, unscaled
+    seeds: list[int] = dataclasses.field(default_factory=list)  # the seeds of `values`
+    steps: list[int | None] = dataclasses.field(default_factory=list)  # where each was read
+    missing: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (seed,
+    # status, workdir) of runs not finished
+    not_reported: list[int] = dataclasses.field(default_factory=list)  # finished, no metric
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof=1) over seeds; NaN with fewer than two."""
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+
+class _Runs:
+    """Reads each finished workdir's summary and eval history once."""
+
+    def __init__(self):
+        self._cache: dict[str, tuple[dict, dict]] = {}
+
+    def get(self, workdir: str) -> tuple[dict, dict]:
+        if workdir not in self._cache:
+            with open(os.path.join(workdir, "summary.json")) as f:
+                summary = json.load(f)
+            history = select.eval_history(metrics_lib.read(workdir))
+            self._cache[workdir] = (summary, history)
+        return self._cache[workdir]
+
+
+def _cell_for_point(
+    jobs: list[jobs_lib.Job],
+    workdirs: list[str],
+    runs: _Runs,
+    rule: str,
+    metric: tuple[str, bool],
+    select_metric: str | None,
+) -> tuple[Cell, list[float]]:
+    """The cell of one grid point, and the selection scores of its finished seeds."""
+    cell = Cell(expected=len(jobs), hparams=dict(jobs[0].grid_point))
+    scores = []
+    for job, wd in zip(jobs, workdirs, strict=True):
+        state = jobs_lib.status(wd)
+        if state != "done":
+            cell.missing.append((job.seed, "not run" if state == "missing" else state, wd))
+            continue
+        summary, history = runs.get(wd)
+        value, score, step = select.selected(rule, summary, history, [metric], select_metric)[
+            metric[0]
+        ]
+        if value is None:
+            cell.not_reported.append(job.seed)
+            continue
+        cell.values.append(float(value))
+        cell.seeds.append(job.seed)
+        cell.steps.append(step)
+        if score is not None:
+            scores.append(float(score))
+    return cell, scores
+
+
+def collect(table: Table, name: str, root: str, rule: str) -> dict[tuple[str, str], Cell]:
+    """Cells keyed by (row label, column label) from the workdirs under `root/name`."""
+    runs = _Runs()
+    return {
+        (row.label, col.label): _best_point(table, row, col, rule, root, name, runs)
+        for row in table.rows
+        for col in table.columns
+    }
+
+
+def _best_point(
+    table: Table, row: Row, col: Column, rule: str, root: str, name: str, runs: _Runs
+) -> Cell:
+    if not table.fills(row, col):
+        return Cell(expected=0)
+    by_point: dict[tuple, list[jobs_lib.Job]] = {}
+    for job in jobs_lib.row_jobs(table, row, col.args):
+        by_point.setdefault(job.grid_point, []).append(job)
+    best, best_score = None, None
+    for point_jobs in by_point.values():
+        workdirs = [j.workdir(root, name) for j in point_jobs]
+        metric = (row.metric(col), col.higher_is_better)
+        cell, scores = _cell_for_point(
+            point_jobs, workdirs, runs, rule, metric, table.select_metric
+        )
+        if best is None:
+            best = cell
+        if not scores:
+            continue
+        score = float(np.mean(scores))
+        higher = col.higher_is_better if rule == "oracle" else True
+        if best_score is None or (score > best_score if higher else score < best_score):
+            best, best_score = cell, score
+    return best

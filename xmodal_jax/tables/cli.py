@@ -1,0 +1,101 @@
+"""`xmodal table experiments/tables/NAME.py --root DIR [--jobs K] [--dry-run] [--select RULE]`.
+
+Runs every unfinished job of the table (K at a time, each in `DIR/NAME/<hash>`), then writes
+`NAME.md`, `NAME.tex` and `NAME.csv` (into `--out`, default DIR). `--dry-run` prints the job
+commands, one shell line each, and runs nothing. Exits non-zero when a job failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+
+from xmodal_jax.errors import UserError
+from xmodal_jax.tables import aggregate, render, runner, spec
+from xmodal_jax.tables import jobs as jobs_lib
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xmodal table", description=__doc__.split("\n")[0])
+    p.add_argument("table", help="experiments/tables/NAME.py")
+    p.add_argument("--root", required=True, help="where the jobs' workdirs go (DIR/NAME/<hash>)")
+    p.add_argument("--jobs", type=int, default=1, help="jobs run at a time (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--select", choices=sorted(spec.RULES), help="override the table's rule")
+    p.add_argument("--only", help="run only the rows whose label matches this regex")
+    p.add_argument("--collect-only", action="store_true", help="write the table, run nothing")
+    p.add_argument("--out", help="where NAME.md/.tex/.csv go (default: --root)")
+    return p
+
+
+def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
+    """One shell line per unfinished job: the train command, then the `done` marker."""
+    lines = []
+    for job in jobs:
+        wd = job.workdir(root, name)
+        if jobs_lib.status(wd) == "done":
+            continue
+        cmd = shlex.join(job.command(wd, runner.PROGRAM))
+        lines.append(f"{cmd} && touch {shlex.quote(os.path.join(wd, jobs_lib.DONE))}")
+    return lines
+
+
+def write_tables(table: spec.Table, name: str, root: str, out: str, rule: str) -> list[str]:
+    """Collects the runs under `root` and writes NAME.md/.tex/.csv into `out`; returns paths."""
+    rule, rule_text = spec.select_rule(table, rule)
+    cells = aggregate.collect(table, name, root, rule)
+    os.makedirs(out, exist_ok=True)
+    texts = {
+        "md": render.markdown(table, cells, rule, rule_text),
+        "tex": render.latex(table, cells, rule, rule_text),
+        "csv": render.csv_text(table, cells, rule),
+    }
+    paths = []
+    for ext, text in texts.items():
+        path = os.path.join(out, f"{name}.{ext}")
+        with open(path, "w") as f:
+            f.write(text)
+        paths.append(path)
+    return paths
+
+
+def run(argv: list[str]) -> dict:
+    """Runs `xmodal table ARGS`; returns counts of jobs by outcome and the written paths."""
+    args = _parser().parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: run at least one job at a time.")
+    name, table = spec.load(args.table)
+    rule, _ = spec.select_rule(table, args.select)
+    jobs = jobs_lib.expand(table)
+    jobs_lib.check_configs(jobs, args.table)
+    if args.only:
+        try:
+            pattern = re.compile(args.only)
+        except re.error as e:
+            raise UserError(f"--only {args.only!r} is not a regular expression: {e}.") from None
+        jobs = [j for j in jobs if pattern.search(j.row)]
+        if not jobs:
+            labels = [r.label for r in table.rows]
+            raise UserError(f"--only {args.only!r} matches no row label of {labels}.")
+    if args.dry_run:
+        lines = dry_run_lines(jobs, args.root, name)
+        print("\n".join(lines))
+        print(f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run).", file=sys.stderr)
+        return {"jobs": len(jobs), "to_run": len(lines)}
+    outcome = {"skipped": [], "done": [], "failed": []}
+    if not args.collect_only:
+        workdirs = [j.workdir(args.root, name) for j in jobs]
+        outcome = runner.run(jobs, workdirs, args.jobs)
+    paths = write_tables(table, name, args.root, args.out or args.root, rule)
+    print("Wrote " + ", ".join(paths))
+    result = {"jobs": len(jobs), **{k: len(v) for k, v in outcome.items()}, "paths": paths}
+    if outcome["failed"]:
+        logs = ", ".join(os.path.join(wd, jobs_lib.LOG) for wd in outcome["failed"])
+        raise UserError(
+            f"{len(outcome['failed'])} of {len(jobs)} jobs failed (the table marks them "
+            f"missing); their logs: {logs}. Rerun the same command to retry them."
+        )
+    return result

@@ -1,0 +1,131 @@
+"""A table's jobs: one training run per row x column arguments x grid point x seed.
+
+Each job lives in `ROOT/NAME/<key>`, `key` a hash of the config path, its arguments, the seed and
+the overrides, so the same job always lands in the same workdir (and a finished one is found
+again) whatever order the table lists it in. The seed is passed as `--config.seed=S`, the key
+every config has (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+from typing import Any
+
+from xmodal_jax.errors import UserError
+from xmodal_jax.tables.spec import Row, Table, parse_args
+
+DONE, FAILED, LOG, JOB = "done", "failed", "log.txt", "job.json"
+
+
+def value_text(value: Any) -> str:
+    """How an override value is written on the command line (parsed back by `config.override`)."""
+    return value if isinstance(value, str) else repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    row: str
+    config: str  # path of the config file, as the table writes it
+    args: tuple[tuple[str, str], ...]  # sorted config arguments
+    seed: int
+    overrides: tuple[tuple[str, str], ...]  # sorted (key, command-line text)
+    grid_point: tuple[tuple[str, str], ...]  # the part of `overrides` that comes from the grid
+
+    @property
+    def spec(self) -> str:
+        """`path.py[:k=v,...]` as `xmodal train --config` takes it."""
+        args = ",".join(f"{k}={v}" for k, v in self.args)
+        return f"{self.config}:{args}" if args else self.config
+
+    @property
+    def key(self) -> str:
+        """Stable hash of what defines the run (not of the row label or the table)."""
+        ident = {
+            "config": os.path.normpath(self.config).replace(os.sep, "/"),
+            "args": list(map(list, self.args)),
+            "seed": self.seed,
+            "overrides": list(map(list, self.overrides)),
+        }
+        text = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def workdir(self, root: str, table_name: str) -> str:
+        return os.path.join(os.path.abspath(root), table_name, self.key)
+
+    def command(self, workdir: str, program: list[str] | None = None) -> list[str]:
+        """The `xmodal train` command line of this job."""
+        program = program or [sys.executable, "-m", "xmodal_jax.main"]
+        cmd = [*program, "train", "--config", self.spec, "--workdir", workdir]
+        cmd.append(f"--config.seed={self.seed}")
+        cmd += [f"--config.{k}={v}" for k, v in self.overrides]
+        return cmd
+
+    def describe(self) -> dict:
+        return {
+            "row": self.row,
+            "config": self.spec,
+            "seed": self.seed,
+            "overrides": dict(self.overrides),
+        }
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[tuple[tuple[str, str], ...]]:
+    """Every combination of the grid's values, as sorted (key, text) pairs; [()] without a grid."""
+    keys = sorted(grid)
+    combos = itertools.product(*(list(grid[k]) for k in keys))
+    return [tuple((k, value_text(v)) for k, v in zip(keys, combo, strict=True)) for combo in combos]
+
+
+def row_jobs(table: Table, row: Row, col_args: str) -> list[Job]:
+    """The jobs of one row under one column's arguments: every grid point and seed."""
+    args = tuple(sorted({**parse_args(row.args), **parse_args(col_args)}.items()))
+    row_overrides = tuple((k, value_text(v)) for k, v in row.overrides.items())
+    return [
+        Job(
+            row=row.label,
+            config=row.config,
+            args=args,
+            seed=int(seed),
+            overrides=tuple(sorted(row_overrides + point)),
+            grid_point=point,
+        )
+        for point in grid_points(dict(table.grid))
+        for seed in table.seeds_of(row)
+    ]
+
+
+def expand(table: Table) -> list[Job]:
+    """All jobs of `table`, in row, column-argument, grid point, seed order, without duplicates."""
+    jobs: dict[str, Job] = {}
+    for row in table.rows:
+        for col_args in dict.fromkeys(c.args for c in table.columns if table.fills(row, c)):
+            for job in row_jobs(table, row, col_args):
+                jobs.setdefault(job.key, job)
+    return list(jobs.values())
+
+
+def check_configs(jobs: list[Job], table_path: str) -> None:
+    """One error naming every config file the table refers to that does not exist."""
+    missing = sorted({j.config for j in jobs if not os.path.isfile(j.config)})
+    if missing:
+        rows = sorted({j.row for j in jobs if j.config in missing})
+        raise UserError(
+            f"{table_path}: config file(s) {missing} do not exist (rows {rows}). Paths are "
+            f"relative to the directory the command runs in ({os.getcwd()}): run it from the "
+            "repository root, or add the config files."
+        )
+
+
+def status(workdir: str) -> str:
+    """'done' (the `done` marker), 'failed' (the `failed` marker), 'unfinished' (started: still
+    running, or stopped before the end) or 'missing' (never started)."""
+    if os.path.exists(os.path.join(workdir, DONE)):
+        return "done"
+    if os.path.exists(os.path.join(workdir, FAILED)):
+        return "failed"
+    return "unfinished" if os.path.isdir(workdir) else "missing"

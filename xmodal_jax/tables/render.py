@@ -1,0 +1,264 @@
+"""Writes collected cells as markdown, LaTeX (booktabs) and CSV.
+
+Every format shows mean ± std over seeds with the number of seeds, the best value of each column
+in bold (rows with `compete=False` excluded), reference numbers beside ours, the selection rule,
+and every run that is missing: a missing run is marked, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from xmodal_jax.tables.aggregate import Cell
+from xmodal_jax.tables.spec import Column, Reference, Table
+
+DASH = "—"
+
+
+def number(cell: Cell, scale: float, digits: int) -> str | None:
+    """`mean ± std` in display units; None when no seed reported the metric."""
+    if not cell.n:
+        return None
+    text = f"{cell.mean * scale:.{digits}f}"
+    if cell.n > 1:
+        text += f" ± {cell.std * scale:.{digits}f}"
+    return text
+
+
+def _empty(cell: Cell, missing: str, dash: str) -> str:
+    """A cell without a number: 'n/a' (the row does not fill it), missing runs, or not reported."""
+    return "n/a" if not cell.expected else missing if cell.missing else dash
+
+
+def count(cell: Cell) -> str:
+    """`(3)` when every seed reported, `(2 of 3)` when some did not."""
+    return f"({cell.n})" if cell.n == cell.expected else f"({cell.n} of {cell.expected})"
+
+
+def best_rows(table: Table, cells: dict[tuple[str, str], Cell]) -> set[tuple[str, str]]:
+    """(row, column) pairs holding the best displayed mean of their column (ties all bold)."""
+    out = set()
+    for col in (c for c in table.columns if c.bold):
+        shown = {
+            r.label: round(cells[r.label, col.label].mean * table.scale, table.digits)
+            for r in table.rows
+            if r.compete and cells[r.label, col.label].n
+        }
+        if shown:
+            best = max(shown.values()) if col.higher_is_better else min(shown.values())
+            out |= {(label, col.label) for label, v in shown.items() if v == best}
+    return out
+
+
+def reference_text(ref: Reference | None, column: str, digits: int) -> str | None:
+    if ref is None or column not in ref.values:
+        return None
+    value = ref.values[column]
+    if isinstance(value, tuple | list):
+        return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
+def _ref_columns(table: Table) -> set[str]:
+    return {c for r in table.rows if r.reference for c in r.reference.values}
+
+
+def _sources(table: Table) -> list[str]:
+    return list(dict.fromkeys(r.reference.source for r in table.rows if r.reference))
+
+
+def _header(table: Table) -> list[tuple[str, Column, bool]]:
+    refs = _ref_columns(table)
+    out = []
+    for col in table.columns:
+        out.append((col.label, col, False))
+        if col.label in refs:
+            out.append(("ref.", col, True))
+    return out
+
+
+def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """One line per run that has not finished (with the columns it leaves short, when it does
+    not fill every column of its row), then the runs that finished without a metric."""
+    runs: dict[str, tuple[str, int, str, list[str]]] = {}
+    unreported = []
+    for row in table.rows:
+        for col in table.columns:
+            cell = cells[row.label, col.label]
+            for seed, state, wd in cell.missing:
+                runs.setdefault(wd, (row.label, seed, state, []))[3].append(col.label)
+            if cell.not_reported:
+                seeds = ", ".join(map(str, cell.not_reported))
+                unreported.append(f"{row.label} / {col.label}: seeds {seeds} finished without it")
+    lines = []
+    for wd, (label, seed, state, cols) in runs.items():
+        row = next(r for r in table.rows if r.label == label)
+        filled = [c.label for c in table.columns if table.fills(row, c)]
+        where = "" if cols == filled else f" [{', '.join(cols)}]"
+        lines.append(f"{label}, seed {seed}: {state}{where} ({wd})")
+    return lines + unreported
+
+
+def _legend(table: Table, rule_text: str) -> list[str]:
+    excluded = [r.label for r in table.rows if not r.compete]
+    unit = " (x100)" if table.scale == 100 else "" if table.scale == 1 else f" (x{table.scale:g})"
+    lines = [
+        f"Model selection: {rule_text}.",
+        f"Cells: mean ± sample std (ddof=1) over seeds{unit}, seeds in parentheses "
+        "('2 of 3': a run is missing, listed below); bold: best in column"
+        + (f" ({', '.join(excluded)} excluded, marked †)" if excluded else "")
+        + f"; 'missing': no finished run; '{DASH}': not reported by the config; 'n/a': not "
+        "applicable to the row.",
+        "Columns: "
+        + "; ".join(
+            f"{c.label} = {c.metric}" + (f" with {c.args}" if c.args else "") for c in table.columns
+        )
+        + ".",
+    ]
+    for row in table.rows:
+        if row.metrics:
+            own = "; ".join(f"{label} = {m}" for label, m in row.metrics.items())
+            lines.append(f"Row {row.label}: {own}.")
+    if table.grid:
+        lines.append(f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV.")
+    return lines
+
+
+def _row_label(row, tex: bool = False) -> str:
+    label = tex_escape(row.label) if tex else row.label
+    return label if row.compete else label + (r"$^\dagger$" if tex else " †")
+
+
+def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text: str) -> str:
+    bold, sources = best_rows(table, cells), _sources(table)
+    header = _header(table)
+    suffix = " (oracle selection)" if rule == "oracle" else ""
+    out = [f"# {table.title}{suffix}", "", *_legend(table, rule_text), ""]
+    out.append("| | " + " | ".join(h for h, _, _ in header) + " |")
+    out.append("|---|" + "---|" * len(header))
+    for row in table.rows:
+        parts = []
+        for _, col, is_ref in header:
+            if is_ref:
+                text = reference_text(row.reference, col.label, table.digits)
+                mark = f" [{sources.index(row.reference.source) + 1}]" if text else ""
+                parts.append(text + mark if text else DASH)
+                continue
+            cell = cells[row.label, col.label]
+            text = number(cell, table.scale, table.digits)
+            if text is None:
+                parts.append(_empty(cell, f"missing {count(cell)}", DASH))
+                continue
+            if (row.label, col.label) in bold:
+                text = f"**{text}**"
+            parts.append(f"{text} {count(cell)}")
+        out.append(f"| {_row_label(row)} | " + " | ".join(parts) + " |")
+    if sources:
+        out += ["", "References:", ""]
+        out += [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
+    if table.notes:
+        out += ["", table.notes.strip()]
+    missing = _missing_lines(table, cells)
+    out += ["", f"Missing: {len(missing) or 'none'}."]
+    out += [f"- {line}" for line in missing]
+    return "\n".join(out) + "\n"
+
+
+def tex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("→", r"$\to$"), ("±", r"$\pm$"),
+                 ("†", r"$^\dagger$"), ("—", "--")):  # fmt: skip
+        text = text.replace(a, b)
+    return text
+
+
+def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text: str) -> str:
+    bold, sources = best_rows(table, cells), _sources(table)
+    header = _header(table)
+    suffix = " (oracle selection)" if rule == "oracle" else ""
+    caption = tex_escape(f"{table.title}{suffix}. " + " ".join(_legend(table, rule_text)))
+    out = [
+        "% booktabs table written by `xmodal table`; needs \\usepackage{booktabs}",
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{caption}}}",
+        r"\begin{tabular}{l" + "c" * len(header) + "}",
+        r"\toprule",
+        " & ".join(["", *(tex_escape(h) for h, _, _ in header)]) + r" \\",
+        r"\midrule",
+    ]
+    for row in table.rows:
+        parts = [_row_label(row, tex=True)]
+        for _, col, is_ref in header:
+            if is_ref:
+                text = reference_text(row.reference, col.label, table.digits)
+                if text is None:
+                    parts.append("--")
+                    continue
+                mark = f"\\textsuperscript{{[{sources.index(row.reference.source) + 1}]}}"
+                parts.append(tex_escape(text) + mark)
+                continue
+            cell = cells[row.label, col.label]
+            text = number(cell, table.scale, table.digits)
+            if text is None:
+                parts.append(_empty(cell, rf"\textit{{missing}} {count(cell)}", "--"))
+                continue
+            text = tex_escape(text)
+            if (row.label, col.label) in bold:
+                text = rf"\textbf{{{text}}}"
+            parts.append(f"{text} {{\\scriptsize {count(cell)}}}")
+        out.append(" & ".join(parts) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if sources:
+        refs = "; ".join(f"[{i}] {s}" for i, s in enumerate(sources, 1))
+        out.append(rf"\par\smallskip{{\scriptsize References: {tex_escape(refs)}}}")
+    out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = (
+    "row", "column", "metric", "selection", "mean", "std", "n", "expected", "seeds",
+    "missing_seeds", "not_reported_seeds", "steps", "hparams", "best", "ref_mean", "ref_std",
+    "ref_source",
+)  # fmt: skip
+
+
+def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str:
+    """One line per cell; means, stds and references in display units (x `scale`)."""
+    bold = best_rows(table, cells)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in table.rows:
+        for col in table.columns:
+            cell = cells[row.label, col.label]
+            ref = row.reference.values.get(col.label) if row.reference else None
+            ref_mean, ref_std = ref if isinstance(ref, tuple | list) else (ref, None)
+            writer.writerow(
+                {
+                    "row": row.label,
+                    "column": col.label,
+                    "metric": row.metric(col),
+                    "selection": rule,
+                    "mean": _num(cell.mean * table.scale),
+                    "std": _num(cell.std * table.scale),
+                    "n": cell.n,
+                    "expected": cell.expected,
+                    "seeds": " ".join(map(str, cell.seeds)),
+                    "missing_seeds": " ".join(f"{s}:{st}" for s, st, _ in cell.missing),
+                    "not_reported_seeds": " ".join(map(str, cell.not_reported)),
+                    "steps": " ".join(str(s) for s in cell.steps),
+                    "hparams": " ".join(f"{k}={v}" for k, v in cell.hparams.items()),
+                    "best": int((row.label, col.label) in bold),
+                    "ref_mean": "" if ref_mean is None else ref_mean,
+                    "ref_std": "" if ref_std is None else ref_std,
+                    "ref_source": row.reference.source if ref is not None else "",
+                }
+            )
+    return buf.getvalue()
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else repr(round(x, 6))

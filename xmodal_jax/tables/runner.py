@@ -1,0 +1,97 @@
+"""Runs a table's jobs as `xmodal train` subprocesses, K at a time, resumably.
+
+A job whose workdir holds the `done` marker is skipped; any other job is (re)started in its
+workdir, where the trainer resumes from its latest checkpoint. Output goes to the workdir's
+`log.txt` (appended, so the log of a failed attempt is kept); a failure writes the `failed`
+marker with the exit status and does not stop the other jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from xmodal_jax.tables import jobs as jobs_lib
+
+# The program a job runs; tests replace it with a fake trainer.
+PROGRAM: list[str] = [sys.executable, "-m", "xmodal_jax.main"]
+
+
+def _write(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _start(job: jobs_lib.Job, workdir: str) -> tuple[subprocess.Popen, float]:
+    os.makedirs(workdir, exist_ok=True)
+    _write(os.path.join(workdir, jobs_lib.JOB), job.describe())
+    failed = os.path.join(workdir, jobs_lib.FAILED)
+    if os.path.exists(failed):
+        os.remove(failed)
+    cmd = job.command(workdir, PROGRAM)
+    with open(os.path.join(workdir, jobs_lib.LOG), "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, time.monotonic()
+
+
+def _finish(workdir: str, rc: int, wall_s: float) -> bool:
+    info = {"rc": rc, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ok = rc == 0 and os.path.exists(os.path.join(workdir, "summary.json"))
+    _write(os.path.join(workdir, jobs_lib.DONE if ok else jobs_lib.FAILED), info)
+    return ok
+
+
+def run(
+    jobs: Sequence[jobs_lib.Job],
+    workdirs: Sequence[str],
+    parallel: int = 1,
+    report: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> dict[str, list[str]]:
+    """Runs the unfinished jobs, `parallel` at a time; returns workdirs by outcome
+    ('skipped', 'done', 'failed')."""
+    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": []}
+    todo = []
+    for job, wd in zip(jobs, workdirs, strict=True):
+        if jobs_lib.status(wd) == "done":
+            out["skipped"].append(wd)
+        else:
+            todo.append((job, wd))
+    if out["skipped"]:
+        report(f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped).")
+    running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float]] = {}
+    total, finished = len(todo), 0
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, parallel):
+                job, wd = todo.pop(0)
+                proc, t0 = _start(job, wd)
+                running[wd] = (job, proc, t0)
+                report(f"started {job.row} seed={job.seed} {job.spec} -> {wd}")
+            time.sleep(0.2)
+            for wd, (job, proc, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[wd]
+                finished += 1
+                wall = time.monotonic() - t0
+                ok = _finish(wd, rc, wall)
+                out["done" if ok else "failed"].append(wd)
+                what = "done" if ok else f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})"
+                report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
+    except KeyboardInterrupt:
+        # SIGTERM makes the trainer save a checkpoint and exit: the next run resumes.
+        for _, proc, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in running.values():
+            proc.wait()
+        raise
+    return out

@@ -1,0 +1,180 @@
+"""What a paper table is: rows (configs), columns (metrics), seeds, a grid, a selection rule.
+
+A table definition is a Python file (`experiments/tables/NAME.py`) that sets `TABLE = Table(...)`;
+`load(path)` reads it and checks it, so a typo fails before any job starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from xmodal_jax.errors import UserError
+
+RULES = {
+    "last": "last: the final evaluation (summary.json)",
+    "source_val": "training-domain validation: the eval step with the best {metric}",
+    "oracle": "oracle (uses target labels): the eval step with the best value of each column",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A metric of `summary.json` / `metrics.jsonl`; `args` are config arguments the column adds
+    to every row (e.g. `direction=m2u`), so one config file can fill several columns;
+    `bold=False` for a column where the best value means nothing (a control)."""
+
+    label: str
+    metric: str
+    args: str = ""
+    higher_is_better: bool = True
+    bold: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Published or independently measured numbers shown beside ours, in the table's units.
+
+    `values` maps a column label to a mean or a (mean, std) pair; `source` says where they come
+    from (a paper, or a repository and path)."""
+
+    source: str
+    values: Mapping[str, float | tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One config (`path.py` plus its `args`), trained for every seed, grid point and column.
+
+    `overrides` are `--config.key=value` settings of this row; `seeds` replaces the table's;
+    `compete=False` keeps a row out of the best-in-column bolding (e.g. a target-label oracle);
+    `columns` lists the column labels the row fills (default all; the others show 'n/a' and run
+    nothing), for a config whose numbers do not mean what a column means; `metrics` maps a
+    column label to the key this row reports it under, when it differs from the column's.
+    """
+
+    label: str
+    config: str
+    args: str = ""
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reference: Reference | None = None
+    seeds: Sequence[int] | None = None
+    compete: bool = True
+    columns: Sequence[str] | None = None
+    metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def metric(self, column: Column) -> str:
+        return self.metrics.get(column.label, column.metric)
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A results table. `scale` multiplies metrics for display (100: percent).
+
+    `grid` maps config keys to values tried (every combination, DomainBed-style); the selection
+    rule picks one grid point per cell. `select_metric` is the training-domain validation metric
+    (`eval/source/accuracy`): `source_val` needs it, and so does a grid under `last`.
+    """
+
+    title: str
+    rows: Sequence[Row]
+    columns: Sequence[Column]
+    seeds: Sequence[int] = (0,)
+    grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    select: str = "last"
+    select_metric: str | None = None
+    scale: float = 100.0
+    digits: int = 1
+    notes: str = ""
+
+    def seeds_of(self, row: Row) -> tuple[int, ...]:
+        return tuple(row.seeds if row.seeds is not None else self.seeds)
+
+    def fills(self, row: Row, column: Column) -> bool:
+        return row.columns is None or column.label in row.columns
+
+
+def parse_args(text: str) -> dict[str, str]:
+    """`"k=v,k2=v2"` as a dict of strings (the values are parsed by the config itself)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"Config argument {item!r} is not key=value; write e.g. direction=m2u.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def check(table: Table, path: str = "table") -> None:
+    """Raises one UserError naming the first inconsistency of `table`."""
+    if not table.rows or not table.columns:
+        raise UserError(f"{path}: a table needs at least one row and one column.")
+    for kind, labels in (
+        ("row", [r.label for r in table.rows]),
+        ("column", [c.label for c in table.columns]),
+    ):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise UserError(f"{path}: {kind} labels {dup} appear twice; labels must be unique.")
+    if table.select not in RULES:
+        raise UserError(f"{path}: select={table.select!r}; use one of {sorted(RULES)}.")
+    for row in table.rows:
+        if not table.seeds_of(row):
+            raise UserError(f"{path}: row {row.label!r} has no seeds.")
+        labels = {c.label for c in table.columns}
+        if row.columns is not None and not set(row.columns) <= labels:
+            unknown = sorted(set(row.columns) - labels)
+            raise UserError(f"{path}: row {row.label!r} lists unknown columns {unknown}.")
+        if not set(row.metrics) <= labels:
+            unknown = sorted(set(row.metrics) - labels)
+            raise UserError(f"{path}: row {row.label!r} maps unknown columns {unknown}.")
+        if row.reference is not None:
+            unknown = set(row.reference.values) - {c.label for c in table.columns}
+            if unknown:
+                raise UserError(
+                    f"{path}: row {row.label!r} has references for {sorted(unknown)}, which are "
+                    f"not column labels {[c.label for c in table.columns]}."
+                )
+        for col in table.columns:
+            clash = set(parse_args(row.args)) & set(parse_args(col.args))
+            if clash:
+                raise UserError(
+                    f"{path}: row {row.label!r} and column {col.label!r} both set {sorted(clash)}."
+                )
+        clash = set(row.overrides) & set(table.grid)
+        if clash:
+            raise UserError(f"{path}: row {row.label!r} overrides grid keys {sorted(clash)}.")
+    if "seed" in table.grid or any("seed" in r.overrides for r in table.rows):
+        raise UserError(f"{path}: set seeds with `seeds=`, not as a grid key or override.")
+
+
+def load(path: str) -> tuple[str, Table]:
+    """Reads `TABLE` from a table file; returns (name, table), the name being the file stem."""
+    if not os.path.isfile(path):
+        raise UserError(f"Table file {path!r} does not exist; tables live in experiments/tables/.")
+    name = os.path.splitext(os.path.basename(path))[0]
+    mod_spec = importlib.util.spec_from_file_location(f"xmodal_table_{name}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    table = getattr(module, "TABLE", None)
+    if not isinstance(table, Table):
+        raise UserError(f"{path} defines no TABLE = xmodal_jax.tables.Table(...).")
+    check(table, path)
+    return name, table
+
+
+def select_rule(table: Table, rule: str | None) -> tuple[str, str]:
+    """The rule in force (the command line's, else the table's) and its description."""
+    rule = rule or table.select
+    if rule not in RULES:
+        raise UserError(f"--select {rule}: use one of {sorted(RULES)}.")
+    needs_metric = rule == "source_val" or (rule == "last" and table.grid)
+    if needs_metric and not table.select_metric:
+        raise UserError(
+            f"Selection {rule!r} needs the table's select_metric (a training-domain validation "
+            "metric such as 'eval/source/accuracy'); set it in the table file."
+        )
+    return rule, RULES[rule].format(metric=table.select_metric)
