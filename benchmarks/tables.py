@@ -1,0 +1,102 @@
+"""Markdown tables of `xmodal bench --json` results, for BENCHMARKS.md.
+
+.venv/bin/python benchmarks/tables.py benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _ms(s: float | None) -> str:
+    return "n/a" if s is None else f"{1e3 * s:,.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _mib(b: float | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.1f}"
+
+
+def header(r: dict) -> str:
+    m, c = r["machine"], r["ceilings"]
+    return (
+        f"`{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, load average "
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15'])} (1/5/15 min) at the start. "
+        f"Ceilings measured in this run: matmul float32 {c['matmul_f32_flops'] / 1e9:.1f} "
+        f"GFLOP/s, bfloat16 {c['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s (n={c['matmul_n']}), "
+        f"copy {c['copy_bytes_per_s'] / 1e9:.2f} GB/s."
+    )
+
+
+def steps(r: dict) -> str:
+    rows = [
+        "| workload | batch | compile s | step ms | ex/s | GFLOP/step | GFLOP/s | MFU | peak MiB "
+        "| torch eager ms (ours ×) | torch.compile ms (ours ×) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, w in r["workloads"].items():
+        if name == "pipeline":
+            continue
+        cells = []
+        for kind in ("torch_eager", "torch_compile"):
+            t = w.get(kind)
+            if t is None:
+                cells.append("—")
+            elif "error" in t:
+                cells.append(f"failed: {t['error'][:60]}")
+            else:
+                cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×)")
+        flops = w["flops_per_step"]
+        rows.append(
+            f"| {name} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
+            f"{w['examples_per_s']:.2f} | {flops / 1e9:.1f} | "
+            f"{w['achieved_flops_per_s'] / 1e9:.1f} | {_pct(w['mfu'])} | "
+            f"{_mib(w['peak_bytes'])} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(rows)
+
+
+def pipeline(r: dict) -> str:
+    p = r["workloads"].get("pipeline")
+    if not p:
+        return ""
+    return (
+        f"Input pipeline (batch {p['batch']}): animals {p['animals_examples_per_s']:.0f} "
+        f"examples/s, digits source+target {p['digits_paired_examples_per_s']:.0f} examples/s."
+    )
+
+
+def ablations(r: dict) -> str:
+    out = []
+    for name, a in r.get("ablations", {}).items():
+        if name == "depthwise":
+            rows = ["| quantity | value |", "|---|---|"]
+            rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
+        else:
+            rows = ["| variant | compile s | step ms | ex/s | peak MiB |", "|---|---|---|---|---|"]
+            for label, v in a.items():
+                rows.append(
+                    f"| {label} | {v['compile_s']:.1f} | {_ms(v['step_s'])} | "
+                    f"{v['examples_per_s']:.2f} | {_mib(v['peak_bytes'])} |"
+                )
+        out.append(f"**{name}**\n\n" + "\n".join(rows))
+    return "\n\n".join(out)
+
+
+def main(paths: list[str]) -> None:
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        print(f"### {path}\n\n{header(r)}\n")
+        if any(k != "pipeline" for k in r["workloads"]):
+            print(steps(r) + "\n")
+        print(pipeline(r) + "\n")
+        print(ablations(r) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,52 @@
+"""Places the runs of `runs.jsonl` in a table root as finished jobs, so that
+
+    python experiments/digits/results/import_runs.py --root workdirs/tables
+    xmodal table experiments/tables/digits_da.py --root workdirs/tables --collect-only
+
+renders the table of `experiments/digits/README.md` from the recorded runs, and a plain
+`xmodal table ... --root workdirs/tables` then runs only the jobs that are still missing. Each
+run becomes `ROOT/digits_da/<key>/summary.json` (its final metrics) and a `done` marker holding
+where and how long it ran. Runs made with `:seed=S` and with `--config.seed=S` are the same run
+(both set `config.seed`).
+"""
+
+import argparse
+import json
+import os
+
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import spec
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--runs", default=os.path.join(HERE, "runs.jsonl"))
+    parser.add_argument("--table", default="experiments/tables/digits_da.py")
+    args = parser.parse_args()
+    name, table = spec.load(args.table)
+    with open(args.runs) as f:
+        runs = {(r["method"], r["direction"], r["seed"]): r for r in map(json.loads, f)}
+    placed = 0
+    for job in jobs_lib.expand(table):
+        method = os.path.splitext(os.path.basename(job.config))[0]
+        run = runs.get((method, dict(job.args)["direction"], job.seed))
+        if run is None:
+            continue
+        workdir = job.workdir(args.root, name)
+        os.makedirs(workdir, exist_ok=True)
+        summary = {k: v for k, v in run.items() if k.startswith("eval/") or k == "step"}
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+        done = {"imported_from": os.path.relpath(args.runs), **job.describe()}
+        done.update({k: run[k] for k in ("machine", "wall_s") if k in run})
+        with open(os.path.join(workdir, jobs_lib.DONE), "w") as f:
+            json.dump(done, f, indent=1)
+        placed += 1
+    print(f"Placed {placed} of {len(runs)} recorded runs under {args.root}/{name}/.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`xmodal bench`: the end-to-end small run, the FLOP counter, MFU, the depthwise forms."""
+
+import json
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmodal_jax import main
+from xmodal_jax.bench import ablations, cli, measure
+from xmodal_jax.errors import UserError
+from xmodal_jax.models import layers
+
+STEP_FIELDS = (
+    "compile_s",
+    "step_s",
+    "examples_per_s",
+    "flops_per_step",
+    "achieved_flops_per_s",
+    "mfu",
+    "mfu_peak",
+    "peak_bytes",
+)
+
+
+@pytest.fixture(scope="module")
+def small_run(tfds_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    torch_before = "torch" in sys.modules
+    results = main.run(["bench", "--small", "--json", str(path), "--ablations", "depthwise"])
+    return results, json.loads(path.read_text()), torch_before
+
+
+def test_small_run_reports_every_field(small_run, capsys):
+    results, written, torch_before = small_run
+    assert written == json.loads(json.dumps(results))
+    c = results["ceilings"]
+    assert c["matmul_f32_flops"] > 0 and c["matmul_bf16_flops"] > 0 and c["copy_bytes_per_s"] > 0
+    assert set(results["workloads"]) == set(cli.WORKLOADS)
+    for name in ("clip", "resnet50", "mnv2_dann"):
+        r = results["workloads"][name]
+        for field in STEP_FIELDS:
+            assert r[field] is not None, (name, field)
+        assert r["flops_per_step"] > 0 and r["peak_bytes"] > 0 and r["step_s"] > 0
+        assert r["mfu_peak"] == "matmul_f32_flops"
+        # MFU is the step's cost-analysis FLOPs over its median time, over the measured peak.
+        expect = r["flops_per_step"] / r["step_s"] / c["matmul_f32_flops"]
+        assert r["mfu"] == pytest.approx(expect, rel=1e-9)
+        assert r["examples_per_s"] == pytest.approx(r["examples_per_step"] / r["step_s"])
+    p = results["workloads"]["pipeline"]
+    assert p["animals_examples_per_s"] > 0 and p["digits_paired_examples_per_s"] > 0
+    for key in ("machine", "command"):
+        assert results[key]
+    if not torch_before:
+        assert "torch" not in sys.modules  # torch is imported only for --torch
+
+
+def test_depthwise_forms_agree_on_train_step_gradients(small_run):
+    d = small_run[0]["ablations"]["depthwise"]
+    # First-step parameter updates of the MobileNetV2 + DANN step are -lr x gradient (SGD).
+    assert d["grad_max_abs_diff_rel"] < 1e-4
+    for key in ("train_step_conv_s", "train_step_shift_s", "forward_conv_images_per_s"):
+        assert d[key] > 0
+
+
+def _numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
+    """Direct loop over output pixels: the definition of a padded depthwise convolution."""
+    k = kernel.shape[0]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    b, h, w, c = x.shape
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    out = np.zeros((b, ho, wo, c))
+    for i in range(ho):
+        for j in range(wo):
+            win = xp[:, i * stride : i * stride + k, j * stride : j * stride + k, :]
+            out[:, i, j] = np.einsum("bklc,klc->bc", win, kernel[:, :, 0, :])
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_forms_match_reference_forward_and_backward(stride):
+    rng = np.random.default_rng(stride)
+    x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)
+    mods = {impl: layers.DepthwiseConv(3, stride, impl) for impl in ("conv", "shift")}
+    variables = nn.unbox(mods["conv"].init(jax.random.key(0), x))
+    kernel = np.asarray(variables["params"]["kernel"])
+    ref = _numpy_depthwise(x.astype(np.float64), kernel.astype(np.float64), stride)
+    grads = {}
+    for impl, mod in mods.items():
+        y = mod.apply(variables, x)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        loss = lambda v, im, m=mod: jnp.sum(jnp.sin(m.apply(v, im)))
+        grads[impl] = jax.grad(loss, argnums=(0, 1))(variables, x)
+    assert ablations.max_rel_diff(grads["conv"], grads["shift"]) < 1e-5
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 32, 48), (128, 256, 8)])
+def test_flop_counter_matches_hand_count_for_a_matmul_step(m, k, n):
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    compiled = measure.compile_jit(jax.jit(jnp.matmul), a, b)
+    assert compiled.flops == 2 * m * n * k
+    assert compiled.peak_bytes >= 4 * (m * k + k * n + m * n)
+
+
+def test_mfu_arithmetic():
+    assert measure.mfu(25e9, 100e9) == pytest.approx(0.25)
+    assert measure.mfu(None, 100e9) is None and measure.mfu(1e9, None) is None
+    with pytest.raises(UserError):
+        measure.mfu(-1.0, 100e9)
+
+
+def test_unknown_workload_is_one_clear_error(capsys):
+    with pytest.raises(UserError, match=r"Unknown workloads \['vit_b16'\].*clip, resnet50"):
+        main.run(["bench", "--small", "--workloads", "vit_b16"])
+    assert main.main(["bench", "--workloads", "clip,nope"]) == 2
+    assert "choose from" in capsys.readouterr().err

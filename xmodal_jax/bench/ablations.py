@@ -1,0 +1,109 @@
+"""Ablations of `xmodal bench`: what each optimisation changes, measured.
+
+`scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
+to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
+grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xmodal_jax.bench import measure, runner, workloads
+from xmodal_jax.models import zoo
+
+ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise")
+
+
+def _first_updates(name: str, sz: dict, **variant: Any) -> tuple[Any, float, Any]:
+    """Parameter change of one train step from the shared initial state, and the step's
+    median time: with SGD + momentum the first update is -lr x gradient."""
+    built = workloads.build(name, sz, **variant)
+    before = jax.device_get(built.runner.state.params)
+    built.runner.step()
+    after = jax.device_get(built.runner.state.params)
+    step_s = measure.median(measure.time_calls(built.runner.step, 10))
+    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, after, before)
+    return delta, step_s, built
+
+
+def max_rel_diff(a: Any, b: Any) -> float:
+    """Largest |a - b| over two pytrees of the same structure, over the largest |a|."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    num = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
+    return num / max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(a))
+
+
+def depthwise_ablation(args) -> dict[str, Any]:
+    """MobileNetV2 + DANN train step with the grouped-conv and the shifted depthwise forms:
+    step times, and how far apart their first-step gradients are."""
+    sz = workloads.sizes("mnv2_dann", args.small, args.batch)
+    d_conv, t_conv, b_conv = _first_updates("mnv2_dann", sz, depthwise="conv")
+    d_shift, t_shift, b_shift = _first_updates("mnv2_dann", sz, depthwise="shift")
+    out = {
+        "train_step_conv_s": t_conv,
+        "train_step_shift_s": t_shift,
+        "compile_conv_s": b_conv.runner.compiled.compile_s,
+        "compile_shift_s": b_shift.runner.compiled.compile_s,
+        "grad_max_abs_diff_rel": max_rel_diff(d_conv, d_shift),
+    }
+    out.update(mobilenet_forward(args))
+    return out
+
+
+def variant_ablation(name: str, args, peaks: dict, variants: dict[str, dict]) -> dict[str, Any]:
+    """Step time, compile time and peak memory of `name` under each variant."""
+    out = {}
+    for label, variant in variants.items():
+        dtype = variant.pop("dtype", jnp.float32)
+        r = runner.run_step(name, args, peaks, dtype, with_torch=False, **variant)
+        keys = ("compile_s", "step_s", "examples_per_s", "peak_bytes", "mfu", "mfu_peak")
+        out[label] = {k: r[k] for k in keys}
+    return out
+
+
+def mobilenet_forward(args) -> dict[str, float]:
+    """Images/s of ImageNet MobileNetV2 inference (1000 classes) with each depthwise form, and
+    of PyTorch eager with `--torch`: batch 64 at 112 px (`--small`: 8 at 32 px, width 0.25)."""
+    batch, image, width = (8, 32, 0.25) if args.small else (64, 112, 1.0)
+    x = jax.device_put(np.random.default_rng(0).standard_normal((batch, image, image, 3)))
+    x = x.astype(jnp.float32)
+    calls = {}
+    for impl in ("conv", "shift"):
+        model = zoo.build("mobilenet_v2", num_classes=1000, width=width, depthwise=impl)
+        variables = jax.jit(model.init)(jax.random.key(0), x)
+        fwd = jax.jit(lambda v, im, m=model: m.apply(v, im)["logits"])
+        compiled = fwd.lower(variables, x).compile()
+        calls[f"forward_{impl}_images_per_s"] = lambda c=compiled, v=variables: (
+            jax.block_until_ready(c(v, x))
+        )
+    if args.torch:
+        from xmodal_jax.bench import torch_ref
+
+        torch_ref.set_threads(torch_ref.cores())
+        calls["forward_torch_eager_images_per_s"] = torch_ref.mobilenet_forward(width, batch, image)
+    medians = runner.alternate(calls, max(args.steps // 2, 5), args.rounds)
+    out = {k: batch / v for k, v in medians.items()}
+    out["forward_batch"], out["forward_image"] = batch, image
+    return out
+
+
+def run(name: str, args, peaks: dict) -> dict[str, Any]:
+    """Runs the ablation `name` (one of `ABLATIONS`)."""
+    if name == "depthwise":
+        return depthwise_ablation(args)
+    variants = {
+        "scan_remat": {
+            "unrolled": {},
+            "scan": {"scan": True},
+            "scan_remat_dots": {"scan": True, "remat": "dots"},
+            "scan_remat_full": {"scan": True, "remat": "full"},
+        },
+        "donation": {"donated": {"donate": True}, "not_donated": {"donate": False}},
+        "bf16": {"float32": {"dtype": jnp.float32}, "bfloat16": {"dtype": jnp.bfloat16}},
+    }[name]
+    return variant_ablation("clip", args, peaks, variants)

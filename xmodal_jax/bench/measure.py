@@ -1,0 +1,101 @@
+"""Counters behind `xmodal bench`: compile a jitted step ahead of time, read XLA's FLOP count and
+memory plan of the compiled executable, time steps with the device work finished each time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from xmodal_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A compiled step with what XLA says about it before it runs."""
+
+    fn: Any  # jax.stages.Compiled
+    compile_s: float
+    flops: float | None  # per call, from cost analysis
+    peak_bytes: int | None  # from memory analysis
+
+
+def flops_of(compiled: Any) -> float | None:
+    """FLOPs of one call of `compiled` (a `jax.stages.Compiled`) from XLA's cost analysis."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def peak_bytes_of(compiled: Any) -> int | None:
+    """Bytes live at once while `compiled` runs: XLA's own peak when it reports one, else
+    arguments + outputs - donated (aliased) buffers + temporaries of its buffer plan."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if m is None:
+        return None
+    peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    if peak > 0:
+        return peak
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+
+
+def compile_jit(jitted: Any, *args: Any) -> Compiled:
+    """Lower and compile `jitted` for `args` (arrays or ShapeDtypeStructs), timing it."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return Compiled(compiled, seconds, flops_of(compiled), peak_bytes_of(compiled))
+
+
+def time_calls(call: Callable[[], Any], steps: int) -> list[float]:
+    """Wall seconds of `steps` calls of `call`, each waited for (`call` must block)."""
+    out = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mfu(achieved_flops_per_s: float | None, peak_flops_per_s: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved / peak FLOP/s (None when either is unknown)."""
+    if not achieved_flops_per_s or not peak_flops_per_s:
+        return None
+    if peak_flops_per_s < 0 or achieved_flops_per_s < 0:
+        raise UserError("FLOP rates must be positive; check the measured peak.")
+    return achieved_flops_per_s / peak_flops_per_s
+
+
+class StepRunner:
+    """Runs a compiled `(state, batch) -> (state, metrics)` step on device-resident inputs,
+    threading the (possibly donated) state, with host transfers disallowed inside the loop."""
+
+    def __init__(self, compiled: Compiled, state: Any, batch: Any):
+        self.compiled, self.state, self.batch = compiled, state, batch
+
+    def step(self) -> None:
+        with jax.transfer_guard("disallow"):
+            self.state, metrics = self.compiled.fn(self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))

@@ -1,0 +1,103 @@
+"""Timing of our train steps, alone or alternating with the PyTorch references."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xmodal_jax.bench import measure, workloads
+
+WARMUP = 2
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on, and how busy it was."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "loadavg_1_5_15": list(os.getloadavg()),
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+    }
+
+
+def alternate(runners: dict[str, Any], steps: int, rounds: int) -> dict[str, float]:
+    """Median step seconds of each `() -> None` runner, timed in `rounds` alternating rounds."""
+    for call in runners.values():
+        for _ in range(WARMUP):
+            call()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    per_round = [steps // rounds + (i < steps % rounds) for i in range(rounds)]
+    for n in per_round:
+        for k, call in runners.items():
+            times[k] += measure.time_calls(call, n)
+    return {k: measure.median(v) for k, v in times.items()}
+
+
+def _summary(built: workloads.Built, step_s: float, peak: float, peak_name: str) -> dict:
+    c = built.runner.compiled
+    achieved = c.flops / step_s if c.flops else None
+    return {
+        "compile_s": c.compile_s,
+        "step_s": step_s,
+        "examples_per_step": built.examples_per_step,
+        "examples_per_s": built.examples_per_step / step_s,
+        "flops_per_step": c.flops,
+        "achieved_flops_per_s": achieved,
+        "mfu": measure.mfu(achieved, peak),
+        "mfu_peak": peak_name,
+        "peak_bytes": c.peak_bytes,
+        "params": built.params,
+        "host_transfers_in_loop": "none (jax.transfer_guard('disallow'))",
+    }
+
+
+def run_step(
+    name: str, args, peaks: dict, dtype: Any, with_torch: bool = True, **variant: Any
+) -> dict[str, Any]:
+    """Our step for `name` (and with `--torch` the references, alternating); its figures."""
+    sz = workloads.sizes(name, args.small, args.batch)
+    built = workloads.build(name, sz, dtype=dtype, **variant)
+    runners = {"ours": built.runner.step}
+    refs = {}
+    if args.torch and with_torch:
+        from xmodal_jax.bench import torch_ref
+
+        torch_ref.set_threads(torch_ref.cores())
+        bf16 = dtype == jnp.bfloat16
+        for kind, compiled in (("torch_eager", False), ("torch_compile", True)):
+            try:
+                refs[kind] = torch_ref.Runner(name, sz, compiled, bf16)
+                runners[kind] = refs[kind].step
+            except Exception as e:  # noqa: BLE001 - a failed reference is reported, not fatal
+                refs[kind] = e
+    medians = alternate(runners, args.steps, args.rounds if len(runners) > 1 else 1)
+    peak_name = "matmul_bf16_flops" if dtype == jnp.bfloat16 else "matmul_f32_flops"
+    out = _summary(built, medians["ours"], peaks[peak_name], peak_name)
+    out["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sz.items()}
+    out["dtype"] = jnp.dtype(dtype).name
+    for kind, ref in refs.items():
+        if isinstance(ref, Exception):
+            out[kind] = {"error": f"{type(ref).__name__}: {str(ref)[:200]}"}
+            continue
+        out[kind] = {
+            "compile_s": ref.compile_s,
+            "step_s": medians[kind],
+            "examples_per_s": built.examples_per_step / medians[kind],
+            "speedup": medians[kind] / medians["ours"],
+        }
+    return out
