@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
 from xmodal_jax.objectives.adaptation import coral as coral_lib
 from xmodal_jax.objectives.classification import softmax_xent
@@ -82,4 +83,45 @@ def test_unknown_task_names_the_closest():
     config = _config("dann")
     config.task = "domain_adaptaton"
     with pytest.raises(UserError, match="domain_adaptation"):
+        tasks.build(config)
+
+
+def test_pretrained_weights_start_the_model_and_the_head_is_new(tmp_path):
+    """`config.pretrained` merges a checkpoint into the adapted model at initialisation: every
+    backbone parameter and BatchNorm statistic is the checkpoint's, the head (another class
+    count) is fresh, and the discriminator is added beside them."""
+    import flax.linen as nn
+
+    from xmodal_jax.models import zoo
+    from xmodal_jax.transfer import checkpoint_io
+
+    tiny = {"width": 0.125, "stage_sizes": (1, 1, 1, 1)}
+    source = zoo.build("resnet18", num_classes=5, **tiny)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    saved = nn.unbox(source.init(jax.random.key(3), x))
+    saved = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(4), v.shape), saved)
+    path = str(tmp_path / "tiny_resnet.safetensors")
+    checkpoint_io.save(path, saved, {"arch": "resnet18", "overrides": {"num_classes": 5, **tiny}})
+
+    config = _config("dann")
+    config.model = {"name": "resnet18", "num_classes": 10, **tiny}
+    config.pretrained = {"name": path}
+    task = tasks.build(config)
+    rng = np.random.default_rng(0)
+    dom = lambda: {"image": rng.random((4, 32, 32, 3), np.float32), "label": np.arange(4)}
+    variables = nn.unbox(task.init(jax.random.key(0), {"source": dom(), "target": dom()}))
+    got = checkpoint_io.flatten({**variables, "params": variables["params"]["model"]})
+    want = checkpoint_io.flatten(saved)
+    backbone = [p for p in want if "/head/" not in p]
+    assert any(p.startswith("batch_stats/") for p in backbone) and len(backbone) > 20
+    for p in backbone:
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p]), err_msg=p)
+    assert got["params/head/kernel"].shape == (want["params/head/kernel"].shape[0], 10)
+    assert "discriminator" in variables["params"]
+
+
+def test_pretrained_config_with_unknown_keys_is_one_error():
+    config = _config("dann")
+    config.pretrained = {"name": None, "layers": 3}
+    with pytest.raises(UserError, match=r"config.pretrained has unknown keys \['layers'\]"):
         tasks.build(config)

@@ -76,6 +76,23 @@ def test_configs_load_for_every_task(method):
         assert source == f"office31/{office31.DOMAINS[task[0]]}"
 
 
+def test_resnet50_starts_from_torchvision_imagenet_weights_by_default():
+    auto = config_lib.load("experiments/office31/dann.py:task=A2W").pretrained.name
+    assert auto == os.path.expanduser("~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth")
+    given = config_lib.load("experiments/office31/cdan.py:pretrained=/w/r50.safetensors")
+    assert given.pretrained.name == "/w/r50.safetensors"
+    for arg in ("pretrained=none", "model=lenet", "width=0.5"):
+        c = config_lib.load(f"experiments/office31/source_only.py:{arg}")
+        assert c.pretrained.name is None, arg
+
+
+def test_missing_imagenet_weights_fail_before_training(tmp_path):
+    spec = f"experiments/office31/dann.py:task=A2W,pretrained={tmp_path}/resnet50.pth"
+    with pytest.raises(UserError, match="resnet50.pth.*not an existing file"):
+        main.run(["train", "--config", spec, "--workdir", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 @pytest.mark.parametrize(
     "model",
     [

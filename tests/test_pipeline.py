@@ -162,3 +162,20 @@ def test_bad_ops_fail_clearly():
         preprocess.parse("resise(28)")
     with pytest.raises(UserError, match="name\\(literal args\\)"):
         preprocess.parse("resize(x + 1)")
+
+
+def test_in_memory_records_give_the_same_batches(tfds_dir):
+    """A split held in memory (`cache`) yields exactly the batches read from the files."""
+    for cfg in (UCI, MNIST):
+        held = pipeline.records({**cfg, "cache": True})
+        assert isinstance(held, tuple) and len(held) == len(pipeline.source(cfg["name"], "train"))
+        assert not isinstance(pipeline.records({**cfg, "cache": False}), tuple)
+        assert isinstance(pipeline.records(cfg), tuple)  # 'auto': a few MB fit
+        a = _take(pipeline.train_iterator({**cfg, "cache": True}, batch_size=64, seed=1), 16)
+        b = _take(pipeline.train_iterator({**cfg, "cache": False}, batch_size=64, seed=1), 16)
+        assert _same(a, b)
+    with tfds.testing.mock_data(num_examples=8):
+        mocked = pipeline.records({"name": "mnist", "split": "train", "cache": True})
+        assert len(mocked) == 8
+    with pytest.raises(UserError, match="cache='yes'"):
+        pipeline.records({**UCI, "cache": "yes"})

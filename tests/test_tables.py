@@ -7,6 +7,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import textwrap
 
@@ -386,3 +387,60 @@ def test_a_row_can_report_a_column_under_its_own_key(tmp_path):
     assert "Row one: split 0 = eval/zs/accuracy." in md
     with pytest.raises(UserError, match="maps unknown columns"):
         spec_lib.check(Table("k", [Row("x", "a.py", metrics={"nope": "m"})], [col]))
+
+
+def test_seeds_option_runs_only_those_seeds(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    root = str(tmp_path / "root")
+    result = cli.run([table, "--root", root, "--seeds", "1"])
+    assert result["done"] == 1
+    md = open(os.path.join(root, "fake.md")).read()
+    assert "| good | **51.0** (1 of 2) |" in md and "good, seed 0: not run" in md
+    with pytest.raises(UserError, match="matches none of the table's seeds"):
+        cli.run([table, "--root", root, "--seeds", "7"])
+    with pytest.raises(UserError, match="give integers"):
+        cli.run([table, "--root", root, "--seeds", "one"])
+
+
+def test_a_job_locked_by_another_command_is_not_run_twice(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    root = str(tmp_path / "root")
+    _, t = spec_lib.load(table)
+    busy, free = (j.workdir(root, "fake") for j in jobs_lib.expand(t))
+    calls = tmp_path / "root" / "fake" / "calls.txt"
+    # Another table command holds seed 0's lock (in another process: flock is per open file).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, os.path.join(busy, jobs_lib.LOCK)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        result = cli.run([table, "--root", root, "--jobs", "2"])
+        assert result["busy"] == 1 and result["done"] == 1
+        assert calls.read_text().split() == [free]
+        assert "busy (another process runs it)" in capsys.readouterr().out
+        assert jobs_lib.status(busy) == "unfinished"
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli.run([table, "--root", root])  # the lock is gone: now it runs
+    assert result["done"] == 1 and calls.read_text().split() == [free, busy]
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)

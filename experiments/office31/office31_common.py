@@ -8,13 +8,19 @@ to 256x256 (done when the dataset is prepared), random 224 px crops and flips fo
 resized to 224 px for evaluation; accuracy on all target images at the final step.
 
 Arguments: `task` (A2W, D2W, W2D, A2D, D2A, W2A), `model` (a zoo ResNet, or `lenet` for quick
-checks), `width` (ResNet width multiplier), `image_size`, `steps`. The data is a manual
-download: see `xmodal_jax/data/office31.py`.
+checks), `width` (ResNet width multiplier), `image_size`, `steps`, `pretrained`. The data is a
+manual download: see `xmodal_jax/data/office31.py`.
 
-ResNet-50 starts from random weights: the classification task has no hook yet to load
-ImageNet weights into its model, and no ImageNet ResNet-50 ships with the offline assets. The
-benchmark's numbers assume ImageNet initialisation; expect far lower accuracy until then.
+`pretrained` (default `auto`): the ImageNet weights ResNet-50 starts from, as the benchmark
+assumes. `auto` is torchvision's ImageNet-1k ResNet-50 (`IMAGENET1K_V1`; TLlib's recipe loads
+torchvision's `model_urls['resnet50']`, thuml/Transfer-Learning-Library
+tllib/vision/models/resnet.py), read straight from `resnet50-0676ba61.pth` where torchvision caches it
+(`~/.cache/torch/hub/checkpoints/`); no hub is reached, so put the file there (or give its path,
+or a checkpoint written by `xmodal convert`). `auto` means random weights for other models;
+`none` forces random weights. The new 31-way head is always initialised fresh.
 """
+
+import os
 
 import ml_collections
 
@@ -22,6 +28,9 @@ from xmodal_jax.config import parse_arg
 
 DOMAINS = {"A": "amazon", "D": "dslr", "W": "webcam"}
 TASKS = ("A2W", "D2W", "W2D", "A2D", "D2A", "W2A")
+TORCHVISION_RESNET50 = os.path.join(
+    "~", ".cache", "torch", "hub", "checkpoints", "resnet50-0676ba61.pth"
+)
 
 
 def _data(domain: str, image_size: int, train: bool) -> dict:
@@ -38,10 +47,19 @@ def _eval(domain: str, image_size: int) -> dict:
 
 
 def _args(arg: str | None) -> ml_collections.ConfigDict:
-    args = parse_arg(arg, task="A2W", model="resnet50", width=1.0, image_size=224, steps=20000)
+    args = parse_arg(
+        arg, task="A2W", model="resnet50", width=1.0, image_size=224, steps=20000, pretrained="auto"
+    )
     if args.task not in TASKS:
         raise ValueError(f"task={args.task!r}: use one of {list(TASKS)}.")
     return args
+
+
+def _pretrained(args: ml_collections.ConfigDict) -> str | None:
+    if args.pretrained == "auto":
+        imagenet = args.model == "resnet50" and args.width == 1.0
+        return os.path.expanduser(TORCHVISION_RESNET50) if imagenet else None
+    return None if args.pretrained == "none" else os.path.expanduser(args.pretrained)
 
 
 def base_config(arg: str | None) -> ml_collections.ConfigDict:
@@ -66,6 +84,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     if args.model.startswith("resnet"):
         c.model.width = args.width
         c.lr_mults = [("(model/)?(stem|stage).*", 0.1)]  # the backbone; head, discriminator: 1x
+    c.pretrained = {"name": _pretrained(args)}
     c.task = "classification"
     c.data = _data(source, args.image_size, train=True)
     c.evals = {"source": _eval(source, args.image_size), "target": _eval(target, args.image_size)}

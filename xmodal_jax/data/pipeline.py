@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -70,6 +70,35 @@ def source(name: str, split: str, path: str | None = None):
         ) from None
 
 
+# Splits whose decoded records fit in this many bytes are held in memory by default.
+MEMORY_CACHE_BYTES = 256 * 2**20
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
+    return np.asarray(value).nbytes
+
+
+def records(cfg: Mapping[str, Any]) -> Sequence:
+    """Random-access records of `cfg`'s split, decoded once and held in memory when `cfg.cache`
+    is True, or when it is 'auto' (the default) and they fit in `MEMORY_CACHE_BYTES`.
+
+    Decoding a TFDS record is most of the input cost of small images (digits: about two thirds
+    of a training batch's), so small splits are decoded once; the records and their order are
+    the same either way.
+    """
+    src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
+    cache = cfg.get("cache", "auto")
+    if cache not in (True, False, "auto"):
+        raise UserError(f"data cache={cache!r}: use True, False or 'auto'.")
+    if cache == "auto":
+        cache = len(src) * _nbytes(src[0]) <= MEMORY_CACHE_BYTES
+    # grain's CacheIterDataset caches one pass of an iterator (its order), so it cannot sit
+    # below a shuffle; a random-access source needs the decoded records themselves.
+    return tuple(src[i] for i in range(len(src))) if cache else src
+
+
 def class_names(name: str, path: str | None = None, key: str = "label") -> list[str]:
     """ClassLabel names of a dataset's label feature."""
     return list(builder(name, path).info.features[key].names)
@@ -94,11 +123,11 @@ def train_dataset(
 ) -> grain.MapDataset:
     """Infinite, shuffled, preprocessed MapDataset of this process's rows of each global batch.
 
-    `cfg` has `name`, `split`, `pp` (spec string) and optionally `data_dir`.
+    `cfg` has `name`, `split`, `pp` (spec string) and optionally `data_dir` and `cache`
+    (`records`).
     """
     local = _check_batch(batch_size, process_count)
-    src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
-    ds = grain.MapDataset.source(src)
+    ds = grain.MapDataset.source(records(cfg))
     if len(ds) < batch_size:
         raise UserError(
             f"{cfg['name']}:{cfg['split']} has {len(ds)} examples, fewer than the batch "

@@ -2,7 +2,9 @@
 
 Runs every unfinished job of the table (K at a time, each in `DIR/NAME/<hash>`), then writes
 `NAME.md`, `NAME.tex` and `NAME.csv` (into `--out`, default DIR). `--dry-run` prints the job
-commands, one shell line each, and runs nothing. Exits non-zero when a job failed.
+commands, one shell line each, and runs nothing; `--only REGEX` and `--seeds S,...` restrict the
+jobs to some rows and seeds (the table still shows every finished run). A job another command is
+running (its workdir lock is held) is skipped. Exits non-zero when a job failed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--select", choices=sorted(spec.RULES), help="override the table's rule")
     p.add_argument("--only", help="run only the rows whose label matches this regex")
+    p.add_argument("--seeds", help="run only these of the table's seeds (comma-separated)")
     p.add_argument("--collect-only", action="store_true", help="write the table, run nothing")
     p.add_argument("--out", help="where NAME.md/.tex/.csv go (default: --root)")
     return p
@@ -62,6 +65,18 @@ def write_tables(table: spec.Table, name: str, root: str, out: str, rule: str) -
     return paths
 
 
+def _only_seeds(jobs: list[jobs_lib.Job], text: str, table: spec.Table) -> list[jobs_lib.Job]:
+    try:
+        seeds = {int(s) for s in text.split(",") if s.strip()}
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,2.") from None
+    kept = [j for j in jobs if j.seed in seeds]
+    if not kept:
+        known = sorted({j.seed for j in jobs})
+        raise UserError(f"--seeds {text!r} matches none of the table's seeds {known}.")
+    return kept
+
+
 def run(argv: list[str]) -> dict:
     """Runs `xmodal table ARGS`; returns counts of jobs by outcome and the written paths."""
     args = _parser().parse_args(argv)
@@ -80,12 +95,14 @@ def run(argv: list[str]) -> dict:
         if not jobs:
             labels = [r.label for r in table.rows]
             raise UserError(f"--only {args.only!r} matches no row label of {labels}.")
+    if args.seeds is not None:
+        jobs = _only_seeds(jobs, args.seeds, table)
     if args.dry_run:
         lines = dry_run_lines(jobs, args.root, name)
         print("\n".join(lines))
         print(f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run).", file=sys.stderr)
         return {"jobs": len(jobs), "to_run": len(lines)}
-    outcome = {"skipped": [], "done": [], "failed": []}
+    outcome = {"skipped": [], "done": [], "failed": [], "busy": []}
     if not args.collect_only:
         workdirs = [j.workdir(args.root, name) for j in jobs]
         outcome = runner.run(jobs, workdirs, args.jobs)

@@ -19,7 +19,7 @@ from typing import Any
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables.spec import Row, Table, parse_args
 
-DONE, FAILED, LOG, JOB = "done", "failed", "log.txt", "job.json"
+DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", "lock"
 
 
 def value_text(value: Any) -> str:

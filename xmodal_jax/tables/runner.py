@@ -3,11 +3,14 @@
 A job whose workdir holds the `done` marker is skipped; any other job is (re)started in its
 workdir, where the trainer resumes from its latest checkpoint. Output goes to the workdir's
 `log.txt` (appended, so the log of a failed attempt is kept); a failure writes the `failed`
-marker with the exit status and does not stop the other jobs.
+marker with the exit status and does not stop the other jobs. A running job holds an exclusive
+lock on its workdir's `lock` file (shared with its trainer process, so the lock lasts as long as
+either lives): a second table command on the same root skips it instead of running it twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -28,8 +31,19 @@ def _write(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def _start(job: jobs_lib.Job, workdir: str) -> tuple[subprocess.Popen, float]:
+def _lock(workdir: str) -> int | None:
+    """An open file descriptor holding the workdir's lock, or None if another process has it."""
     os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, jobs_lib.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Popen, float]:
     _write(os.path.join(workdir, jobs_lib.JOB), job.describe())
     failed = os.path.join(workdir, jobs_lib.FAILED)
     if os.path.exists(failed):
@@ -38,7 +52,13 @@ def _start(job: jobs_lib.Job, workdir: str) -> tuple[subprocess.Popen, float]:
     with open(os.path.join(workdir, jobs_lib.LOG), "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(lock_fd,),  # the trainer keeps the lock if this process dies first
+        )
     return proc, time.monotonic()
 
 
@@ -56,8 +76,8 @@ def run(
     report: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, list[str]]:
     """Runs the unfinished jobs, `parallel` at a time; returns workdirs by outcome
-    ('skipped', 'done', 'failed')."""
-    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": []}
+    ('skipped', 'done', 'failed', 'busy': run by another process)."""
+    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "busy": []}
     todo = []
     for job, wd in zip(jobs, workdirs, strict=True):
         if jobs_lib.status(wd) == "done":
@@ -66,17 +86,28 @@ def run(
             todo.append((job, wd))
     if out["skipped"]:
         report(f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped).")
-    running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float]] = {}
+    running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float, int]] = {}
     total, finished = len(todo), 0
     try:
         while todo or running:
             while todo and len(running) < max(1, parallel):
                 job, wd = todo.pop(0)
-                proc, t0 = _start(job, wd)
-                running[wd] = (job, proc, t0)
+                fd = _lock(wd)
+                if fd is None:
+                    out["busy"].append(wd)
+                    total -= 1
+                    report(f"busy (another process runs it): {job.row} seed={job.seed} {wd}")
+                    continue
+                if jobs_lib.status(wd) == "done":  # finished by another command meanwhile
+                    os.close(fd)
+                    out["skipped"].append(wd)
+                    total -= 1
+                    continue
+                proc, t0 = _start(job, wd, fd)
+                running[wd] = (job, proc, t0, fd)
                 report(f"started {job.row} seed={job.seed} {job.spec} -> {wd}")
             time.sleep(0.2)
-            for wd, (job, proc, t0) in list(running.items()):
+            for wd, (job, proc, t0, fd) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
@@ -84,14 +115,15 @@ def run(
                 finished += 1
                 wall = time.monotonic() - t0
                 ok = _finish(wd, rc, wall)
+                os.close(fd)
                 out["done" if ok else "failed"].append(wd)
                 what = "done" if ok else f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})"
                 report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
     except KeyboardInterrupt:
         # SIGTERM makes the trainer save a checkpoint and exit: the next run resumes.
-        for _, proc, _ in running.values():
+        for _, proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
-        for _, proc, _ in running.values():
+        for _, proc, _, _ in running.values():
             proc.wait()
         raise
     return out

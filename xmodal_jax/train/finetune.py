@@ -3,10 +3,11 @@
 `config.task = 'finetune'`. Supervised classification (`Classification`) whose model starts from
 pretrained weights and whose loss is `cross-entropy + regulariser`:
 
-* `config.pretrained`: `name` (a `pretrained.load` name or path), `reinit` (regexes of the
-  model's variables it initialises itself, default the new `params/head/`), `skip` (regexes of
-  checkpoint entries dropped, default the old `params/head/`). The loaded variables go through
-  `transfer.surgery.merge`, so any other mismatch is one error listing every culprit.
+* `config.pretrained` (read by `Classification`, `tasks.PRETRAINED_DEFAULTS`): `name` (a
+  `pretrained.load` name or path), `reinit` (regexes of the model's variables it initialises
+  itself, default the new `params/head/`), `skip` (regexes of checkpoint entries dropped, default
+  the old `params/head/`). The loaded variables go through `transfer.surgery.merge`, so any
+  other mismatch is one error listing every culprit.
 * `config.regularizer`: `name` in `none`, `l1`, `l2`, `l2sp`, `delta`, `bss` and its options
   (`REGULARIZERS` lists them with their defaults). `l2sp` and `delta` pull towards the starting
   point: the merged pretrained variables, held by the task as constants (not parameters, no
@@ -35,14 +36,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives._util import flatten_with_paths, map_with_paths
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.objectives.regularizers import RegularizerInputs, bss, delta, l1_l2, l2_sp
 from xmodal_jax.train.tasks import Classification, Variables
-from xmodal_jax.transfer import checkpoint_io, surgery
+from xmodal_jax.transfer import checkpoint_io
 
 # Defaults follow the task-adaptation recipes of thuml/Transfer-Learning-Library: L2-SP and
 # DELTA trade-offs 0.01 for the backbone and the head, BSS eta 0.001 with k = 1, DELTA attention
@@ -63,7 +63,6 @@ REGULARIZERS: dict[str, dict[str, Any]] = {
     },
     "bss": {"weight": 0.001, "k": 1},
 }
-PRETRAINED_DEFAULTS = {"name": None, "reinit": ("^params/head/",), "skip": ("^params/head/",)}
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -160,30 +159,19 @@ class FineTune(Classification):
     # ------------------------------------------------------------------ starting point
 
     def _load_start(self) -> None:
-        """Loads the pretrained variables and the starting point they give this model."""
-        opts = {**PRETRAINED_DEFAULTS, **_as_dict(self.config.get("pretrained"))}
-        unknown = sorted(set(opts) - set(PRETRAINED_DEFAULTS))
-        if unknown:
-            raise UserError(
-                f"config.pretrained has unknown keys {unknown}; valid: "
-                f"{sorted(PRETRAINED_DEFAULTS)}."
-            )
-        self.pretrained_opts = opts
-        self.loaded = None
+        """The starting point the pretrained variables give this model (flat, head excluded)."""
         self.start_params, self.start_state = None, None
-        if not opts["name"]:
+        if self.loaded is None:
             if self.reg_name in ("l2sp", "delta"):
                 raise UserError(
                     f"config.regularizer.name={self.reg_name!r} needs a starting point; set "
                     "config.pretrained.name (e.g. 'mobilenet-v2-imagenet')."
                 )
             return
-        enc = pretrained_lib.load(opts["name"])
-        self.loaded = jax.tree.map(np.asarray, dict(enc.variables))
         abstract = jax.eval_shape(
             lambda x: self.model.init({"params": jax.random.key(0)}, x), self._dummy
         )
-        merged = self._merge(nn.unbox(abstract))
+        merged = self.merge_pretrained(nn.unbox(abstract))
         loaded_only = lambda tree: {
             p: np.asarray(v)
             for p, v in flatten_with_paths(tree).items()
@@ -192,21 +180,6 @@ class FineTune(Classification):
         # Flat {path: value} of every variable the checkpoint provides (the new head excluded).
         self.start_params = loaded_only(merged.pop("params"))
         self.start_state = {k: loaded_only(v) for k, v in merged.items()}
-
-    def _merge(self, target: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(
-            surgery.merge(
-                target,
-                self.loaded,
-                reinit=tuple(self.pretrained_opts["reinit"]),
-                skip=tuple(self.pretrained_opts["skip"]),
-                source=f"pretrained {self.pretrained_opts['name']!r}",
-            )
-        )
-
-    def init(self, rng: jax.Array, batch: dict) -> Variables:
-        variables = super().init(rng, batch)
-        return variables if self.loaded is None else self._merge(variables)
 
     def start_tree(self, params: Any) -> Any:
         """`params` with every leaf the checkpoint provides replaced by its starting value."""

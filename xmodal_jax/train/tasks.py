@@ -16,14 +16,32 @@ import flax.linen as nn
 import grain
 import jax
 import ml_collections
+import numpy as np
 
 from xmodal_jax import models
+from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.classification import softmax_xent
+from xmodal_jax.transfer import surgery
 
 Variables = dict[str, Any]
 Metrics = dict[str, jax.Array]
+
+# `config.pretrained`: a `pretrained.load` name or path, and the surgery applied when its
+# variables are merged into the model (regexes over `params/...` paths; the new head is fresh).
+PRETRAINED_DEFAULTS = {"name": None, "reinit": ("^params/head/",), "skip": ("^params/head/",)}
+
+
+def pretrained_options(cfg: Any) -> dict[str, Any]:
+    """`config.pretrained` over `PRETRAINED_DEFAULTS`; unknown keys are an error."""
+    given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+    unknown = sorted(set(given) - set(PRETRAINED_DEFAULTS))
+    if unknown:
+        raise UserError(
+            f"config.pretrained has unknown keys {unknown}; valid: {sorted(PRETRAINED_DEFAULTS)}."
+        )
+    return {**PRETRAINED_DEFAULTS, **given}
 
 
 class Task(Protocol):
@@ -43,12 +61,30 @@ class Task(Protocol):
 class Classification:
     """Supervised classification of `batch['image']` into `batch['label']`.
 
-    Config: `model` (with `num_classes`), `data` (`name`, `split`, `pp`), `label_smoothing`.
+    Config: `model` (with `num_classes`), `data` (`name`, `split`, `pp`), `label_smoothing`,
+    `pretrained` (`PRETRAINED_DEFAULTS`: weights merged into the model at initialisation).
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.model = models.build(config.model)
+        self.pretrained_opts = pretrained_options(config.get("pretrained"))
+        self.loaded = None  # the pretrained variables, when config.pretrained.name is set
+        if self.pretrained_opts["name"]:
+            enc = pretrained_lib.load(self.pretrained_opts["name"])
+            self.loaded = jax.tree.map(np.asarray, dict(enc.variables))
+
+    def merge_pretrained(self, target: Variables) -> Variables:
+        """`target` (variables or their shapes) with the pretrained values merged in."""
+        return dict(
+            surgery.merge(
+                target,
+                self.loaded,
+                reinit=tuple(self.pretrained_opts["reinit"]),
+                skip=tuple(self.pretrained_opts["skip"]),
+                source=f"pretrained {self.pretrained_opts['name']!r}",
+            )
+        )
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         return pipeline.train_iterator(
@@ -60,7 +96,8 @@ class Classification:
         )
 
     def init(self, rng: jax.Array, batch: dict) -> Variables:
-        return dict(self.model.init({"params": rng, "dropout": rng}, batch["image"]))
+        variables = dict(self.model.init({"params": rng, "dropout": rng}, batch["image"]))
+        return variables if self.loaded is None else self.merge_pretrained(variables)
 
     def apply(self, params, model_state, images, rng, train: bool):
         """Forward pass; returns outputs and the updated non-parameter state."""
