@@ -14,7 +14,7 @@ manual download: see `xmodal_jax/data/office31.py`.
 `pretrained` (default `auto`): the ImageNet weights ResNet-50 starts from, as the benchmark
 assumes. `auto` is torchvision's ImageNet-1k ResNet-50 (`IMAGENET1K_V1`; TLlib's recipe loads
 torchvision's `model_urls['resnet50']`, thuml/Transfer-Learning-Library
-tllib/vision/models/resnet.py), read straight from `resnet50-0676ba61.pth` where torchvision caches it
+tllib/vision/models/resnet.py), read from `resnet50-0676ba61.pth` where torchvision caches it
 (`~/.cache/torch/hub/checkpoints/`); no hub is reached, so put the file there (or give its path,
 or a checkpoint written by `xmodal convert`). `auto` means random weights for other models;
 `none` forces random weights. The new 31-way head is always initialised fresh.
