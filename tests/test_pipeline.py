@@ -179,3 +179,13 @@ def test_in_memory_records_give_the_same_batches(tfds_dir):
         assert len(mocked) == 8
     with pytest.raises(UserError, match="cache='yes'"):
         pipeline.records({**UCI, "cache": "yes"})
+
+
+def test_indices_restrict_training_to_those_rows(tfds_dir):
+    rows = [5, 17, 100, 101, 300, 640, 641, 897]
+    ds = pipeline.train_dataset({**UCI, "cache": False}, batch_size=4, seed=0, indices=rows)
+    epoch = np.concatenate([ds[i]["image"] for i in range(2)])
+    pp = preprocess.compose(UCI["pp"])
+    src = pipeline.source("digits_uci", "train")
+    want = sorted(pp(src[i])["image"].tobytes() for i in rows)
+    assert sorted(im.tobytes() for im in epoch) == want

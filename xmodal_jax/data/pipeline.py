@@ -113,6 +113,19 @@ def _check_batch(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
+class _Rows:
+    """Random-access view of the rows `indices` of a source."""
+
+    def __init__(self, src: Sequence, indices: Sequence[int]):
+        self.src, self.indices = src, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.src[int(self.indices[i])]
+
+
 def train_dataset(
     cfg: Mapping[str, Any],
     *,
@@ -120,14 +133,16 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    indices: Sequence[int] | None = None,
 ) -> grain.MapDataset:
     """Infinite, shuffled, preprocessed MapDataset of this process's rows of each global batch.
 
     `cfg` has `name`, `split`, `pp` (spec string) and optionally `data_dir` and `cache`
-    (`records`).
+    (`records`). `indices` restricts training to those rows of the split (a labelled subset).
     """
     local = _check_batch(batch_size, process_count)
-    ds = grain.MapDataset.source(records(cfg))
+    src = records(cfg)
+    ds = grain.MapDataset.source(src if indices is None else _Rows(src, indices))
     if len(ds) < batch_size:
         raise UserError(
             f"{cfg['name']}:{cfg['split']} has {len(ds)} examples, fewer than the batch "

@@ -113,19 +113,6 @@ def _labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
     return labels
 
 
-class _Subset:
-    """Random-access view of the rows `indices` of a source."""
-
-    def __init__(self, src: Any, indices: np.ndarray):
-        self.src, self.indices = src, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.src[int(self.indices[i])]
-
-
 def _module_output(intermediates: Mapping[str, Any], path: str) -> jax.Array:
     node = intermediates
     for part in path.split("/"):
@@ -299,22 +286,19 @@ class FineTune(Classification):
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         if self.indices is None:
             return super().train_iterator(process_index, process_count)
-        cfg, batch_size = self.config.data, self.config.batch_size
-        if batch_size % process_count:
-            raise UserError(
-                f"batch_size={batch_size} is not divisible by the {process_count} processes."
-            )
-        if len(self.indices) < batch_size:
+        if len(self.indices) < self.config.batch_size:
             raise UserError(
                 f"The labelled subset has {len(self.indices)} examples, fewer than the batch "
-                f"{batch_size}; lower batch_size or raise config.data.per_class."
+                f"{self.config.batch_size}; lower batch_size or raise config.data.per_class."
             )
-        pp = preprocess.compose(cfg.get("pp", ""))
-        seed = self.config.seed
-        ds = grain.MapDataset.source(_Subset(self.src, self.indices)).shuffle(seed=seed).repeat()
-        ds = ds.random_map(lambda ex, rng: pp(ex, rng), seed=seed + 1)
-        ds = ds.batch(batch_size // process_count, drop_remainder=True)
-        return iter(ds[process_index::process_count].to_iter_dataset())
+        return pipeline.train_iterator(
+            self.config.data,
+            batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            process_index=process_index,
+            process_count=process_count,
+            indices=self.indices,
+        )
 
     # ------------------------------------------------------------------ DELTA attention
 

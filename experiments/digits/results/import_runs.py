@@ -20,19 +20,33 @@ from xmodal_jax.tables import spec
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+RUNS = os.path.join(HERE, "runs.jsonl")
+TABLE = "experiments/tables/digits_da.py"
+
+
+def load_runs(path: str = RUNS) -> dict[tuple[str, str, int], dict]:
+    """The recorded runs by (method, direction, seed)."""
+    with open(path) as f:
+        return {(r["method"], r["direction"], r["seed"]): r for r in map(json.loads, f)}
+
+
+def run_key(job: jobs_lib.Job) -> tuple[str, str, int]:
+    """(method, direction, seed) of a digits table job."""
+    method = os.path.splitext(os.path.basename(job.config))[0]
+    return method, dict(job.args)["direction"], job.seed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True)
-    parser.add_argument("--runs", default=os.path.join(HERE, "runs.jsonl"))
-    parser.add_argument("--table", default="experiments/tables/digits_da.py")
+    parser.add_argument("--runs", default=RUNS)
+    parser.add_argument("--table", default=TABLE)
     args = parser.parse_args()
     name, table = spec.load(args.table)
-    with open(args.runs) as f:
-        runs = {(r["method"], r["direction"], r["seed"]): r for r in map(json.loads, f)}
+    runs = load_runs(args.runs)
     placed = 0
     for job in jobs_lib.expand(table):
-        method = os.path.splitext(os.path.basename(job.config))[0]
-        run = runs.get((method, dict(job.args)["direction"], job.seed))
+        run = runs.get(run_key(job))
         if run is None:
             continue
         workdir = job.workdir(args.root, name)

@@ -1,0 +1,63 @@
+"""Compares the runs of a table root with the recorded runs (`runs.jsonl`) of the same method,
+direction and seed, and with the recorded spread over seeds; prints a markdown table:
+
+    python experiments/digits/results/compare_runs.py --root workdirs/repro
+
+A reproduced run is "within the seed spread" when it lies between the lowest and the highest
+recorded seed of its method and direction, widened by one sample std of those seeds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+from import_runs import RUNS, TABLE, load_runs, run_key
+
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import spec
+
+METRIC = "eval/target/accuracy"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--runs", default=RUNS)
+    parser.add_argument("--table", default=TABLE)
+    args = parser.parse_args()
+    name, table = spec.load(args.table)
+    recorded = load_runs(args.runs)
+    print(
+        "| method | direction | seed | recorded (machine) | reproduced | difference "
+        "| recorded seeds: mean ± std (n), range | within spread |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    inside = total = 0
+    for job in jobs_lib.expand(table):
+        workdir = job.workdir(args.root, name)
+        if jobs_lib.status(workdir) != "done":
+            continue
+        with open(os.path.join(workdir, "summary.json")) as f:
+            got = 100 * json.load(f)[METRIC]
+        method, direction, seed = run_key(job)
+        seeds = [100 * r[METRIC] for k, r in recorded.items() if k[:2] == (method, direction)]
+        same = recorded.get(run_key(job))
+        std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+        ok = min(seeds) - std <= got <= max(seeds) + std
+        inside, total = inside + ok, total + 1
+        then = f"{100 * same[METRIC]:.1f} ({same['machine'].split(',')[0]})" if same else "—"
+        diff = f"{got - 100 * same[METRIC]:+.1f}" if same else "—"
+        spread = (
+            f"{statistics.mean(seeds):.1f} ± {std:.1f} ({len(seeds)}), "
+            f"{min(seeds):.1f}–{max(seeds):.1f}"
+        )
+        print(
+            f"| {method} | {direction} | {seed} | {then} | {got:.1f} | {diff} | {spread} "
+            f"| {'yes' if ok else '**no**'} |"
+        )
+    print(f"\n{inside} of {total} reproduced runs within the recorded seed spread.")
+
+
+if __name__ == "__main__":
+    main()
