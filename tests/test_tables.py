@@ -426,10 +426,13 @@ def test_a_job_locked_by_another_command_is_not_run_twice(tmp_path, monkeypatch,
         assert result["busy"] == 1 and result["done"] == 1
         assert calls.read_text().split() == [free]
         assert "busy (another process runs it)" in capsys.readouterr().out
-        assert jobs_lib.status(busy) == "unfinished"
+        assert jobs_lib.status(busy) == "running"
+        md = open(os.path.join(root, "fake.md")).read()
+        assert "good, seed 0: running (" in md
     finally:
         holder.kill()
         holder.wait()
+    assert jobs_lib.status(busy) == "unfinished"
     result = cli.run([table, "--root", root])  # the lock is gone: now it runs
     assert result["done"] == 1 and calls.read_text().split() == [free, busy]
 

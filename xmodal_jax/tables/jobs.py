@@ -9,6 +9,7 @@ every config has (DESIGN.md §4).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -121,11 +122,28 @@ def check_configs(jobs: list[Job], table_path: str) -> None:
         )
 
 
+def locked(workdir: str) -> bool:
+    """Whether a process (a table command or its trainer) holds the workdir's lock."""
+    path = os.path.join(workdir, LOCK)
+    if not os.path.exists(path):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def status(workdir: str) -> str:
-    """'done' (the `done` marker), 'failed' (the `failed` marker), 'unfinished' (started: still
-    running, or stopped before the end) or 'missing' (never started)."""
+    """'done' (the `done` marker), 'failed' (the `failed` marker), 'running' (its lock is held),
+    'unfinished' (started, then stopped before the end) or 'missing' (never started)."""
     if os.path.exists(os.path.join(workdir, DONE)):
         return "done"
     if os.path.exists(os.path.join(workdir, FAILED)):
         return "failed"
+    if locked(workdir):
+        return "running"
     return "unfinished" if os.path.isdir(workdir) else "missing"
