@@ -3,8 +3,9 @@ direction and seed, and with the recorded spread over seeds; prints a markdown t
 
     python experiments/digits/results/compare_runs.py --root workdirs/repro
 
-A reproduced run is "within the seed spread" when it lies between the lowest and the highest
-recorded seed of its method and direction, widened by one sample std of those seeds.
+"identical" means the same float as the recorded run. A reproduced run is "within the seed
+spread" when it lies between the lowest and the highest recorded seed of its method and
+direction, widened by one sample std of those seeds.
 """
 
 import argparse
@@ -47,7 +48,11 @@ def main() -> None:
         ok = min(seeds) - std <= got <= max(seeds) + std
         inside, total = inside + ok, total + 1
         then = f"{100 * same[METRIC]:.1f} ({same['machine'].split(',')[0]})" if same else "—"
-        diff = f"{got - 100 * same[METRIC]:+.1f}" if same else "—"
+        diff = "—"
+        if same:
+            diff = (
+                "0 (identical)" if got == 100 * same[METRIC] else f"{got - 100 * same[METRIC]:+.1f}"
+            )
         spread = (
             f"{statistics.mean(seeds):.1f} ± {std:.1f} ({len(seeds)}), "
             f"{min(seeds):.1f}–{max(seeds):.1f}"
