@@ -284,21 +284,12 @@ class FineTune(Classification):
     # ------------------------------------------------------------------ data
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
-        if self.indices is None:
-            return super().train_iterator(process_index, process_count)
-        if len(self.indices) < self.config.batch_size:
+        if self.indices is not None and len(self.indices) < self.config.batch_size:
             raise UserError(
                 f"The labelled subset has {len(self.indices)} examples, fewer than the batch "
                 f"{self.config.batch_size}; lower batch_size or raise config.data.per_class."
             )
-        return pipeline.train_iterator(
-            self.config.data,
-            batch_size=self.config.batch_size,
-            seed=self.config.seed,
-            process_index=process_index,
-            process_count=process_count,
-            indices=self.indices,
-        )
+        return super().train_iterator(process_index, process_count)
 
     # ------------------------------------------------------------------ DELTA attention
 

@@ -70,6 +70,7 @@ class Classification:
         self.model = models.build(config.model)
         self.pretrained_opts = pretrained_options(config.get("pretrained"))
         self.loaded = None  # the pretrained variables, when config.pretrained.name is set
+        self.indices = None  # rows of the training split to train on (None: all of them)
         if self.pretrained_opts["name"]:
             enc = pretrained_lib.load(self.pretrained_opts["name"])
             self.loaded = jax.tree.map(np.asarray, dict(enc.variables))
@@ -93,6 +94,7 @@ class Classification:
             seed=self.config.seed,
             process_index=process_index,
             process_count=process_count,
+            indices=self.indices,
         )
 
     def init(self, rng: jax.Array, batch: dict) -> Variables:

@@ -8,12 +8,11 @@ spread" when it lies between the lowest and the highest recorded seed of its met
 direction, widened by one sample std of those seeds.
 """
 
-import argparse
 import json
 import os
 import statistics
 
-from import_runs import RUNS, TABLE, load_runs, run_key
+from import_runs import arguments, load_runs, run_key
 
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import spec
@@ -22,10 +21,7 @@ METRIC = "eval/target/accuracy"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--runs", default=RUNS)
-    parser.add_argument("--table", default=TABLE)
+    parser = arguments(__doc__)
     args = parser.parse_args()
     name, table = spec.load(args.table)
     recorded = load_runs(args.runs)

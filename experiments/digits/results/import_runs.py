@@ -36,12 +36,17 @@ def run_key(job: jobs_lib.Job) -> tuple[str, str, int]:
     return method, dict(job.args)["direction"], job.seed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """`--root`, `--runs` and `--table`, shared by the scripts of this folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--runs", default=RUNS)
     parser.add_argument("--table", default=TABLE)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
     name, table = spec.load(args.table)
     runs = load_runs(args.runs)
     placed = 0

@@ -9,22 +9,18 @@ the machine. Runs already recorded (same method, direction and seed) and runs th
 from `runs.jsonl` are left out, so the file never holds one run twice.
 """
 
-import argparse
 import json
 import os
 
-from import_runs import RUNS, TABLE, load_runs, run_key
+from import_runs import arguments, load_runs, run_key
 
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import spec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True)
+    parser = arguments(__doc__)
     parser.add_argument("--machine", required=True, help="where the runs ran (CPU, JAX version)")
-    parser.add_argument("--runs", default=RUNS)
-    parser.add_argument("--table", default=TABLE)
     args = parser.parse_args()
     name, table = spec.load(args.table)
     recorded = load_runs(args.runs)
