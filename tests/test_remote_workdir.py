@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 import pytest
-from fsspec.implementations.local import LocalFileSystem
+from fake_gcs import clear_caches, route_gs
 
 from xmodal_jax.train import trainer
 
@@ -43,43 +43,14 @@ def get_config(arg=None):
 """
 
 
-class _FakeGCS(LocalFileSystem):
-    """fsspec's `gs` protocol on a local directory: `gs://bucket/x` is `<root>/bucket/x`."""
-
-    protocol = ("gs", "gcs")
-    root = ""
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = os.fspath(path) if not isinstance(path, str) else path
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                return os.path.join(cls.root, path[len(prefix) :].rstrip("/"))
-        return super()._strip_protocol(path)
-
-    def _unstrip(self, path: str) -> str:
-        """A local name under `root` as gcsfs names objects: `bucket/key`, no protocol."""
-        return os.path.relpath(path, self.root) if path.startswith(self.root + "/") else path
-
-    def glob(self, path, **kwargs):
-        return [self._unstrip(p) for p in super().glob(path, **kwargs)]
-
-
 @pytest.fixture
 def fake_gcs(tmp_path, monkeypatch):
     """Routes `gs://` to `tmp_path/buckets`; runs in the empty directory `tmp_path/cwd`."""
-    from etils.epath import backend, gpath
     from orbax.checkpoint._src.path import gcs_utils
 
     buckets = tmp_path / "buckets"
     buckets.mkdir()
-    monkeypatch.setattr(_FakeGCS, "root", str(buckets))
-    registry = importlib.import_module("fsspec.registry")._registry
-    for scheme in _FakeGCS.protocol:
-        monkeypatch.setitem(registry, scheme, _FakeGCS)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # epath: fsspec, not tf.gfile
-    type(backend.fsspec_backend)._get_filesystem.cache_clear()
-    _FakeGCS.clear_instance_cache()
+    route_gs(monkeypatch, buckets)
 
     def kvstore(path):
         bucket, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
@@ -92,7 +63,7 @@ def fake_gcs(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("XMODAL_DISTRIBUTED", "off")
     yield buckets / WORKDIR[len("gs://") :]
-    type(backend.fsspec_backend)._get_filesystem.cache_clear()
+    clear_caches()
     assert not os.listdir(cwd), f"local file calls on the gs:// workdir: {os.listdir(cwd)}"
 
 

@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import textwrap
 
+import fake_gcs
 import pytest
 
 from xmodal_jax import config as config_lib
@@ -349,6 +351,45 @@ def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
     _finish(jobs[0].workdir(root, "fake"), {"step": 1})
     cli.run([table, "--root", root, "--dry-run"])
     assert capsys.readouterr().out.strip().splitlines() == lines[1:]
+
+
+def test_a_gs_root_prints_cluster_commands_and_collects_their_runs(tmp_path, monkeypatch, capsys):
+    buckets, cwd = tmp_path / "buckets", tmp_path / "cwd"
+    buckets.mkdir(), cwd.mkdir()
+    fake_gcs.route_gs(monkeypatch, buckets)
+    monkeypatch.chdir(cwd)  # a local file call on a gs:// path would leave `gs:` here
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    root = "gs://bucket/tables"
+    with pytest.raises(UserError, match="need a local root"):
+        cli.run([table, "--root", root])
+
+    cli.run([table, "--root", root, "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    _, t = spec_lib.load(table)
+    jobs = jobs_lib.expand(t)
+    assert len(lines) == 2
+    for job, line in zip(jobs, lines, strict=True):
+        assert f"--workdir {root}/fake/{job.key} " in line
+    # The cluster runs seed 0 (its files land in the bucket), then the line's marker command.
+    local_wd = buckets / "bucket" / "tables" / "fake" / jobs[0].key
+    _finish(str(local_wd), {"step": 2, "eval/target/accuracy": 0.5}, [])
+    os.remove(local_wd / jobs_lib.DONE)
+    assert jobs_lib.status(f"{root}/fake/{jobs[0].key}") == "unfinished"
+    *_, python, flag, code, done = shlex.split(lines[0].split(" && ")[1])
+    assert (python, flag, done) == (sys.executable, "-c", f"{root}/fake/{jobs[0].key}/done")
+    monkeypatch.setattr(sys, "argv", ["-c", done])
+    exec(code, {})
+    assert (local_wd / jobs_lib.DONE).exists()
+    assert jobs_lib.status(f"{root}/fake/{jobs[0].key}") == "done"
+
+    cli.run([table, "--root", root, "--dry-run"])
+    assert capsys.readouterr().out.strip().splitlines() == lines[1:]
+    result = cli.run([table, "--root", root, "--collect-only"])
+    assert result["paths"][0] == f"{root}/fake.md"
+    md = (buckets / "bucket" / "tables" / "fake.md").read_text()
+    assert "| good | **50.0** (1 of 2) |" in md and "good, seed 1: not run" in md
+    fake_gcs.clear_caches()
+    assert not os.listdir(cwd)
 
 
 def test_no_bold_in_a_control_column():

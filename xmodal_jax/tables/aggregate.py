@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import numpy as np
+from etils import epath
 
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import select
@@ -54,8 +54,7 @@ class _Runs:
 
     def get(self, workdir: str) -> tuple[dict, dict]:
         if workdir not in self._cache:
-            with open(os.path.join(workdir, "summary.json")) as f:
-                summary = json.load(f)
+            summary = json.loads((epath.Path(workdir) / "summary.json").read_text())
             history = select.eval_history(metrics_lib.read(workdir))
             self._cache[workdir] = (summary, history)
         return self._cache[workdir]

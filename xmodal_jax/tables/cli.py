@@ -4,7 +4,8 @@ Runs every unfinished job of the table (K at a time, each in `DIR/NAME/<hash>`),
 `NAME.md`, `NAME.tex` and `NAME.csv` (into `--out`, default DIR). `--dry-run` prints the job
 commands, one shell line each, and runs nothing; `--only REGEX` and `--seeds S,...` restrict the
 jobs to some rows and seeds (the table still shows every finished run). A job another command is
-running (its workdir lock is held) is skipped. Exits non-zero when a job failed.
+running (its workdir lock is held) is skipped. Exits non-zero when a job failed. A root on
+`gs://` takes `--dry-run` (commands for a cluster, whose jobs write there) and `--collect-only`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables import aggregate, render, runner, spec
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.train import metrics as metrics_lib
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Writes the `done` marker of a remote workdir where `touch` cannot (the job's host has epath).
+_REMOTE_TOUCH = "import sys; from etils import epath; epath.Path(sys.argv[1]).write_text('{}')"
+
+
 def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
     """One shell line per unfinished job: the train command, then the `done` marker."""
     lines = []
@@ -42,7 +48,12 @@ def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
         if jobs_lib.status(wd) == "done":
             continue
         cmd = shlex.join(job.command(wd, runner.PROGRAM))
-        lines.append(f"{cmd} && touch {shlex.quote(os.path.join(wd, jobs_lib.DONE))}")
+        done = f"{wd}/{jobs_lib.DONE}"
+        if metrics_lib.is_remote(wd):
+            mark = shlex.join([runner.PROGRAM[0], "-c", _REMOTE_TOUCH, done])
+        else:
+            mark = f"touch {shlex.quote(done)}"
+        lines.append(f"{cmd} && {mark}")
     return lines
 
 
@@ -50,7 +61,8 @@ def write_tables(table: spec.Table, name: str, root: str, out: str, rule: str) -
     """Collects the runs under `root` and writes NAME.md/.tex/.csv into `out`; returns paths."""
     rule, rule_text = spec.select_rule(table, rule)
     cells = aggregate.collect(table, name, root, rule)
-    os.makedirs(out, exist_ok=True)
+    out_dir = metrics_lib.workdir_path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     texts = {
         "md": render.markdown(table, cells, rule, rule_text),
         "tex": render.latex(table, cells, rule, rule_text),
@@ -58,10 +70,9 @@ def write_tables(table: spec.Table, name: str, root: str, out: str, rule: str) -
     }
     paths = []
     for ext, text in texts.items():
-        path = os.path.join(out, f"{name}.{ext}")
-        with open(path, "w") as f:
-            f.write(text)
-        paths.append(path)
+        path = out_dir / f"{name}.{ext}"
+        metrics_lib.write_text(path, text)
+        paths.append(os.fspath(path))
     return paths
 
 
@@ -103,6 +114,12 @@ def run(argv: list[str]) -> dict:
         print(f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run).", file=sys.stderr)
         return {"jobs": len(jobs), "to_run": len(lines)}
     outcome = {"skipped": [], "done": [], "failed": [], "busy": []}
+    if not args.collect_only and metrics_lib.is_remote(args.root):
+        raise UserError(
+            f"--root {args.root}: jobs run here need a local root (their locks and logs are "
+            "local files). For a remote root, print the commands with --dry-run and send them "
+            "to the cluster, then write the table with --collect-only."
+        )
     if not args.collect_only:
         workdirs = [j.workdir(args.root, name) for j in jobs]
         outcome = runner.run(jobs, workdirs, args.jobs)

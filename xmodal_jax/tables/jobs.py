@@ -17,8 +17,11 @@ import os
 import sys
 from typing import Any
 
+from etils import epath
+
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables.spec import Row, Table, parse_args
+from xmodal_jax.train import metrics as metrics_lib
 
 DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", "lock"
 
@@ -56,6 +59,9 @@ class Job:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def workdir(self, root: str, table_name: str) -> str:
+        """`ROOT/NAME/<key>`: absolute for a local root, as given for a URI (`gs://...`)."""
+        if metrics_lib.is_remote(root):
+            return f"{root.rstrip('/')}/{table_name}/{self.key}"
         return os.path.join(os.path.abspath(root), table_name, self.key)
 
     def command(self, workdir: str, program: list[str] | None = None) -> list[str]:
@@ -123,7 +129,10 @@ def check_configs(jobs: list[Job], table_path: str) -> None:
 
 
 def locked(workdir: str) -> bool:
-    """Whether a process (a table command or its trainer) holds the workdir's lock."""
+    """Whether a process (a table command or its trainer) holds the workdir's lock. Locks are
+    local `flock`s: on a remote root (never run by this machine's runner) nothing is locked."""
+    if metrics_lib.is_remote(workdir):
+        return False
     path = os.path.join(workdir, LOCK)
     if not os.path.exists(path):
         return False
@@ -140,10 +149,11 @@ def locked(workdir: str) -> bool:
 def status(workdir: str) -> str:
     """'done' (the `done` marker), 'failed' (the `failed` marker), 'running' (its lock is held),
     'unfinished' (started, then stopped before the end) or 'missing' (never started)."""
-    if os.path.exists(os.path.join(workdir, DONE)):
+    path = epath.Path(workdir)
+    if (path / DONE).exists():
         return "done"
-    if os.path.exists(os.path.join(workdir, FAILED)):
+    if (path / FAILED).exists():
         return "failed"
     if locked(workdir):
         return "running"
-    return "unfinished" if os.path.isdir(workdir) else "missing"
+    return "unfinished" if path.is_dir() else "missing"
