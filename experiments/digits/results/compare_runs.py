@@ -31,6 +31,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     inside = total = 0
+    cells: dict[tuple[str, str], list[float]] = {}
     for job in jobs_lib.expand(table):
         workdir = job.workdir(args.root, name)
         if jobs_lib.status(workdir) != "done":
@@ -43,6 +44,7 @@ def main() -> None:
         std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
         ok = min(seeds) - std <= got <= max(seeds) + std
         inside, total = inside + ok, total + 1
+        cells.setdefault((method, direction), []).append(got)
         then = f"{100 * same[METRIC]:.1f} ({same['machine'].split(',')[0]})" if same else "—"
         diff = "—"
         if same:
@@ -57,7 +59,31 @@ def main() -> None:
             f"| {method} | {direction} | {seed} | {then} | {got:.1f} | {diff} | {spread} "
             f"| {'yes' if ok else '**no**'} |"
         )
-    print(f"\n{inside} of {total} reproduced runs within the recorded seed spread.")
+    print(f"\n{inside} of {total} reproduced runs within the recorded seed spread.\n")
+    _print_cells(cells, recorded)
+
+
+def _mean_std(values: list[float]) -> str:
+    std = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{std} ({len(values)})"
+
+
+def _print_cells(cells: dict[tuple[str, str], list[float]], recorded: dict) -> None:
+    """Per cell: the reproduced mean against the recorded seeds' mean and spread."""
+    print("| method | direction | recorded | reproduced | difference of means | within spread |")
+    print("|---|---|---|---|---|---|")
+    inside = 0
+    for (method, direction), got in cells.items():
+        seeds = [100 * r[METRIC] for k, r in recorded.items() if k[:2] == (method, direction)]
+        std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+        mean = statistics.mean(got)
+        ok = min(seeds) - std <= mean <= max(seeds) + std
+        inside += ok
+        print(
+            f"| {method} | {direction} | {_mean_std(seeds)} | {_mean_std(got)} "
+            f"| {mean - statistics.mean(seeds):+.1f} | {'yes' if ok else '**no**'} |"
+        )
+    print(f"\n{inside} of {len(cells)} cells' reproduced means within the recorded seed spread.")
 
 
 if __name__ == "__main__":
