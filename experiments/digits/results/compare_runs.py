@@ -39,10 +39,10 @@ def main() -> None:
         with open(os.path.join(workdir, "summary.json")) as f:
             got = 100 * json.load(f)[METRIC]
         method, direction, seed = run_key(job)
-        seeds = [100 * r[METRIC] for k, r in recorded.items() if k[:2] == (method, direction)]
+        seeds = _recorded_seeds(recorded, method, direction)
         same = recorded.get(run_key(job))
         std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
-        ok = min(seeds) - std <= got <= max(seeds) + std
+        ok = _within_spread(got, seeds)
         inside, total = inside + ok, total + 1
         cells.setdefault((method, direction), []).append(got)
         then = f"{100 * same[METRIC]:.1f} ({same['machine'].split(',')[0]})" if same else "—"
@@ -63,6 +63,16 @@ def main() -> None:
     _print_cells(cells, recorded)
 
 
+def _recorded_seeds(recorded: dict, method: str, direction: str) -> list[float]:
+    return [100 * r[METRIC] for k, r in recorded.items() if k[:2] == (method, direction)]
+
+
+def _within_spread(value: float, seeds: list[float]) -> bool:
+    """Between the lowest and highest recorded seed, widened by one sample std of them."""
+    std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+    return min(seeds) - std <= value <= max(seeds) + std
+
+
 def _mean_std(values: list[float]) -> str:
     std = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):.1f}{std} ({len(values)})"
@@ -74,10 +84,9 @@ def _print_cells(cells: dict[tuple[str, str], list[float]], recorded: dict) -> N
     print("|---|---|---|---|---|---|")
     inside = 0
     for (method, direction), got in cells.items():
-        seeds = [100 * r[METRIC] for k, r in recorded.items() if k[:2] == (method, direction)]
-        std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+        seeds = _recorded_seeds(recorded, method, direction)
         mean = statistics.mean(got)
-        ok = min(seeds) - std <= mean <= max(seeds) + std
+        ok = _within_spread(mean, seeds)
         inside += ok
         print(
             f"| {method} | {direction} | {_mean_std(seeds)} | {_mean_std(got)} "
