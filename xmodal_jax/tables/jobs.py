@@ -3,7 +3,7 @@
 Each job lives in `ROOT/NAME/<key>`, `key` a hash of the config path, its arguments, the seed and
 the overrides, so the same job always lands in the same workdir (and a finished one is found
 again) whatever order the table lists it in. The seed is passed as `--config.seed=S`, the key
-every config has (DESIGN.md §4).
+every config has (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations
