@@ -9,6 +9,7 @@ JSON blob that Orbax saves beside the train state (`grain.checkpoint`).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -102,6 +103,19 @@ def records(cfg: Mapping[str, Any]) -> Sequence:
 def class_names(name: str, path: str | None = None, key: str = "label") -> list[str]:
     """ClassLabel names of a dataset's label feature."""
     return list(builder(name, path).info.features[key].names)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_labels(name: str, split: str, path: str) -> np.ndarray:
+    src = source(name, split, path)
+    labels = np.array([int(src[i]["label"]) for i in range(len(src))], np.int64)
+    labels.flags.writeable = False
+    return labels
+
+
+def split_labels(name: str, split: str, path: str | None = None) -> np.ndarray:
+    """The integer labels of every row of a split (read once per process; read-only)."""
+    return _split_labels(name, split, data_dir(path))
 
 
 def _check_batch(batch_size: int, process_count: int) -> int:

@@ -104,15 +104,6 @@ def stratified_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(chosen))
 
 
-@functools.lru_cache(maxsize=8)
-def _labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
-    """The labels of a split, read once per process."""
-    src = pipeline.source(name, split, data_dir)
-    labels = np.array([int(src[i]["label"]) for i in range(len(src))])
-    labels.flags.writeable = False
-    return labels
-
-
 def _module_output(intermediates: Mapping[str, Any], path: str) -> jax.Array:
     node = intermediates
     for part in path.split("/"):
@@ -130,7 +121,7 @@ class FineTune(Classification):
         self.src = pipeline.source(data["name"], data["split"], data.get("data_dir"))
         self.indices = None
         if data.get("per_class"):
-            labels = _labels(data["name"], data["split"], pipeline.data_dir(data.get("data_dir")))
+            labels = pipeline.split_labels(data["name"], data["split"], data.get("data_dir"))
             self.indices = stratified_subset(
                 labels, int(data["per_class"]), int(data.get("subset_seed", 0))
             )

@@ -18,11 +18,13 @@ outside the trained parameters and runs without gradient. Its outputs are **cach
 (`feature_cache`) when its input is deterministic: the image tower when `data.pp` draws no random
 numbers, the text tower for class prompts. With a cached image tower the input pipeline reads
 cached features instead of images, so LiT-style training costs only the heads. (Freezing by
-`config.schedule` / `config.transfer='lit'` also works, but keeps the tower in the step.)
+`config.schedule` / `config.transfer='lit'` also works, but keeps the tower in the step; a tower
+frozen for the whole run runs in inference mode there, as a locked one does.)
 
 Heads (`config.heads`) turn one run into several experiments trained side by side, e.g. the 5
 seen/unseen splits of the quick start: each head has its own projections and temperature (one
-`nn.vmap` over a leading head axis) and trains only on the examples of its own classes:
+`nn.vmap` over a leading head axis) and trains only on the examples of its own classes (rows of
+classes that no head trains on are never read; `trained_classes`):
 - `unseen`: per split, the class names held out of training (default: one head, all classes);
 - `control`: also train, per split, a head on randomly permuted class names (a derangement), the
   control for zero-shot accuracy that does not come from the names' meaning;
@@ -69,6 +71,7 @@ from xmodal_jax.train import feature_cache
 from xmodal_jax.train.class_contrastive import clamp_projected, class_clip_loss, class_siglip_loss
 from xmodal_jax.train.tasks import Variables
 from xmodal_jax.train.two_tower_heads import Head, HeadModule, make_heads, vmapped_heads
+from xmodal_jax.transfer import rules as rules_lib
 
 LOSSES = ("clip", "siglip")
 TEXT_MODES = ("class_names", "captions")
@@ -444,24 +447,46 @@ class TwoTower:
             mask[i, list(h.train_classes)] = True
         return mask
 
+    def trained_classes(self) -> list[int] | None:
+        """The classes some head trains on, when that is not every class (else None).
+
+        Training reads only their rows: with one head (every config that trains a tower), a
+        tower's gradients and BatchNorm statistics never see an image of a held-out class. With
+        several heads (locked towers only), each head's loss also masks the rows of the classes
+        it holds out (`_class_mask`), so no head learns from its own unseen classes.
+        """
+        if self.text_mode != "class_names":
+            return None
+        keep = sorted({int(c) for h in self.heads for c in h.train_classes})
+        return keep if len(keep) < len(self.class_names) else None
+
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         cfg, batch_size = self.config, self.config.batch_size
         if self.text_cached:
             self._class_text  # noqa: B018  (computed here, outside any jit trace)
+        keep = self.trained_classes()
         if not self.image_cached:
             data = dict(self.data)
             parts = [data.get("pp", ""), data.get("text_pp", "")]
             if self.text_mode == "captions":
                 parts.append(f"keep('{self.image_opts['input_key']}', 'text')")
             data["pp"] = "|".join(filter(None, parts))
+            rows = None
+            if keep is not None:
+                labels = pipeline.split_labels(data["name"], data["split"], data.get("data_dir"))
+                rows = np.flatnonzero(np.isin(labels, keep))
             return pipeline.train_iterator(
                 data,
                 batch_size=batch_size,
                 seed=cfg.seed,
                 process_index=process_index,
                 process_count=process_count,
+                indices=rows,
             )
         arrays = self._train_split_features()
+        if keep is not None:
+            rows = np.flatnonzero(np.isin(arrays["label"], keep))
+            arrays = {k: v[rows] for k, v in arrays.items()}
         fields = {"image_feats": arrays["pooled"]}
         if "label" in arrays:
             fields["label"] = arrays["label"].astype(np.int32)
@@ -556,6 +581,23 @@ class TwoTower:
             out["stats"] = model_state["stats"]["heads"]
         return out
 
+    @functools.cached_property
+    def _rules(self) -> rules_lib.Rules:
+        return rules_lib.from_config(self.config)[0]
+
+    def _frozen_by_rules(self, params, name: str) -> bool:
+        """Whether every parameter of tower `name` is frozen for the whole run by the optimiser
+        rules (`config.transfer='lit'`, a `None` schedule). Such a tower runs in inference mode,
+        as a locked one does: BatchNorm statistics stay as loaded and dropout is off."""
+        if name not in params:
+            return False
+        plans = rules_lib.leaf_plans(self._rules, params)
+        paths = [p for p, _ in rules_lib.named_leaves(params)]
+        own = [
+            plan.frozen for p, plan in zip(paths, plans, strict=True) if p.startswith(name + "/")
+        ]
+        return bool(own) and all(own)
+
     def _image_features(self, params, model_state, batch, rng, train: bool):
         """Pooled image-tower outputs `[B, Di]` and updated batch stats (or None)."""
         if "image_feats" in batch:
@@ -565,6 +607,7 @@ class TwoTower:
             out, _ = _tower_apply(self.image_tower, model_state["frozen"]["img"], images)
             return jax.lax.stop_gradient(out["pooled"]).astype(jnp.float32), None
         v = self._trainable_tower_vars({"params": params, **model_state}, "img")
+        train = train and not self._frozen_by_rules(params, "img")
         out, stats = _tower_apply(self.image_tower, v, images, train=train, rng=rng)
         return out["pooled"].astype(jnp.float32), stats
 
@@ -573,6 +616,7 @@ class TwoTower:
             v = model_state["frozen"]["txt"]
             return jax.lax.stop_gradient(self.text_tower.module.apply(v, ids)["pooled"])
         v = self._trainable_tower_vars({"params": params, **model_state}, "txt")
+        train = train and not self._frozen_by_rules(params, "txt")
         out, _ = _tower_apply(self.text_tower, v, ids, train=train, rng=rng)
         return out["pooled"].astype(jnp.float32)
 

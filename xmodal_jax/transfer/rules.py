@@ -278,7 +278,8 @@ def _per_layer(values: np.ndarray, ndim: int) -> Any:
 # ------------------------------------------------------------------ transformations
 
 
-def _leaf_plans(rules: Rules, tree: Any) -> list[LeafPlan]:
+def leaf_plans(rules: Rules, tree: Any) -> list[LeafPlan]:
+    """One `LeafPlan` per leaf of `tree` (a parameter tree), in `jax.tree.leaves` order."""
     named = tuple((p, tuple(np.shape(x))) for p, x in named_leaves(tree))
     return _cached_plan(rules, named)
 
@@ -291,7 +292,7 @@ def _cached_plan(rules: Rules, named: tuple) -> list[LeafPlan]:
 def _map_plans(fn: Callable, rules: Rules, tree: Any, *rest: Any) -> Any:
     """`fn(plan, leaf, *rest_leaves)` over the leaves of the full, unboxed `tree`."""
     leaves, treedef = jax.tree.flatten(tree)
-    plans = _leaf_plans(rules, tree)
+    plans = leaf_plans(rules, tree)
     others = [treedef.flatten_up_to(r) for r in rest]
     out = [
         fn(p, x, *(o[i] for o in others))
@@ -305,7 +306,7 @@ def _labels(rules: Rules) -> Callable[[Any], Any]:
 
     def labels(params):
         params = nn.unbox(params)
-        plans = _leaf_plans(rules, params)
+        plans = leaf_plans(rules, params)
         treedef = jax.tree.structure(params)
         return treedef.unflatten(["frozen" if p.frozen else "train" for p in plans])
 
@@ -357,7 +358,7 @@ def clip_trainable(max_norm: float, rules: Rules) -> optax.GradientTransformatio
 
     def update(updates, state, params=None):
         del params
-        plans, leaves = _leaf_plans(rules, updates), jax.tree.leaves(updates)
+        plans, leaves = leaf_plans(rules, updates), jax.tree.leaves(updates)
         norm = optax.global_norm([x for p, x in zip(plans, leaves, strict=True) if not p.frozen])
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
@@ -491,7 +492,7 @@ def transform(
 
 def trainable_count(rules: Rules, params: Any) -> tuple[int, int]:
     """(trainable, total) number of parameter scalars, for the log."""
-    plans = _leaf_plans(rules, params)
+    plans = leaf_plans(rules, params)
     leaves = jax.tree.leaves(nn.unbox(params))
     total = sum(math.prod(np.shape(x)) for x in leaves)
     frozen = sum(math.prod(np.shape(x)) for p, x in zip(plans, leaves, strict=True) if p.frozen)
