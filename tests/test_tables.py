@@ -332,6 +332,24 @@ def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monke
     assert md.startswith("# Fake (oracle selection)")
     assert "| good | **60.5 ± 0.7** (2) |" in md  # the best target step (step 1) per seed
 
+    # The records written beside the table give the same table with no root at all, under
+    # every selection rule (they keep the eval history the rules read). Without the failed row:
+    # a missing run's line names its workdir, which only the root has.
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    records = [json.loads(line) for line in open(os.path.join(root, "fake.runs.jsonl"))]
+    assert sorted((r["row"], r["seed"]) for r in records) == [("good", 0), ("good", 1)]
+    assert all(r["done"]["rc"] == 0 and r["summary"]["step"] for r in records)
+    for rule in ("oracle", "last", "source_val"):
+        cli.run([table, "--root", root, "--select", rule])
+        out = tmp_path / f"from_records_{rule}"
+        cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--out", str(out),
+                 "--select", rule])  # fmt: skip
+        for ext in ("md", "tex", "csv"):
+            written = open(os.path.join(root, f"fake.{ext}")).read()
+            assert (out / f"fake.{ext}").read_text() == written
+    with pytest.raises(UserError, match="--records writes a table from its records only"):
+        cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--root", root])
+
 
 def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
     table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")

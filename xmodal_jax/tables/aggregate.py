@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -52,6 +53,9 @@ class _Runs:
     def __init__(self):
         self._cache: dict[str, tuple[dict, dict]] = {}
 
+    def status(self, workdir: str) -> str:
+        return jobs_lib.status(workdir)
+
     def get(self, workdir: str) -> tuple[dict, dict]:
         if workdir not in self._cache:
             summary = json.loads((epath.Path(workdir) / "summary.json").read_text())
@@ -72,7 +76,7 @@ def _cell_for_point(
     cell = Cell(expected=len(jobs), hparams=dict(jobs[0].grid_point))
     scores = []
     for job, wd in zip(jobs, workdirs, strict=True):
-        state = jobs_lib.status(wd)
+        state = runs.status(wd)
         if state != "done":
             cell.missing.append((job.seed, "not run" if state == "missing" else state, wd))
             continue
@@ -91,9 +95,12 @@ def _cell_for_point(
     return cell, scores
 
 
-def collect(table: Table, name: str, root: str, rule: str) -> dict[tuple[str, str], Cell]:
-    """Cells keyed by (row label, column label) from the workdirs under `root/name`."""
-    runs = _Runs()
+def collect(
+    table: Table, name: str, root: str, rule: str, runs: Any = None
+) -> dict[tuple[str, str], Cell]:
+    """Cells keyed by (row label, column label) from the workdirs under `root/name`, or from
+    `runs` (`records.RecordRuns`: the same lookups answered by run records)."""
+    runs = runs or _Runs()
     return {
         (row.label, col.label): _best_point(table, row, col, rule, root, name, runs)
         for row in table.rows
@@ -102,7 +109,7 @@ def collect(table: Table, name: str, root: str, rule: str) -> dict[tuple[str, st
 
 
 def _best_point(
-    table: Table, row: Row, col: Column, rule: str, root: str, name: str, runs: _Runs
+    table: Table, row: Row, col: Column, rule: str, root: str, name: str, runs: Any
 ) -> Cell:
     if not table.fills(row, col):
         return Cell(expected=0)

@@ -19,13 +19,18 @@ import sys
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables import aggregate, render, runner, spec
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import records as records_lib
 from xmodal_jax.train import metrics as metrics_lib
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xmodal table", description=__doc__.split("\n")[0])
     p.add_argument("table", help="experiments/tables/NAME.py")
-    p.add_argument("--root", required=True, help="where the jobs' workdirs go (DIR/NAME/<hash>)")
+    p.add_argument("--root", help="where the jobs' workdirs go (DIR/NAME/<hash>)")
+    p.add_argument(
+        "--records",
+        help="write the table from this NAME.runs.jsonl alone (no root, nothing run)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="jobs run at a time (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--select", choices=sorted(spec.RULES), help="override the table's rule")
@@ -57,17 +62,31 @@ def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
     return lines
 
 
-def write_tables(table: spec.Table, name: str, root: str, out: str, rule: str) -> list[str]:
-    """Collects the runs under `root` and writes NAME.md/.tex/.csv into `out`; returns paths."""
+def table_texts(
+    table: spec.Table, name: str, rule: str | None, root: str = "records", runs=None
+) -> dict[str, str]:
+    """`{'md', 'tex', 'csv'}` texts of the table from the runs under `root` (or `runs`)."""
     rule, rule_text = spec.select_rule(table, rule)
-    cells = aggregate.collect(table, name, root, rule)
-    out_dir = metrics_lib.workdir_path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    texts = {
+    cells = aggregate.collect(table, name, root, rule, runs)
+    return {
         "md": render.markdown(table, cells, rule, rule_text),
         "tex": render.latex(table, cells, rule, rule_text),
         "csv": render.csv_text(table, cells, rule),
     }
+
+
+def write_tables(
+    table: spec.Table, name: str, root: str | None, out: str, rule: str, runs=None
+) -> list[str]:
+    """Writes NAME.md/.tex/.csv into `out` from the runs under `root` (or `runs`, records);
+    from a root it also writes the runs' records, NAME.runs.jsonl. Returns the paths."""
+    texts = table_texts(table, name, rule, root or "records", runs)
+    if runs is None:
+        texts["runs.jsonl"] = records_lib.dumps(
+            records_lib.collect(jobs_lib.expand(table), root, name, table)
+        )
+    out_dir = metrics_lib.workdir_path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext, text in texts.items():
         path = out_dir / f"{name}.{ext}"
@@ -91,6 +110,20 @@ def _only_seeds(jobs: list[jobs_lib.Job], text: str, table: spec.Table) -> list[
 def run(argv: list[str]) -> dict:
     """Runs `xmodal table ARGS`; returns counts of jobs by outcome and the written paths."""
     args = _parser().parse_args(argv)
+    if args.records:
+        if args.root or args.dry_run or args.only or args.seeds:
+            raise UserError(
+                "--records writes a table from its records only; drop the other "
+                "options but --out and --select."
+            )
+        name, table = spec.load(args.table)
+        runs = records_lib.RecordRuns(records_lib.load(args.records))
+        out = args.out or os.path.dirname(os.path.abspath(args.records))
+        paths = write_tables(table, name, None, out, args.select, runs)
+        print("Wrote " + ", ".join(paths))
+        return {"jobs": len(runs.by_key), "paths": paths}
+    if not args.root:
+        raise UserError("xmodal table needs --root DIR (where runs go) or --records FILE.")
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: run at least one job at a time.")
     name, table = spec.load(args.table)

@@ -32,6 +32,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
+from xmodal_jax import provenance
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.parallel import sharding
@@ -323,6 +324,7 @@ def train_and_evaluate(
     if step == total and not last_eval:  # resumed at the end already: evaluate for the summary
         last_eval = evaluators.run_all(evals, {"params": state.params, **state.model_state})
     if is_main and step == total:
+        metrics.write_json(workdir / "provenance.json", provenance.describe(config.to_dict()))
         metrics.write_json(workdir / "summary.json", {"step": step, **last_eval})
         plots.write_all(workdir, metrics.read(workdir), evals)
     return last_eval
@@ -346,6 +348,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict
     state, _, step = restored
     results = evaluators.run_all(evals, {"params": state.params, **state.model_state})
     if jax.process_index() == 0:
+        metrics.write_json(workdir / "provenance.json", provenance.describe(config.to_dict()))
         metrics.write_json(workdir / "summary.json", {"step": step, **results})
         plots.write_all(workdir, metrics.read(workdir), evals)
     return results

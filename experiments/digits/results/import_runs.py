@@ -7,7 +7,9 @@ renders the table of `experiments/digits/README.md` from the recorded runs, and 
 `xmodal table ... --root workdirs/tables` then runs only the jobs that are still missing. Each
 run becomes `ROOT/digits_da/<key>/summary.json` (its final metrics) and a `done` marker holding
 where and how long it ran. Runs made with `:seed=S` and with `--config.seed=S` are the same run
-(both set `config.seed`).
+(both set `config.seed`). `--skip-machine TEXT` leaves out the runs recorded on a machine whose
+description contains TEXT, so that the table tool reruns them here; a job already finished in
+the root is never overwritten.
 """
 
 import argparse
@@ -46,15 +48,22 @@ def arguments(doc: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = arguments(__doc__).parse_args()
+    parser = arguments(__doc__)
+    parser.add_argument(
+        "--skip-machine",
+        help="leave out runs whose machine contains this text (the table tool then reruns them)",
+    )
+    args = parser.parse_args()
     name, table = spec.load(args.table)
     runs = load_runs(args.runs)
     placed = 0
     for job in jobs_lib.expand(table):
         run = runs.get(run_key(job))
-        if run is None:
+        if run is None or (args.skip_machine and args.skip_machine in run.get("machine", "")):
             continue
         workdir = job.workdir(args.root, name)
+        if jobs_lib.status(workdir) == "done":
+            continue  # finished in this root (a rerun): keep it
         os.makedirs(workdir, exist_ok=True)
         summary = {k: v for k, v in run.items() if k.startswith("eval/") or k == "step"}
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -1,0 +1,75 @@
+"""What produced a run: code version, software stack, devices and the exact config.
+
+The trainer writes this beside `summary.json` as `provenance.json`; the table tool copies it into
+each run's record, so every committed figure names the commit, the versions and the machine
+that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of the config's canonical JSON (sorted keys): equal configs, equal hashes."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_state(path: str | None = None) -> dict[str, Any]:
+    """`{'commit': sha or None, 'dirty': bool or None}` of the checkout holding this package."""
+    path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(
+                ["git", "-C", path, *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
+    """The provenance of a run of `config` in this process."""
+    devices = jax.devices()
+    return {
+        "config_hash": config_hash(config),
+        "git": git_state(),
+        "versions": versions(),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "argv": list(sys.argv if argv is None else argv),
+    }

@@ -1,0 +1,112 @@
+"""Run records: one JSON line per finished run of a table, enough to write the table again.
+
+A record holds what defines the run (config file, arguments, seed, overrides, grid point), what
+it reported (`summary.json`, and the eval history of the metrics the table reads, for the
+`source_val` and `oracle` rules), how long it took (the `done` marker) and what produced it
+(`provenance.json`: commit, versions, devices, config hash). `xmodal table` writes
+`NAME.runs.jsonl` beside the table it writes from a root; `xmodal table --records FILE` writes
+the table from that file alone, so a committed table is checked against its committed records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from etils import epath
+
+from xmodal_jax.errors import UserError
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import select
+from xmodal_jax.tables.spec import Table
+from xmodal_jax.train import metrics as metrics_lib
+
+FORMAT = 1
+
+
+def table_metrics(table: Table) -> set[str]:
+    """Every metric a table reads: its columns (as each row names them) and `select_metric`."""
+    keys = {row.metric(col) for row in table.rows for col in table.columns}
+    if table.select_metric:
+        keys.add(table.select_metric)
+    return keys
+
+
+def _read_json(path: epath.Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record(job: jobs_lib.Job, workdir: str, metrics: set[str]) -> dict[str, Any]:
+    """The record of a finished job's workdir."""
+    wd = epath.Path(workdir)
+    history = select.eval_history(metrics_lib.read(workdir))
+    return {
+        "format": FORMAT,
+        "key": job.key,
+        "row": job.row,
+        "config": job.config,
+        "args": dict(job.args),
+        "seed": job.seed,
+        "overrides": dict(job.overrides),
+        "grid_point": dict(job.grid_point),
+        "summary": _read_json(wd / "summary.json"),
+        "history": {
+            str(step): {k: v for k, v in values.items() if k in metrics}
+            for step, values in history.items()
+            if any(k in metrics for k in values)
+        },
+        "done": _read_json(wd / jobs_lib.DONE),
+        "provenance": _read_json(wd / "provenance.json"),
+    }
+
+
+def collect(jobs: Sequence[jobs_lib.Job], root: str, name: str, table: Table) -> list[dict]:
+    """Records of every finished job under `root/name`, sorted by row, seed and key."""
+    metrics = table_metrics(table)
+    out = []
+    for job in jobs:
+        wd = job.workdir(root, name)
+        if jobs_lib.status(wd) == "done":
+            out.append(record(job, wd, metrics))
+    return sorted(out, key=lambda r: (r["row"], r["seed"], r["key"]))
+
+
+def dumps(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def load(path: str) -> list[dict]:
+    """Records of a `NAME.runs.jsonl` file; one clear error for a malformed line."""
+    if not os.path.exists(path):
+        raise UserError(f"--records {path}: no such file; write it with `xmodal table --root`.")
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i} is not a JSON line ({e.msg}).") from None
+            if rec.get("format") != FORMAT or "key" not in rec or "summary" not in rec:
+                raise UserError(f"{path}:{i} is not a run record (format {FORMAT}).")
+            out.append(rec)
+    return out
+
+
+class RecordRuns:
+    """The runs of a records file, looked up by workdir as `aggregate.collect` asks for them
+    (a job's workdir ends in its key)."""
+
+    def __init__(self, records: Sequence[dict]):
+        self.by_key = {r["key"]: r for r in records}
+
+    def status(self, workdir: str) -> str:
+        return "done" if os.path.basename(workdir) in self.by_key else "missing"
+
+    def get(self, workdir: str) -> tuple[dict, dict]:
+        rec = self.by_key[os.path.basename(workdir)]
+        history = {int(step): values for step, values in rec["history"].items()}
+        return rec["summary"], history
