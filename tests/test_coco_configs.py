@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 from xmodal_jax import config as config_lib
 from xmodal_jax.train import trainer
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
+
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 

@@ -11,6 +11,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from xmodal_jax.objectives import contrastive as C
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
+
 N, D = 16, 8
 
 

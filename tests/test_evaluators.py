@@ -14,6 +14,8 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import evaluators, tasks
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
+
 PP = "value_range(0, 1, in_hi=16)|resize(28)|keep('image', 'label')"
 
 

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 CONFIG = os.path.join(ROOT, "experiments", "digits", "source_only.py") + ":direction=m2u"

@@ -21,6 +21,7 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import checkpoint, optim, tasks, trainer
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 10  # the kill comes after the checkpoint of step N; both runs end at 2N
 # The digits source-only recipe, tracking the best target accuracy; on 8 devices with FSDP

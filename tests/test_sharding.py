@@ -14,6 +14,8 @@ from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.parallel import sharding
 from xmodal_jax.train import optim, tasks, trainer
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
+
 MODELS = {
     "vit_ti": {
         "name": "vit_ti16",

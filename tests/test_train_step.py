@@ -10,6 +10,8 @@ from xmodal_jax.config import parse_arg
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import optim, tasks, trainer
 
+pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
+
 
 def _config():
     import ml_collections

@@ -180,7 +180,7 @@ def _build_tower(kind: str, opts: dict[str, Any], seed: int, dummy: np.ndarray) 
     variables = None
     if opts["locked"]:  # a locked tower without weights is a fixed random feature map
         rng = jax.random.key(seed)
-        variables = jax.tree.map(np.asarray, nn.unbox(dict(module.init(rng, dummy))))
+        variables = jax.tree.map(np.asarray, nn.unbox(dict(jax.jit(module.init)(rng, dummy))))
     return Tower(kind, module, variables, opts, tok)
 
 
