@@ -1,4 +1,6 @@
-"""The quick start config end to end (real pretrained towers, real data) with tiny settings."""
+"""The quick start config end to end (real pretrained towers, real data) on a quarter of the data:
+every metric is written, and zero-shot beats the permuted-names control (the full run's margin is
+checked by the slow tier)."""
 
 import json
 import os
@@ -10,12 +12,12 @@ from xmodal_jax import main
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py")
 TINY = ",".join(
     [
-        "steps=3",
-        "splits=2",
-        "batch_size=64",
-        "train_split=train[:3%]",
+        "steps=400",
+        "splits=5",
+        "batch_size=256",
+        "train_split=train[:25%]",
         "val_split=train[97%:]",
-        "test_split=test[:10%]",
+        "test_split=test[:25%]",
     ]
 )
 
@@ -26,7 +28,7 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path, monkeypatch):
     result = main.run(["train", "--config", f"{QUICKSTART}:{TINY}", "--workdir", workdir])
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["step"] == 3
+    assert summary["step"] == 400
     for key in (
         "eval/seen/accuracy",
         "eval/zeroshot_unseen/accuracy",
@@ -39,11 +41,15 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path, monkeypatch):
     ):
         assert 0.0 <= summary[key] <= 1.0, key
         assert summary[key] == result[key]
-    per_split = [summary[f"eval/zeroshot_unseen/split_{k}/accuracy"] for k in range(2)]
+    per_split = [summary[f"eval/zeroshot_unseen/split_{k}/accuracy"] for k in range(5)]
     assert np.mean(per_split) == summary["eval/zeroshot_unseen/accuracy"]
+    # The class names' meaning carries over to unseen classes: zero-shot beats the same heads
+    # trained on deranged names (0.424 vs 0.314 on this setting when written; chance 0.333).
+    unseen, control = (summary[f"eval/zeroshot_unseen{s}/accuracy"] for s in ("", "_control"))
+    assert unseen >= control + 0.05 and unseen > summary["eval/zeroshot_unseen/chance"]
     # Cached: MobileNetV2 features of the train, validation and test splits, and the MiniLM
     # embeddings of the class prompts.
     entries = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
     assert sorted(e.get("split", e.get("kind")) for e in entries) == sorted(
-        ["train[:3%]", "train[97%:]", "test[:10%]", "class_prompts"]
+        ["train[:25%]", "train[97%:]", "test[:25%]", "class_prompts"]
     )

@@ -2,8 +2,8 @@
 
 Every config here starts from the quick start (`experiments/quickstart.py`): ImageNet
 MobileNetV2 on inverted 112 px silhouettes, MiniLM-L6 on class-name prompts, the same seeded
-seen/unseen splits, SigLIP, Adam. Each changes one thing; a trained tower is shared by all
-heads of a run, so configs that train a tower run one split (`split=k`) per run.
+seen/unseen splits, loss and step count, Adam. Each changes one thing; a trained tower is
+shared by all heads of a run, so configs that train a tower run one split (`split=k`) per run.
 """
 
 import os
@@ -29,12 +29,11 @@ def base_config(
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The quick start config and the parsed `arg`: the quick start's arguments (`steps`,
     `splits`, `batch_size`), `split` (one split only), `loss`, plus `defaults`."""
-    known = {"steps": 400, "splits": 5, "split": -1, "batch_size": 256, "loss": "siglip"}
-    known.update(defaults)
+    known = {k: quickstart.DEFAULTS[k] for k in ("steps", "splits", "batch_size", "loss")}
+    known.update({"split": -1, **defaults})
     args = parse_arg(arg, **known)
-    forwarded = ",".join(f"{k}={args[k]}" for k in ("steps", "splits", "batch_size"))
+    forwarded = ",".join(f"{k}={args[k]}" for k in ("steps", "splits", "batch_size", "loss"))
     c = quickstart.get_config(forwarded)
-    c.model.loss.name = args.loss
     if args.split >= 0:  # one split: its main head only
         c.heads = {"unseen": (quickstart.unseen_splits(args.split + 1)[args.split],)}
         c.evals = {k: c.evals[k] for k in ("seen", "zeroshot_unseen")}

@@ -1,0 +1,79 @@
+"""Regression tier (`make test-slow`): reruns headline runs from their committed records and
+requires the same figures on the pinned software stack.
+
+Each case names a committed table record (table, row, seed, config arguments); the run is
+repeated with exactly the record's config, arguments, seed and overrides, and every metric the
+table reads must equal the record's to 1e-6. A record made on another machine or software stack
+(its provenance says so) is not comparable bit for bit and is skipped with the reason.
+"""
+
+import json
+import os
+
+import pytest
+
+from xmodal_jax import main, provenance
+from xmodal_jax.tables import records, spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "tables", "results")
+
+# (table, row label, seed, config arguments of the column)
+CASES = [
+    ("animals_zeroshot", "quick start (CLIP, towers locked)", 0, {}),
+    ("digits_da", "source_only", 2, {"direction": "m2u"}),
+    ("digits_da", "dann", 2, {"direction": "m2u"}),
+]
+
+
+def _record(table: str, row: str, seed: int, args: dict) -> dict:
+    path = os.path.join(RESULTS, f"{table}.runs.jsonl")
+    found = [
+        r for r in records.load(path) if r["row"] == row and r["seed"] == seed and r["args"] == args
+    ]
+    assert len(found) == 1, f"{table}: {len(found)} records of {row!r} seed {seed} {args}"
+    return found[0]
+
+
+def _comparable(rec: dict) -> str | None:
+    """Why the record cannot be reproduced bit for bit here, or None."""
+    prov = rec.get("provenance") or {}
+    here = provenance.versions()
+    if prov:
+        theirs = prov.get("versions", {})
+        for pkg in ("jax", "jaxlib", "flax", "optax"):
+            if theirs.get(pkg) != here[pkg]:
+                return f"recorded with {pkg} {theirs.get(pkg)}, here {here[pkg]}"
+        if prov.get("platform") != "cpu":
+            return f"recorded on {prov.get('platform')}"
+        return None
+    machine = (rec.get("done") or {}).get("machine", "")
+    if "CPU" not in machine or f"jax {here['jax']}" not in machine:
+        return f"recorded on {machine or 'an unrecorded machine'}"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}:{c[1]}:{c[2]}" for c in CASES])
+def test_rerun_equals_its_record(case, tfds_dir, tmp_path, monkeypatch):
+    table_name, row, seed, args = case
+    rec = _record(table_name, row, seed, args)
+    reason = _comparable(rec)
+    if reason:
+        pytest.skip(f"not comparable bit for bit: {reason}")
+    _, table = spec.load(os.path.join(ROOT, "experiments", "tables", f"{table_name}.py"))
+    monkeypatch.chdir(ROOT)
+    workdir = str(tmp_path / "run")
+    cfg = rec["config"] + (":" + ",".join(f"{k}={v}" for k, v in rec["args"].items()))
+    argv = ["train", "--config", cfg.rstrip(":"), "--workdir", workdir, f"--config.seed={seed}"]
+    argv += [f"--config.{k}={v}" for k, v in rec["overrides"].items()]
+    main.run(argv)
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    keys = sorted(records.table_metrics(table) & set(rec["summary"]))
+    assert keys
+    for key in keys:
+        assert summary[key] == pytest.approx(rec["summary"][key], abs=1e-6), key
+    if table_name == "animals_zeroshot":  # the quick start's headline claim, not only its value
+        unseen = summary["eval/zeroshot_unseen/accuracy"]
+        assert unseen >= summary["eval/zeroshot_unseen_control/accuracy"] + 0.10
