@@ -1,0 +1,42 @@
+"""Every committed table is what its committed run records give (`make tables`), and every
+table embedded in a document is that table, verbatim."""
+
+import glob
+import os
+
+import pytest
+
+from xmodal_jax.tables import cli, embed, records, spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "tables", "results")
+TABLES = sorted(
+    os.path.basename(p)[: -len(".md")] for p in glob.glob(os.path.join(RESULTS, "*.md"))
+)
+TABLES = [t for t in TABLES if t != "README"]
+
+
+def test_there_are_committed_tables():
+    assert len(TABLES) >= 2
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_committed_table_equals_what_its_records_give(name):
+    path = os.path.join(RESULTS, f"{name}.runs.jsonl")
+    assert os.path.exists(path), f"{name}.md has no records ({name}.runs.jsonl)"
+    recs = records.load(path)
+    assert recs and all(r["summary"] and r["done"] for r in recs)
+    _, table = spec.load(os.path.join(ROOT, "experiments", "tables", f"{name}.py"))
+    texts = cli.table_texts(table, name, None, runs=records.RecordRuns(recs))
+    for ext, text in texts.items():
+        with open(os.path.join(RESULTS, f"{name}.{ext}")) as f:
+            assert f.read() == text, f"{name}.{ext} differs from its records: run make tables"
+
+
+@pytest.mark.parametrize("doc", embed.DOCUMENTS)
+def test_embedded_tables_are_current(doc):
+    path = os.path.join(ROOT, doc)
+    with open(path) as f:
+        text = f.read()
+    assert embed.count(text) >= 1, f"{doc} is listed as embedding tables but has no marker"
+    assert embed.embed(text, ROOT) == text, f"{doc} embeds a stale table: run make tables"
