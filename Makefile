@@ -37,7 +37,7 @@ test: install
 # The regression tier: headline runs repeated from their committed records
 # (tests/test_regression.py), and the long runs.
 test-slow: install
-	$(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0
+	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0
 
 # Every committed table, written again from its committed run records (NAME.runs.jsonl).
 tables: install

@@ -10,6 +10,7 @@ table reads must equal the record's to 1e-6. A record made on another machine or
 import json
 import os
 
+import jax
 import pytest
 
 from xmodal_jax import main, provenance
@@ -46,6 +47,8 @@ def _comparable(rec: dict) -> str | None:
                 return f"recorded with {pkg} {theirs.get(pkg)}, here {here[pkg]}"
         if prov.get("platform") != "cpu":
             return f"recorded on {prov.get('platform')}"
+        if prov.get("device_count") != jax.device_count():
+            return f"recorded on {prov.get('device_count')} devices, here {jax.device_count()}"
         return None
     machine = (rec.get("done") or {}).get("machine", "")
     if "CPU" not in machine or f"jax {here['jax']}" not in machine:
