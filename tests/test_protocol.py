@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 from test_animals_configs import tiny
-from twotower_testing import tiny_config
+from twotower_testing import tiny_config, train_steps
 
 from xmodal_jax import config as config_lib
-from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import tasks
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
@@ -98,21 +97,6 @@ TINY_RESNET = {
 }
 
 
-def _train(c, steps: int = 2):
-    mesh = mesh_lib.make_mesh(c.mesh)
-    task = tasks.build(c)
-    tx, lr_fn = optim.build(c)
-    it = task.train_iterator(0, 1)
-    batch = mesh_lib.global_batch(next(it), mesh)
-    init_fn, abstract = trainer.init_state(c, task, tx, mesh, batch)
-    state = init_fn(batch)
-    before = jax.device_get((state.params, state.model_state))
-    step = trainer.compile_train_step(c, task, tx, lr_fn, abstract, mesh, batch)
-    for _ in range(steps):
-        state, _ = step(state, mesh_lib.global_batch(next(it), mesh))
-    return task, before, jax.device_get((state.params, state.model_state))
-
-
 def _identical(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
@@ -126,7 +110,7 @@ def test_a_locked_tower_is_bit_identical_after_training(how, tfds_dir, tmp_path,
     c.data.pp = "flip_lr|" + c.data.pp  # random: the locked tower runs in the step, uncached
     if how == "lit_rule":
         c.transfer = "lit"  # frozen by an Optax rule, not by the task's lock
-    task, (p0, s0), (p1, s1) = _train(c)
+    task, (p0, s0), (p1, s1) = train_steps(c)
     assert not task.image_cached
     if how == "locked":
         img0, img1 = s0["frozen"]["img"], s1["frozen"]["img"]

@@ -3,8 +3,10 @@ requires the same figures on the pinned software stack.
 
 Each case names a committed table record (table, row, seed, config arguments); the run is
 repeated with exactly the record's config, arguments, seed and overrides, and every metric the
-table reads must equal the record's to 1e-6. A record made on another machine or software stack
-(its provenance says so) is not comparable bit for bit and is skipped with the reason.
+table reads must equal the record's to 1e-6. A case whose record was made on another machine,
+device count or software stack (its provenance says so) fails with the reason: such a record is
+stale here, and is to be rerun, not compared loosely. Digits source-only is not a case yet: all
+its records come from a GPU host (the digits table is to be rerun on this stack).
 """
 
 import json
@@ -22,7 +24,6 @@ RESULTS = os.path.join(ROOT, "experiments", "tables", "results")
 # (table, row label, seed, config arguments of the column)
 CASES = [
     ("animals_zeroshot", "quick start (CLIP, towers locked)", 0, {}),
-    ("digits_da", "source_only", 2, {"direction": "m2u"}),
     ("digits_da", "dann", 2, {"direction": "m2u"}),
 ]
 
@@ -63,7 +64,7 @@ def test_rerun_equals_its_record(case, tfds_dir, tmp_path, monkeypatch):
     rec = _record(table_name, row, seed, args)
     reason = _comparable(rec)
     if reason:
-        pytest.skip(f"not comparable bit for bit: {reason}")
+        pytest.fail(f"the record is not comparable bit for bit here: {reason}; rerun it")
     _, table = spec.load(os.path.join(ROOT, "experiments", "tables", f"{table_name}.py"))
     monkeypatch.chdir(ROOT)
     workdir = str(tmp_path / "run")

@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from twotower_testing import losses, read_metrics, tiny_config
+from twotower_testing import losses, read_metrics, tiny_config, train_steps
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import class_contrastive as cc
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import tasks, trainer
 from xmodal_jax.train.two_tower_heads import make_heads
 
 NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -160,19 +159,8 @@ def test_itm_head_trains_beside_the_contrastive_loss(tfds_dir, tmp_path):
 def test_lit_by_optax_rule_keeps_the_image_tower_fixed(tfds_dir):
     c = tiny_config(lock_image=False, lock_text=False)
     c.transfer = "lit"  # freezes params['img'] by the Optax rule instead of the task's lock
-    mesh = mesh_lib.make_mesh(c.mesh)
-    task = tasks.build(c)
-    tx, lr_fn = optim.build(c)
-    it = task.train_iterator(0, 1)
-    batch = mesh_lib.global_batch(next(it), mesh)
-    init_fn, abstract = trainer.init_state(c, task, tx, mesh, batch)
-    state = init_fn(batch)
-    before = jax.device_get(state.params)
+    _, (before, _), (after, _) = train_steps(c)
     assert set(before) == {"img", "txt", "heads"}
-    step = trainer.compile_train_step(c, task, tx, lr_fn, abstract, mesh, batch)
-    for _ in range(2):
-        state, _ = step(state, mesh_lib.global_batch(next(it), mesh))
-    after = jax.device_get(state.params)
     same = jax.tree.map(np.array_equal, before["img"], after["img"])
     assert all(jax.tree.leaves(same))
     changed = lambda k: any(

@@ -70,3 +70,24 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def losses(workdir: str) -> list[float]:
     return [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def train_steps(c: ml_collections.ConfigDict, steps: int = 2):
+    """`(task, (params, model_state) before, after)` of `steps` trainer steps of config `c`."""
+    import jax
+
+    from xmodal_jax.parallel import mesh as mesh_lib
+    from xmodal_jax.train import optim, tasks, trainer
+
+    mesh = mesh_lib.make_mesh(c.mesh)
+    task = tasks.build(c)
+    tx, lr_fn = optim.build(c)
+    it = task.train_iterator(0, 1)
+    batch = mesh_lib.global_batch(next(it), mesh)
+    init_fn, abstract = trainer.init_state(c, task, tx, mesh, batch)
+    state = init_fn(batch)
+    before = jax.device_get((state.params, state.model_state))
+    step = trainer.compile_train_step(c, task, tx, lr_fn, abstract, mesh, batch)
+    for _ in range(steps):
+        state, _ = step(state, mesh_lib.global_batch(next(it), mesh))
+    return task, before, jax.device_get((state.params, state.model_state))
