@@ -16,8 +16,6 @@ import numpy as np
 from xmodal_jax.bench import measure, runner, workloads
 from xmodal_jax.models import zoo
 
-ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise")
-
 
 def _first_updates(name: str, sz: dict, **variant: Any) -> tuple[Any, float, Any]:
     """Parameter change of one train step from the shared initial state, and the step's
@@ -93,7 +91,7 @@ def mobilenet_forward(args) -> dict[str, float]:
 
 
 def run(name: str, args, peaks: dict) -> dict[str, Any]:
-    """Runs the ablation `name` (one of `ABLATIONS`)."""
+    """Runs the ablation `name` (one of `names.ABLATIONS`)."""
     if name == "depthwise":
         return depthwise_ablation(args)
     variants = {

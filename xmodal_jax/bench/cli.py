@@ -17,13 +17,10 @@ import argparse
 import json
 from typing import Any
 
-import jax.numpy as jnp
-
-from xmodal_jax.bench import ablations, ceilings, pipelines, report, runner, workloads
+from xmodal_jax.bench.names import ABLATIONS, STEPS
 from xmodal_jax.errors import UserError
 
-WORKLOADS = (*workloads.STEPS, "pipeline")
-ABLATIONS = ablations.ABLATIONS
+WORKLOADS = (*STEPS, "pipeline")
 
 
 def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -64,6 +61,10 @@ def run(argv: list[str]) -> dict[str, Any]:
             if args.ablations == "all"
             else _names(args.ablations, ABLATIONS, "ablations")
         )
+    import jax.numpy as jnp  # after parsing: `--help` and a bad argument need no JAX
+
+    from xmodal_jax.bench import ablations, ceilings, pipelines, report, runner
+
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     results: dict[str, Any] = {
         "machine": runner.machine(),

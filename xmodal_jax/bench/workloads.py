@@ -24,8 +24,6 @@ from xmodal_jax.train import optim, trainer
 from xmodal_jax.train.domain_adaptation import DomainAdaptation
 from xmodal_jax.train.tasks import Classification
 
-STEPS = ("clip", "resnet50", "mnv2_dann")
-
 # Full sizes: ViT-B/16 + CLIP text (Radford et al. 2021, Table 20), ResNet-50 at 224 px,
 # MobileNetV2 at 96 px. Batches are the CPU defaults (`--batch` scales them for accelerators).
 _FULL = {

@@ -1,0 +1,5 @@
+"""The names of the benchmark's workloads and ablations, apart from their code: `xmodal bench`
+parses its arguments (and answers `--help`) from these before it imports JAX."""
+
+STEPS = ("clip", "resnet50", "mnv2_dann")  # train steps, defined in `workloads`
+ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise")  # defined in `ablations`
