@@ -65,6 +65,16 @@ def load(spec: str) -> ml_collections.ConfigDict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         mod_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(
+            f"Config file {path!r} has a syntax error at line {e.lineno}: {e.msg}; fix the file."
+        ) from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a config's top level raises
+        raise UserError(
+            f"Config file {path!r} fails to load: {_one_line(e)}; fix the file."
+        ) from None
     finally:
         sys.path.pop(0)
     if not hasattr(module, "get_config"):
@@ -72,15 +82,45 @@ def load(spec: str) -> ml_collections.ConfigDict:
     takes_arg = bool(inspect.signature(module.get_config).parameters)
     if arg and not takes_arg:
         raise UserError(f"Config file {path!r} takes no argument, but ':{arg}' was given.")
-    config = module.get_config(arg or None) if takes_arg else module.get_config()
+    try:
+        config = module.get_config(arg or None) if takes_arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config rejecting its argument raises anything
+        raise UserError(
+            f"{spec}: get_config({arg or ''!r}) failed: {_one_line(e).rstrip('.')}; check "
+            "the arguments after ':'."
+        ) from None
     validate(config, path)
     return config
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
 def validate(config: ml_collections.ConfigDict, path: str = "config") -> None:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise UserError(f"{path} lacks the required keys {missing} (see docs/DESIGN.md §4).")
+
+
+# The smallest value each count may take (0 for "only at the end").
+_MINIMUM = {"total_steps": 1, "batch_size": 1, "log_every": 1, "eval_every": 0,
+            "checkpoint_every": 0, "keep_checkpoints": 1}  # fmt: skip
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Rejects counts and rates no run can use (`total_steps=0`, `log_every=0`, a negative
+    `batch_size`, ...), before any work: one UserError naming the key and what it must be."""
+    for key, low in _MINIMUM.items():
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            what = "a positive integer" if low else "an integer >= 0 (0: only at the end)"
+            raise UserError(f"config.{key}={value!r} must be {what}; set e.g. --config.{key}=100.")
+    lr = config.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < float("inf"):
+        raise UserError(f"config.lr={lr!r} must be a number >= 0; set e.g. --config.lr=0.01.")
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

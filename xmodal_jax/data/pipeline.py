@@ -54,6 +54,11 @@ def source(name: str, split: str, path: str | None = None):
             b.download_and_prepare()
         except FileExistsError:  # another process of a multi-process job finished it first
             b = builder(name, path)
+        except OSError as e:  # the data dir is read-only, under a file, full, ...
+            raise UserError(
+                f"Cannot prepare dataset {name!r} in {data_dir(path)} ({e.strerror or e}); set "
+                "TFDS_DATA_DIR to a directory this user can write."
+            ) from None
     known = list(b.info.splits)  # empty for catalogue datasets that are not prepared (or mocked)
     if not known and getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
         raise UserError(

@@ -101,8 +101,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         return dict(safetensors.numpy.load_file(path))
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except ValueError as e:  # object arrays (pickles) are refused, or not a .npz at all
+            raise UserError(
+                f"{path!r} cannot be read as numeric arrays ({e}); save it with np.savez and "
+                "numeric arrays only (object arrays are pickles, which are never loaded)."
+            ) from None
     if torch_pickle.is_torch_checkpoint(path):
         return _state_dict_of(torch_pickle.load(path), path)
     raise UserError(
