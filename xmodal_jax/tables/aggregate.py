@@ -2,8 +2,9 @@
 
 A cell is one row x one column. Every seed the table asks for is accounted for: finished and
 reported, finished without the metric ('not reported'), or not finished ('missing': never run,
-failed or still running). With a grid, the grid point with the best mean selection score over
-its finished seeds fills the cell (DomainBed's protocol), and the cell records which one.
+failed, still running, or stopped before the end). With a grid, the grid point with the best
+mean selection score over its finished seeds fills the cell (DomainBed's protocol), and the cell
+records which one.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Runs every unfinished job of the table (K at a time, each in `DIR/NAME/<hash>`),
 `NAME.md`, `NAME.tex` and `NAME.csv` (into `--out`, default DIR). `--dry-run` prints the job
 commands, one shell line each, and runs nothing; `--only REGEX` and `--seeds S,...` restrict the
 jobs to some rows and seeds (the table still shows every finished run). A job another command is
-running (its workdir lock is held) is skipped. Exits non-zero when a job failed. A root on
-`gs://` takes `--dry-run` (commands for a cluster, whose jobs write there) and `--collect-only`.
+running (its workdir lock is held) is skipped. Exits 2 when a job failed, 75 when a job was
+preempted (it resumes on the next run). A root on `gs://` takes `--dry-run` (commands for a
+cluster, whose jobs write there) and `--collect-only`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import shlex
 import sys
 
-from xmodal_jax.errors import UserError
+from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.tables import aggregate, render, runner, spec
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import records as records_lib
@@ -46,7 +47,9 @@ _REMOTE_TOUCH = "import sys; from etils import epath; epath.Path(sys.argv[1]).wr
 
 
 def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
-    """One shell line per unfinished job: the train command, then the `done` marker."""
+    """One shell line per unfinished job: the train command, then the `done` marker, written
+    only when the command exits 0 (finished): a preempted job (exit 75) stays unfinished and a
+    later dry run prints it again, to resume it."""
     lines = []
     for job in jobs:
         wd = job.workdir(root, name)
@@ -144,9 +147,13 @@ def run(argv: list[str]) -> dict:
     if args.dry_run:
         lines = dry_run_lines(jobs, args.root, name)
         print("\n".join(lines))
-        print(f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run).", file=sys.stderr)
+        print(
+            f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run). A line exits "
+            f"{EXIT_PREEMPTED} when its job is preempted (saved, not done): run it again.",
+            file=sys.stderr,
+        )
         return {"jobs": len(jobs), "to_run": len(lines)}
-    outcome = {"skipped": [], "done": [], "failed": [], "busy": []}
+    outcome = {"skipped": [], "done": [], "failed": [], "preempted": [], "busy": []}
     if not args.collect_only and metrics_lib.is_remote(args.root):
         raise UserError(
             f"--root {args.root}: jobs run here need a local root (their locks and logs are "
@@ -164,5 +171,10 @@ def run(argv: list[str]) -> dict:
         raise UserError(
             f"{len(outcome['failed'])} of {len(jobs)} jobs failed (the table marks them "
             f"missing); their logs: {logs}. Rerun the same command to retry them."
+        )
+    if outcome["preempted"]:
+        raise Preempted(
+            f"{len(outcome['preempted'])} of {len(jobs)} jobs were preempted (saved; the table "
+            "marks them missing). Rerun the same command to resume them."
         )
     return result

@@ -9,7 +9,6 @@ every config has (docs/DESIGN.md §4).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -22,8 +21,9 @@ from etils import epath
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables.spec import Row, Table, parse_args
 from xmodal_jax.train import metrics as metrics_lib
+from xmodal_jax.train import workdir_lock
 
-DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", "lock"
+DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", workdir_lock.LOCK
 
 
 def value_text(value: Any) -> str:
@@ -129,28 +129,17 @@ def check_configs(jobs: list[Job], table_path: str) -> None:
 
 
 def locked(workdir: str) -> bool:
-    """Whether a process (a table command or its trainer) holds the workdir's lock. Locks are
-    local `flock`s: on a remote root (never run by this machine's runner) nothing is locked."""
-    if metrics_lib.is_remote(workdir):
-        return False
-    path = os.path.join(workdir, LOCK)
-    if not os.path.exists(path):
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    """Whether a process (a table command, or `xmodal train`/`eval`) holds the workdir's lock:
+    a local `flock`, or a live lease on a remote root (`workdir_lock`)."""
+    return workdir_lock.holder(workdir) is not None
 
 
 def status(workdir: str) -> str:
-    """'done' (the `done` marker), 'failed' (the `failed` marker), 'running' (its lock is held),
-    'unfinished' (started, then stopped before the end) or 'missing' (never started)."""
+    """'done' (the `done` marker and `summary.json`), 'failed' (the `failed` marker), 'running'
+    (its lock is held), 'unfinished' (started, then stopped before the end: preempted, killed,
+    or a `done` marker without a summary) or 'missing' (never started)."""
     path = epath.Path(workdir)
-    if (path / DONE).exists():
+    if (path / DONE).exists() and (path / "summary.json").exists():
         return "done"
     if (path / FAILED).exists():
         return "failed"

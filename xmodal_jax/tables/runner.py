@@ -3,23 +3,28 @@
 A job whose workdir holds the `done` marker is skipped; any other job is (re)started in its
 workdir, where the trainer resumes from its latest checkpoint. Output goes to the workdir's
 `log.txt` (appended, so the log of a failed attempt is kept); a failure writes the `failed`
-marker with the exit status and does not stop the other jobs. A running job holds an exclusive
-lock on its workdir's `lock` file (shared with its trainer process, so the lock lasts as long as
-either lives): a second table command on the same root skips it instead of running it twice.
+marker with the exit status and does not stop the other jobs. A job that exits with the
+preemption code (75: stopped by a signal after saving) gets no marker: it is unfinished, and the
+next command resumes it. A running job holds an exclusive lock on its workdir's `lock` file
+(`workdir_lock`; handed to its trainer process, so the lock lasts as long as either lives): a
+second table command on the same root, or an `xmodal train` there, is refused instead of running
+it twice. Ctrl-C or SIGTERM stops the running jobs (each saves) and raises `Preempted`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
+from xmodal_jax.errors import EXIT_PREEMPTED, Preempted
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.train import workdir_lock
 
 # The program a job runs; tests replace it with a fake trainer.
 PROGRAM: list[str] = [sys.executable, "-m", "xmodal_jax.main"]
@@ -33,14 +38,7 @@ def _write(path: str, obj: dict) -> None:
 
 def _lock(workdir: str) -> int | None:
     """An open file descriptor holding the workdir's lock, or None if another process has it."""
-    os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, jobs_lib.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return workdir_lock.flock(os.path.join(workdir, jobs_lib.LOCK), "xmodal table")
 
 
 def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Popen, float]:
@@ -58,15 +56,23 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             pass_fds=(lock_fd,),  # the trainer keeps the lock if this process dies first
+            env={**os.environ, workdir_lock.FD_ENV: str(lock_fd)},  # ... and knows it is its own
         )
     return proc, time.monotonic()
 
 
-def _finish(workdir: str, rc: int, wall_s: float) -> bool:
+def _finish(workdir: str, rc: int, wall_s: float) -> str:
+    """'done', 'preempted' (no marker: the job is unfinished) or 'failed'; writes the marker."""
+    if rc == EXIT_PREEMPTED:
+        return "preempted"
     info = {"rc": rc, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     ok = rc == 0 and os.path.exists(os.path.join(workdir, "summary.json"))
     _write(os.path.join(workdir, jobs_lib.DONE if ok else jobs_lib.FAILED), info)
-    return ok
+    return "done" if ok else "failed"
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the jobs as Ctrl-C does
 
 
 def run(
@@ -76,8 +82,11 @@ def run(
     report: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, list[str]]:
     """Runs the unfinished jobs, `parallel` at a time; returns workdirs by outcome
-    ('skipped', 'done', 'failed', 'busy': run by another process)."""
-    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "busy": []}
+    ('skipped', 'done', 'failed', 'preempted': stopped by a signal, saved; 'busy': run by
+    another process). Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs
+    save first)."""
+    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "preempted": [],
+                                 "busy": []}  # fmt: skip
     todo = []
     for job, wd in zip(jobs, workdirs, strict=True):
         if jobs_lib.status(wd) == "done":
@@ -88,6 +97,8 @@ def run(
         report(f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped).")
     running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float, int]] = {}
     total, finished = len(todo), 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         while todo or running:
             while todo and len(running) < max(1, parallel):
@@ -114,16 +125,26 @@ def run(
                 del running[wd]
                 finished += 1
                 wall = time.monotonic() - t0
-                ok = _finish(wd, rc, wall)
+                outcome = _finish(wd, rc, wall)
                 os.close(fd)
-                out["done" if ok else "failed"].append(wd)
-                what = "done" if ok else f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})"
+                out[outcome].append(wd)
+                what = {
+                    "done": "done",
+                    "preempted": f"preempted (exit {rc}; saved, resumes on the next run)",
+                    "failed": f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})",
+                }[outcome]
                 report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
     except KeyboardInterrupt:
-        # SIGTERM makes the trainer save a checkpoint and exit: the next run resumes.
+        # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes.
         for _, proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
         for _, proc, _, _ in running.values():
             proc.wait()
-        raise
+        raise Preempted(
+            f"stopped; {len(running)} running job(s) saved and {len(todo)} not started. Rerun "
+            "the same command to resume them."
+        ) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return out
