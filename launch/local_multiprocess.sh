@@ -11,8 +11,12 @@
 # XMODAL_PROCESS_ID, which xmodal_jax/parallel/distributed.py reads. Output of all copies is
 # interleaved on this terminal. Waits for all; when one fails the others are stopped (SIGTERM,
 # then SIGKILL after XMODAL_KILL_GRACE seconds, default 10) and the exit status is that of the
-# first failure. SIGINT/SIGTERM to this script are passed on to every copy.
+# first failure. SIGINT/SIGTERM to this script are passed on to every copy as SIGTERM: each saves
+# a checkpoint and exits 75 (preempted), and so does this script; rerun it to resume. A copy
+# that exits 75 does not stop the others (they stop together, after saving their part).
 set -euo pipefail
+
+preempted=75 # xmodal's exit status after saving on SIGTERM (docs/DESIGN.md §4)
 
 usage() {
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS -- COMMAND [ARGS...]" >&2
@@ -103,7 +107,7 @@ while ((running > 0)); do
     running=$((running - 1))
     if ((rc != 0 && status == 0)); then
       status=$rc
-      if ((running > 0)); then
+      if ((running > 0 && rc != preempted)); then
         echo "$0: process $i exited with status $rc; stopping the others." >&2
         stop_rest
       fi
