@@ -7,23 +7,63 @@
                  [--select last|source_val|oracle]
     xmodal bench [--small] [--json PATH]
 
-A train run in a workdir that holds checkpoints resumes from the latest one.
+A train run in a workdir that holds checkpoints resumes from the latest one. Exit codes: 0
+finished, 2 bad input (one line says what to fix), 3 training diverged, 75 preempted (saved;
+rerun the same command to resume), 130 aborted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from xmodal_jax.errors import UserError
+from xmodal_jax import __version__
+from xmodal_jax.errors import (
+    EXIT_ABORTED,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    Preempted,
+    UserError,
+)
+
+_TRAIN_EPILOG = f"""\
+overrides:
+  --config.KEY=VALUE    set any key the config defines, keeping its type
+                        (--config.lr=0.05, --config.optimizer.momentum=0.8)
+
+resuming:
+  A train in a workdir that holds checkpoints resumes from the newest readable one;
+  a larger --config.total_steps continues a finished run. One command at a time may
+  use a workdir (a second one is refused, naming the holder).
+
+stopping:
+  SIGTERM or Ctrl-C saves after the current step and exits {EXIT_PREEMPTED}; rerun the same
+  command to resume. A second Ctrl-C aborts at once without saving.
+
+exit codes:
+  0 finished (total_steps reached, summary.json written), {EXIT_USER_ERROR} bad input,
+  {EXIT_DIVERGED} diverged, {EXIT_PREEMPTED} preempted (not finished: rerun to resume), \
+{EXIT_ABORTED} aborted
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmodal", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"xmodal {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for verb, text in (("train", "train (or resume) a config"), ("eval", "evaluate a workdir")):
-        p = verbs.add_parser(verb, help=text)
+    for verb, text, epilog in (
+        ("train", "train (or resume) a config", _TRAIN_EPILOG),
+        ("eval", "evaluate a workdir's latest checkpoint", None),
+    ):
+        p = verbs.add_parser(
+            verb,
+            help=text,
+            description=text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            usage=f"xmodal {verb} --config X.py[:k=v,...] --workdir DIR [--config.KEY=VALUE ...]",
+        )
         p.add_argument("--config", required=True, help="experiments/X.py[:k=v,...]")
         p.add_argument("--workdir", required=True, help="where checkpoints and logs go")
     p = verbs.add_parser("convert", help="convert a foreign checkpoint for pretrained.load")
@@ -65,28 +105,57 @@ def run(argv: list[str]) -> dict:
 
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, rest)
-    import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
-    from xmodal_jax.train import metrics, trainer
+    config_lib.check_values(config)
+    import jax
+
+    from xmodal_jax.train import metrics
 
     workdir = metrics.workdir_path(args.workdir)  # local (made absolute) or gs://...
+    if jax.process_count() == 1:  # answered before the slow imports below; the trainer
+        _preflight(args.verb, workdir)  # checks again, on every process count
+    import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
+    from xmodal_jax.train import trainer
+
     if args.verb == "train":
         results = trainer.train_and_evaluate(config, workdir)
     else:
         results = trainer.evaluate(config, workdir)
-    print(json.dumps(results, indent=1, sort_keys=True))
-    print(f"Results in {workdir}: summary.json, metrics.jsonl, plots/, checkpoints/")
+    names = ("summary.json", "metrics.jsonl", "plots/", "checkpoints/")
+    written = [n for n in names if (workdir / n.rstrip("/")).exists()]
+    if written:
+        print(f"Results in {workdir}: {', '.join(written)} (all metrics in summary.json).")
     return results
 
 
+def _preflight(verb: str, workdir) -> None:
+    """The workdir's cheap checks: usable, and not in use by another command."""
+    from xmodal_jax.train import metrics, workdir_lock
+
+    if verb == "train":
+        metrics.check_train_workdir(workdir)
+        workdir_lock.WorkdirLock(workdir, "xmodal train").check_free()
+    else:
+        metrics.check_eval_workdir(workdir)
+        workdir_lock.WorkdirLock(workdir, "xmodal eval").check_free()
+        metrics.check_has_checkpoints(workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `xmodal` program: runs `argv` and maps what stopped it to the exit code."""
     try:
         run(sys.argv[1:] if argv is None else argv)
     except (UserError, FileNotFoundError) as e:
         print(f"xmodal: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except FloatingPointError as e:
         print(f"xmodal: training diverged: {e}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
+    except Preempted as e:
+        print(f"xmodal: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("\nxmodal: interrupted; nothing was saved.", file=sys.stderr)
+        return EXIT_ABORTED
     return 0
 
 

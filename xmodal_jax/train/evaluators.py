@@ -7,6 +7,7 @@ sums (so padding and several hosts are handled exactly), and reports `eval/<name
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -286,13 +287,35 @@ def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
     return names
 
 
-def run_all(evaluators: Mapping[str, Any], variables) -> dict[str, float]:
-    """Flat `eval/<name>/<metric>` dict."""
-    return {
-        f"eval/{name}/{k}": v
-        for name, ev in evaluators.items()
-        for k, v in ev.run(variables).items()
-    }
+def run_all(evaluators: Mapping[str, Any], variables, progress: bool = False) -> dict[str, float]:
+    """Flat `eval/<name>/<metric>` dict; with `progress`, one line per evaluator (its name when
+    it starts, then its headline metrics and time), so a long evaluation shows where it is."""
+    out = {}
+    for i, (name, ev) in enumerate(evaluators.items(), 1):
+        if progress:
+            print(f"  [{i}/{len(evaluators)}] {name}: ", end="", flush=True)
+        t0 = time.perf_counter()
+        results = {f"eval/{name}/{k}": v for k, v in ev.run(variables).items()}
+        out.update(results)
+        if progress:
+            (line,) = headline(results, every_metric=True) or [f"{name}: no metrics"]
+            print(f"{line.partition(': ')[2]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return out
+
+
+def headline(results: Mapping[str, float], every_metric: bool = False) -> list[str]:
+    """One `name: metric=value, ...` line per evaluator of flat `eval/<name>/<metric>` results:
+    its first metric, or with `every_metric` all of them but the per-class and per-split ones
+    (the full set is in `summary.json`)."""
+    by_name: dict[str, list[str]] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "eval":
+            continue
+        shown = by_name.setdefault(parts[1], [])
+        if every_metric or not shown:
+            shown.append(f"{parts[2]}={float(value):.4f}")
+    return [f"{name}: {', '.join(values)}" for name, values in by_name.items()]
 
 
 # Two-tower evaluators (zero-shot, generalised zero-shot, retrieval, ITM).

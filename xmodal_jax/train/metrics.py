@@ -56,6 +56,51 @@ def workdir_path(workdir: epath.PathLike) -> epath.Path:
     return path
 
 
+def workdir_problem(workdir: epath.PathLike) -> str | None:
+    """Why this process cannot write `workdir` (a local path), or None if it can; checked
+    without creating anything. A remote workdir is not checked here (its writes say)."""
+    text = os.fspath(workdir)
+    if is_remote(text):
+        return None
+    if os.path.exists(text):
+        if not os.path.isdir(text):
+            return "is a file, not a directory"
+        if not os.access(text, os.W_OK | os.X_OK):
+            return "is not writable by this user"
+        return None
+    parent = os.path.dirname(text)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be made: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be made: {parent} is not writable by this user"
+    return None
+
+
+def check_train_workdir(workdir: epath.Path) -> None:
+    """A UserError if `train` cannot write `workdir` (nothing is created)."""
+    problem = workdir_problem(workdir)
+    if problem:
+        raise UserError(f"--workdir {workdir} {problem}; choose another --workdir.")
+
+
+def check_eval_workdir(workdir: epath.Path) -> None:
+    """A UserError unless `workdir` exists (a mistyped one is not made)."""
+    local = not is_remote(workdir)
+    if local and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir} is a file, not a workdir.")
+    if not (os.path.isdir(workdir) if local else workdir.exists()):
+        raise UserError(f"--workdir {workdir} does not exist; give the workdir a run trained in.")
+
+
+def check_has_checkpoints(workdir: epath.Path) -> None:
+    """A UserError unless `<workdir>/checkpoints` holds a checkpoint."""
+    ckpts = workdir / "checkpoints"
+    if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise UserError(f"No checkpoint in {ckpts}; train there first.")
+
+
 def write_bytes(path: epath.PathLike, data: bytes) -> None:
     """Writes `data` atomically (temp name + rename), so a crash never leaves half a file."""
     path = epath.Path(path)
