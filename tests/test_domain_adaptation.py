@@ -70,6 +70,33 @@ def test_loss_is_source_cross_entropy_plus_weighted_transfer_loss():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("warmup,progress", [("none", 0.1), ("sigmoid", 0.1), ("sigmoid", 0.6)])
+def test_warmup_ramps_the_transfer_loss_only(warmup, progress):
+    config = _config("coral")
+    config.adaptation = {"method": "coral", "weight": 0.7, "warmup": warmup}
+    task = tasks.build(config)
+    batch = _batch(3)
+    variables = task.init(jax.random.key(0), batch)
+    params = variables.pop("params")
+    loss, _ = task.loss(params, variables, batch, jax.random.key(2), progress)
+    images = jnp.concatenate([batch["source"]["image"], batch["target"]["image"]])
+    out = task.model.apply({"params": params["model"]}, images)
+    ramp = 1.0 if warmup == "none" else 2.0 / (1.0 + np.exp(-10.0 * progress)) - 1.0
+    xent = softmax_xent(out["logits"][:8], batch["source"]["label"])
+    want = xent + ramp * 0.7 * coral_lib.coral(out["pooled"][:8], out["pooled"][8:])
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_warmup_is_refused_where_the_loss_replaces_the_source_loss():
+    config = _config("importance")
+    config.adaptation = {"method": "importance", "warmup": "sigmoid"}
+    with pytest.raises(UserError, match="replaces the source cross-entropy"):
+        tasks.build(config)
+    config.adaptation = {"method": "coral", "warmup": "linear"}
+    with pytest.raises(UserError, match="sigmoid"):
+        tasks.build(config)
+
+
 def test_unknown_method_names_the_choices():
     from xmodal_jax.errors import UserError
 

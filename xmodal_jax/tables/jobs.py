@@ -101,7 +101,7 @@ def row_jobs(table: Table, row: Row, col_args: str) -> list[Job]:
             overrides=tuple(sorted(row_overrides + point)),
             grid_point=point,
         )
-        for point in grid_points(dict(table.grid))
+        for point in grid_points(dict(table.grid_of(row)))
         for seed in table.seeds_of(row)
     ]
 

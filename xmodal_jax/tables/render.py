@@ -123,7 +123,19 @@ def _legend(table: Table, rule_text: str) -> list[str]:
             lines.append(f"Row {row.label}: {own}.")
     if table.grid:
         lines.append(f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV.")
+    for row in table.rows:
+        if row.grid:
+            lines.append(
+                f"Row {row.label}: grid {dict(row.grid)}; the selected point is beside each cell."
+            )
     return lines
+
+
+def _chosen(row, cell: Cell) -> str:
+    """The selected grid point of a row with a grid of its own, shown in its cells."""
+    if not row.grid or not cell.hparams:
+        return ""
+    return " [" + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.hparams.items()) + "]"
 
 
 def _row_label(row, tex: bool = False) -> str:
@@ -153,7 +165,7 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
                 continue
             if (row.label, col.label) in bold:
                 text = f"**{text}**"
-            parts.append(f"{text} {count(cell)}")
+            parts.append(f"{text} {count(cell)}{_chosen(row, cell)}")
         out.append(f"| {_row_label(row)} | " + " | ".join(parts) + " |")
     if sources:
         out += ["", "References:", ""]
@@ -208,7 +220,8 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
             text = tex_escape(text)
             if (row.label, col.label) in bold:
                 text = rf"\textbf{{{text}}}"
-            parts.append(f"{text} {{\\scriptsize {count(cell)}}}")
+            chosen = tex_escape(_chosen(row, cell))
+            parts.append(f"{text} {{\\scriptsize {count(cell)}{chosen}}}")
         out.append(" & ".join(parts) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if sources:

@@ -53,7 +53,8 @@ class Row:
     `compete=False` keeps a row out of the best-in-column bolding (e.g. a target-label oracle);
     `columns` lists the column labels the row fills (default all; the others show 'n/a' and run
     nothing), for a config whose numbers do not mean what a column means; `metrics` maps a
-    column label to the key this row reports it under, when it differs from the column's.
+    column label to the key this row reports it under, when it differs from the column's;
+    `grid` replaces the table's grid for this row (a method's own trade-off values).
     """
 
     label: str
@@ -65,6 +66,7 @@ class Row:
     compete: bool = True
     columns: Sequence[str] | None = None
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    grid: Mapping[str, Sequence[Any]] | None = None
 
     def metric(self, column: Column) -> str:
         return self.metrics.get(column.label, column.metric)
@@ -95,6 +97,13 @@ class Table:
 
     def fills(self, row: Row, column: Column) -> bool:
         return row.columns is None or column.label in row.columns
+
+    def grid_of(self, row: Row) -> Mapping[str, Sequence[Any]]:
+        """The grid this row is run over: its own, else the table's."""
+        return self.grid if row.grid is None else row.grid
+
+    def has_grid(self) -> bool:
+        return any(self.grid_of(r) for r in self.rows)
 
 
 def parse_args(text: str) -> dict[str, str]:
@@ -144,10 +153,10 @@ def check(table: Table, path: str = "table") -> None:
                 raise UserError(
                     f"{path}: row {row.label!r} and column {col.label!r} both set {sorted(clash)}."
                 )
-        clash = set(row.overrides) & set(table.grid)
+        clash = set(row.overrides) & set(table.grid_of(row))
         if clash:
             raise UserError(f"{path}: row {row.label!r} overrides grid keys {sorted(clash)}.")
-    if "seed" in table.grid or any("seed" in r.overrides for r in table.rows):
+    if any("seed" in table.grid_of(r) or "seed" in r.overrides for r in table.rows):
         raise UserError(f"{path}: set seeds with `seeds=`, not as a grid key or override.")
 
 
@@ -171,7 +180,7 @@ def select_rule(table: Table, rule: str | None) -> tuple[str, str]:
     rule = rule or table.select
     if rule not in RULES:
         raise UserError(f"--select {rule}: use one of {sorted(RULES)}.")
-    needs_metric = rule == "source_val" or (rule == "last" and table.grid)
+    needs_metric = rule == "source_val" or (rule == "last" and table.has_grid())
     if needs_metric and not table.select_metric:
         raise UserError(
             f"Selection {rule!r} needs the table's select_metric (a training-domain validation "

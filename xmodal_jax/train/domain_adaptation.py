@@ -6,6 +6,11 @@ jmmd/jan, coral, cdan, cdan_e, entropy, mcc, importance); its other keys are tha
 features and logits of both halves, and a domain discriminator is added to the parameters when
 the loss needs one (`params = {'model': ..., 'discriminator': ...}`).
 
+`config.adaptation.warmup` ramps any loss's trade-off in: `'none'` (default, constant) or
+`'sigmoid'`, the factor 2 / (1 + exp(-10 p)) - 1 of Ganin & Lempitsky (ICML 2015) at training
+progress p, so an unsupervised target loss (entropy, MCC) cannot act on the random
+predictions of the first steps at full weight.
+
 Config: `data.source` and `data.target` (each `name`, `split`, `pp`), `batch_size` per domain.
 """
 
@@ -19,9 +24,14 @@ import ml_collections
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
-from xmodal_jax.objectives.adaptation import dann
+from xmodal_jax.objectives.adaptation import dann, grl
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.train.tasks import Classification, Variables
+
+WARMUPS = {
+    "none": lambda progress: 1.0,
+    "sigmoid": lambda progress: grl.dann_coefficient(progress),
+}
 
 
 class DomainAdaptation(Classification):
@@ -35,6 +45,16 @@ class DomainAdaptation(Classification):
             self.spec = adaptation.get_spec(method)
         except ValueError as e:
             raise UserError(f"config.adaptation.method: {e}") from None
+        self.warmup = opts.pop("warmup", "none") or "none"
+        if self.warmup not in WARMUPS:
+            raise UserError(
+                f"config.adaptation.warmup={self.warmup!r}; use one of {sorted(WARMUPS)}."
+            )
+        if self.warmup != "none" and self.spec.replaces_source_loss:
+            raise UserError(
+                f"config.adaptation.warmup={self.warmup!r}: {method} replaces the source "
+                "cross-entropy, so ramping it would ramp the classification loss; use 'none'."
+            )
         self.options = opts
         needs_disc = self.spec.discriminator_input_dim is not None
         self.discriminator = dann.make_discriminator(opts) if needs_disc else None
@@ -90,7 +110,7 @@ class DomainAdaptation(Classification):
             discriminator=discriminator if self.discriminator is not None else None,
         )
         transfer_loss, aux = self.spec.fn(inputs, self.options)
-        loss = transfer_loss
+        loss = WARMUPS[self.warmup](progress) * transfer_loss
         if not self.spec.replaces_source_loss:
             loss = loss + softmax_xent(logits[:n], source["label"])
         metrics = {f"adapt/{k}": v for k, v in aux.items()}
