@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -276,6 +277,38 @@ def test_grid_point_chosen_by_the_selection_metric(tmp_path):
                             ("oracle", "0.01", 0.7)):  # fmt: skip
         cell = aggregate.collect(table, "g", str(tmp_path), rule)["m", "T"]
         assert cell.hparams == {"lr": lr} and cell.mean == pytest.approx(value)
+
+
+def test_a_row_grid_replaces_the_table_grid_and_its_choice_is_shown(tmp_path):
+    table = Table(
+        title="g",
+        rows=[Row("plain", "a.py"), Row("tuned", "b.py", grid={"adaptation.weight": [0.1, 1.0]})],
+        columns=[Column("T", "eval/target/accuracy")],
+        seeds=(0,),
+        select_metric="eval/source_val/accuracy",
+    )
+    jobs = jobs_lib.expand(table)
+    assert [(j.row, j.grid_point) for j in jobs] == [
+        ("plain", ()),
+        ("tuned", (("adaptation.weight", "0.1"),)),
+        ("tuned", (("adaptation.weight", "1.0"),)),
+    ]
+    for job in jobs:
+        w = dict(job.grid_point).get("adaptation.weight", "none")
+        val = {"none": 0.5, "0.1": 0.9, "1.0": 0.6}[w]  # 0.1 wins on validation ...
+        tgt = {"none": 0.3, "0.1": 0.4, "1.0": 0.8}[w]  # ... 1.0 would win on target
+        summary = {"step": 5, "eval/source_val/accuracy": val, "eval/target/accuracy": tgt}
+        _finish(job.workdir(str(tmp_path), "g"), summary, [summary])
+    cells = aggregate.collect(table, "g", str(tmp_path), "last")
+    assert cells["tuned", "T"].hparams == {"adaptation.weight": "0.1"}
+    assert cells["tuned", "T"].mean == pytest.approx(0.4)
+    md = render.markdown(table, cells, "last", "last")
+    assert "| tuned | **40.0** (1) [weight=0.1] |" in md and "| plain | 30.0 (1) |" in md
+    with pytest.raises(UserError, match="select_metric"):
+        spec_lib.select_rule(dataclasses.replace(table, select_metric=None), "last")
+    with pytest.raises(UserError, match="overrides grid keys"):
+        bad = Row("x", "a.py", overrides={"lr": 1}, grid={"lr": [1]})
+        spec_lib.check(dataclasses.replace(table, rows=[bad]))
 
 
 def _write_table(tmp_path, rows: str) -> str:
