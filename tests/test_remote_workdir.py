@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from fake_gcs import clear_caches, route_gs
 
-from xmodal_jax.train import trainer
+from xmodal_jax.train import trainer, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = "gs://xmodal-test-bucket/runs/digits"
@@ -58,6 +58,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    monkeypatch.setattr(workdir_lock, "SETTLE_SECS", 0.0)  # one command at a time here
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
