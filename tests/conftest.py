@@ -1,6 +1,7 @@
 """Test set-up before jax is imported anywhere: virtual CPU devices (8 by default;
 `XMODAL_TEST_DEVICES` sets the count: `make test` runs the `mesh` tests on 8 and the rest on 1,
-where a step is a single-device program), one compilation cache, a core per xdist worker."""
+where a step is a single-device program), one compilation cache, a core per xdist worker, and
+XLA's backend optimisations off except in the regression tier."""
 
 import os
 
@@ -31,6 +32,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """Most tests run a few steps of many small programs, so XLA's backend optimisations cost
+    more compile time than they save (the bench test's run: 142 s with them, 71 s without).
+    The regression tier (`-m slow`) keeps them: its records were made by the default build."""
+    expr = config.getoption("markexpr") or ""
+    regression_tier = "slow" in expr and "not slow" not in expr
+    if not regression_tier:
+        os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 @pytest.fixture(scope="session")
