@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from xmodal_jax import main
 
@@ -22,6 +23,7 @@ TINY = ",".join(
 )
 
 
+@pytest.mark.optimized
 def test_quickstart_runs_end_to_end(tfds_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
     workdir = str(tmp_path / "qs")
