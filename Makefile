@@ -39,12 +39,14 @@ test: install
 test-slow: install
 	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0
 
-# Every committed table, written again from its committed run records (NAME.runs.jsonl).
+# Every committed table, written again from its committed run records (NAME.runs.jsonl) and
+# benchmark runs (benchmarks/results/*.json), then embedded in the documents.
 tables: install
 	@for records in experiments/tables/results/*.runs.jsonl; do \
 	  name=$$(basename $$records .runs.jsonl); \
 	  $(BIN)/xmodal table experiments/tables/$$name.py --records $$records || exit 1; \
 	done
+	$(BIN)/python benchmarks/tables.py --write benchmarks/results/*.json
 	$(BIN)/python -m xmodal_jax.tables.embed
 
 lint: install

@@ -1,6 +1,11 @@
 """Markdown tables of `xmodal bench --json` results, for BENCHMARKS.md.
 
-.venv/bin/python benchmarks/tables.py benchmarks/results/*.json
+    .venv/bin/python benchmarks/tables.py benchmarks/results/*.json          # print them
+    .venv/bin/python benchmarks/tables.py --write benchmarks/results/*.json  # NAME.md beside each
+
+`--write` (run by `make tables`) writes each run's step and ablation tables to `NAME.md` beside
+its JSON; BENCHMARKS.md embeds those files between `<!-- table: ... -->` markers, so no figure in
+a table there is typed by hand (tests/test_committed_tables.py checks both steps).
 """
 
 from __future__ import annotations
@@ -87,7 +92,28 @@ def ablations(r: dict) -> str:
     return "\n\n".join(out)
 
 
+def tables(r: dict) -> str:
+    """The step table (workloads other than the pipeline) and the ablation tables of one run."""
+    parts = []
+    if any(k != "pipeline" for k in r["workloads"]):
+        parts.append(steps(r))
+    if r.get("ablations"):
+        parts.append(ablations(r))
+    return "\n\n".join(parts) + "\n"
+
+
+def markdown_path(json_path: str) -> str:
+    return json_path[: -len(".json")] + ".md"
+
+
 def main(paths: list[str]) -> None:
+    if paths and paths[0] == "--write":
+        for path in paths[1:]:
+            with open(path) as f:
+                text = tables(json.load(f))
+            with open(markdown_path(path), "w") as f:
+                f.write(text)
+        return
     for path in paths:
         with open(path) as f:
             r = json.load(f)

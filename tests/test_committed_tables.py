@@ -2,6 +2,8 @@
 table embedded in a document is that table, verbatim."""
 
 import glob
+import importlib.util
+import json
 import os
 
 import pytest
@@ -40,3 +42,24 @@ def test_embedded_tables_are_current(doc):
         text = f.read()
     assert embed.count(text) >= 1, f"{doc} is listed as embedding tables but has no marker"
     assert embed.embed(text, ROOT) == text, f"{doc} embeds a stale table: run make tables"
+
+
+def _bench_tables():
+    spec = importlib.util.spec_from_file_location(
+        "bench_tables", os.path.join(ROOT, "benchmarks", "tables.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH_RUNS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
+
+
+@pytest.mark.parametrize("path", BENCH_RUNS, ids=os.path.basename)
+def test_benchmark_tables_equal_what_their_runs_give(path):
+    module = _bench_tables()
+    with open(path) as f:
+        want = module.tables(json.load(f))
+    with open(module.markdown_path(path)) as f:
+        assert f.read() == want, f"{path}: its .md is stale; run make tables"
