@@ -6,6 +6,7 @@ seconds); the ImageNet MobileNetV2 of the configs is checked for its starting po
 without compiling a train step.
 """
 
+import functools
 import json
 import os
 
@@ -37,7 +38,7 @@ def tiny_ckpt(tmp_path_factory) -> str:
     """A tiny ViT with a 7-class head, saved like `xmodal convert` output."""
     model = zoo.build("vit_ti16", num_classes=7, mlp_dim=32, **TINY_VIT)
     x = np.zeros((1, 16, 16, 3), np.float32)
-    variables = nn.unbox(model.init(jax.random.key(7), x))
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(7), x))
     variables = jax.tree.map(
         lambda v: v + 0.1 * jax.random.normal(jax.random.key(8), v.shape), variables
     )
@@ -82,18 +83,23 @@ def np_softmax(x):
 
 def capture(model, variables, images, rng, train, layer="embedding"):
     """Outputs and the `layer` output of `model`, computed here independently of the task."""
-    kwargs = {"rngs": {"dropout": rng}} if rng is not None else {}
-    out, state = model.apply(
-        variables,
-        images,
-        train=train,
-        capture_intermediates=lambda m, method: method == "__call__" and m.name == layer,
-        mutable=["intermediates"],
-        **kwargs,
-    )
+
+    def run(variables, images, rng):
+        kwargs = {"rngs": {"dropout": rng}} if rng is not None else {}
+        return model.apply(
+            variables,
+            images,
+            train=train,
+            capture_intermediates=lambda m, method: method == "__call__" and m.name == layer,
+            mutable=["intermediates"],
+            **kwargs,
+        )
+
+    out, state = jax.jit(run)(variables, images, rng)  # one compile, not one per op
     return out, state["intermediates"][layer]["__call__"][0]
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "seed"))
 def perturbed(params, scale=0.05, seed=3):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -135,10 +141,10 @@ def test_loss_is_xent_plus_weighted_regularizer(case, tiny_ckpt, tfds_dir):
     reg = CASES[case]
     task = built_task(tiny_ckpt, case)
     batch = next(task.train_iterator(0, 1))
-    variables = nn.unbox(task.init(jax.random.key(0), batch))
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
     params = perturbed(variables.pop("params"))
     rng = jax.random.key(5)
-    loss, (_, metrics) = task.loss(params, variables, batch, rng, 0.0)
+    loss, (_, metrics) = jax.jit(task.loss)(params, variables, batch, rng, 0.0)
 
     # Independent reference: the model's outputs, the pretrained weights from pretrained.load.
     out, fmap = capture(task.model, {"params": params}, batch["image"], rng, train=True)
@@ -209,7 +215,7 @@ def test_l2sp_is_zero_at_the_start_and_the_head_gets_beta_only(tiny_ckpt, tfds_d
     c = tiny_config("l2sp", tiny_ckpt, name="l2sp", alpha=0.3, beta=0.0)
     task = tasks.build(c)
     batch = next(task.train_iterator(0, 1))
-    variables = nn.unbox(task.init(jax.random.key(0), batch))
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
     params = variables.pop("params")
     params = {**params, "head": perturbed(params["head"])}  # a non-zero new head
     _, (_, metrics) = jax.jit(task.loss)(params, variables, batch, jax.random.key(1), 0.0)
