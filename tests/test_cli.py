@@ -1,4 +1,5 @@
-"""The `xmodal` command end to end, in subprocesses as a user runs it."""
+"""The `xmodal` command end to end: `main.main` in this process (what the console script calls:
+same parsing, output and exit codes), and the installed command itself in one subprocess."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from xmodal_jax import main
 
 CONFIG = "experiments/digits/source_only.py:direction=m2u"
 SMALL = ["--config.log_every=5", "--config.eval_every=20", "--config.checkpoint_every=10"]
@@ -20,12 +23,25 @@ def xmodal(*args, tfds_dir):
     )  # fmt: skip
 
 
+class Result:
+    def __init__(self, returncode, captured):
+        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
+
+
+def run(capsys, *args) -> Result:
+    """`xmodal ARGS` in this process (no cold start, compiles shared with the other tests)."""
+    capsys.readouterr()
+    rc = main.main(list(args))
+    return Result(rc, capsys.readouterr())
+
+
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
 def test_misspelled_key_is_one_clear_line(tmp_path, tfds_dir):
+    # The installed command, as a user types it.
     r = xmodal("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.lrr=0.1",
                tfds_dir=tfds_dir)  # fmt: skip
     assert r.returncode != 0
@@ -44,17 +60,16 @@ def test_misspelled_key_is_one_clear_line(tmp_path, tfds_dir):
         (["--config", "experiments/digits/source_only.py:direction=m2u,sed=1"], ["'seed'"]),
     ],
 )
-def test_bad_names_are_one_clear_line(args, words, tmp_path, tfds_dir):
-    r = xmodal("train", *args, "--workdir", str(tmp_path), tfds_dir=tfds_dir)
+def test_bad_names_are_one_clear_line(args, words, tmp_path, tfds_dir, capsys):
+    r = run(capsys, "train", *args, "--workdir", str(tmp_path))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
 
 
-def test_train_resume_and_eval(tmp_path, tfds_dir):
+def test_train_resume_and_eval(tmp_path, tfds_dir, capsys):
     wd = str(tmp_path / "run")
-    r = xmodal("train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=20", *SMALL,
-               tfds_dir=tfds_dir)  # fmt: skip
+    r = run(capsys, "train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=20", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     first = _rows(wd)
     assert [x["step"] for x in first if "train/loss" in x] == [5, 10, 15, 20]
@@ -62,8 +77,7 @@ def test_train_resume_and_eval(tmp_path, tfds_dir):
     assert {"eval/source/accuracy", "eval/target/accuracy"} <= set(summary)
     assert json.load(open(os.path.join(wd, "config.json")))["total_steps"] == 20
 
-    r = xmodal("train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=30", *SMALL,
-               tfds_dir=tfds_dir)  # fmt: skip
+    r = run(capsys, "train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=30", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming from the checkpoint of step 20" in r.stdout
     rows = _rows(wd)
@@ -72,23 +86,22 @@ def test_train_resume_and_eval(tmp_path, tfds_dir):
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["20", "30"]
     assert {"curves.png", "confusion_target.png"} <= set(os.listdir(os.path.join(wd, "plots")))
 
-    r = xmodal("eval", "--config", CONFIG, "--workdir", wd, tfds_dir=tfds_dir)
+    r = run(capsys, "eval", "--config", CONFIG, "--workdir", wd)
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.load(open(os.path.join(wd, "summary.json")))
     assert evaluated["step"] == 30
     assert evaluated["eval/target/accuracy"] == pytest.approx(rows[-1]["eval/target/accuracy"])
 
 
-def test_convert_verb(tmp_path, tfds_dir):
-    r = xmodal("convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"),
-               tfds_dir=tfds_dir)  # fmt: skip
+def test_convert_verb(tmp_path, tfds_dir, capsys):
+    r = run(capsys, "convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"))
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "missing.pth" in r.stderr
 
     from xmodal_jax.pretrained import asset_path
 
     dst = tmp_path / "mobilenet.safetensors"
-    r = xmodal("convert", asset_path("mobilenet-v2-imagenet"), str(dst), tfds_dir=tfds_dir)
+    r = run(capsys, "convert", asset_path("mobilenet-v2-imagenet"), str(dst))
     assert r.returncode == 0, r.stderr[-3000:]
     from safetensors.numpy import load_file
 
