@@ -5,17 +5,6 @@ XLA's backend optimisations off except in the regression tier."""
 
 import os
 
-# Under pytest-xdist each worker gets its own share of the cores before XLA starts, so that the
-# workers' thread pools do not spin against each other (XLA sizes them by the affinity mask).
-_worker, _workers = (
-    os.environ.get("PYTEST_XDIST_WORKER"),
-    os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
-)
-if _worker and _workers and hasattr(os, "sched_setaffinity"):
-    _cpus = sorted(os.sched_getaffinity(0))
-    if len(_cpus) >= int(_workers) > 1:
-        os.sched_setaffinity(0, _cpus[int(_worker[2:]) :: int(_workers)])
-
 DEVICES = int(os.environ.get("XMODAL_TEST_DEVICES", "8"))
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
@@ -42,6 +31,22 @@ def pytest_configure(config):
     regression_tier = "slow" in expr and "not slow" not in expr
     if not regression_tier:
         os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+        _pin_xdist_worker()
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist each worker gets its own share of the cores before XLA starts, so that
+    the workers' thread pools do not spin against each other (XLA sizes them by the affinity
+    mask). Not in the regression tier: a record made on 2 cores is reproduced on 2 cores."""
+    worker, workers = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+    )
+    if not (worker and workers and hasattr(os, "sched_setaffinity")):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= int(workers) > 1:
+        os.sched_setaffinity(0, cpus[int(worker[2:]) :: int(workers)])
 
 
 @pytest.fixture(scope="session")

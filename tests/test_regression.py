@@ -50,6 +50,13 @@ def _comparable(rec: dict) -> str | None:
             return f"recorded on {prov.get('platform')}"
         if prov.get("device_count") != jax.device_count():
             return f"recorded on {prov.get('device_count')} devices, here {jax.device_count()}"
+        # Records older than `usable_cpus` were made by unpinned table jobs: all cores usable.
+        cores = prov.get("usable_cpus", prov.get("cpu_count"))
+        if cores != provenance.usable_cpus():
+            return (
+                f"recorded with {cores} usable cores, here {provenance.usable_cpus()} (XLA:CPU "
+                "splits its work by the thread count; run the tier unpinned on that many cores)"
+            )
         return None
     machine = (rec.get("done") or {}).get("machine", "")
     if "CPU" not in machine or f"jax {here['jax']}" not in machine:

@@ -58,6 +58,14 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def usable_cpus() -> int:
+    """Cores this process may run on. XLA:CPU sizes its thread pool by them and splits
+    reductions accordingly, so the same run on 1 and on 2 cores differs in the last bits."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
     """The provenance of a run of `config` in this process."""
     devices = jax.devices()
@@ -71,5 +79,6 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "process_count": jax.process_count(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "argv": list(sys.argv if argv is None else argv),
     }
