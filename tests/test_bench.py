@@ -99,15 +99,15 @@ def test_depthwise_forms_match_reference_forward_and_backward(stride):
     rng = np.random.default_rng(stride)
     x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)
     mods = {impl: layers.DepthwiseConv(3, stride, impl) for impl in ("conv", "shift")}
-    variables = nn.unbox(mods["conv"].init(jax.random.key(0), x))
+    variables = nn.unbox(jax.jit(mods["conv"].init)(jax.random.key(0), x))
     kernel = np.asarray(variables["params"]["kernel"])
     ref = _numpy_depthwise(x.astype(np.float64), kernel.astype(np.float64), stride)
     grads = {}
     for impl, mod in mods.items():
-        y = mod.apply(variables, x)
+        y = jax.jit(mod.apply)(variables, x)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
         loss = lambda v, im, m=mod: jnp.sum(jnp.sin(m.apply(v, im)))
-        grads[impl] = jax.grad(loss, argnums=(0, 1))(variables, x)
+        grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
     assert ablations.max_rel_diff(grads["conv"], grads["shift"]) < 1e-5
 
 

@@ -12,6 +12,7 @@ from xmodal_jax import main
 
 CONFIG = "experiments/digits/source_only.py:direction=m2u"
 SMALL = ["--config.log_every=5", "--config.eval_every=20", "--config.checkpoint_every=10"]
+NO_TSNE = "--config.evals.a_distance.tsne_points=0"  # the plot is 7 s of each run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,15 +70,17 @@ def test_bad_names_are_one_clear_line(args, words, tmp_path, tfds_dir, capsys):
 
 def test_train_resume_and_eval(tmp_path, tfds_dir, capsys):
     wd = str(tmp_path / "run")
-    r = run(capsys, "train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=20", *SMALL)
+    train = ["train", "--config", CONFIG, "--workdir", wd, *SMALL]
+    r = run(capsys, *train, "--config.total_steps=20", "--config.evals.a_distance.tsne_points=100")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(wd, "plots", "tsne_a_distance.png"))
     first = _rows(wd)
     assert [x["step"] for x in first if "train/loss" in x] == [5, 10, 15, 20]
     summary = json.load(open(os.path.join(wd, "summary.json")))
     assert {"eval/source/accuracy", "eval/target/accuracy"} <= set(summary)
     assert json.load(open(os.path.join(wd, "config.json")))["total_steps"] == 20
 
-    r = run(capsys, "train", "--config", CONFIG, "--workdir", wd, "--config.total_steps=30", *SMALL)
+    r = run(capsys, *train, "--config.total_steps=30", NO_TSNE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resuming from the checkpoint of step 20" in r.stdout
     rows = _rows(wd)

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,7 @@ LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 CONFIG = os.path.join(ROOT, "experiments", "digits", "source_only.py") + ":direction=m2u"
 SHORT = ["--config.total_steps=10", "--config.log_every=1", "--config.eval_every=10",
          "--config.checkpoint_every=5"]  # fmt: skip
+NO_TSNE = "--config.evals.a_distance.tsne_points=0"  # the plot is 7 s of each run
 UCI_TEST_SIZE = 899
 TARGET_ONLY = f"""
 import sys
@@ -249,9 +251,11 @@ def runs(tmp_path_factory, tfds_dir) -> tuple[str, str]:
     one, two = str(tmp / "one"), str(tmp / "two")
     # The 1-process run first: it also prepares the embedded datasets.
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _xmodal_in_process(monkeypatch, "train", "--config", CONFIG, "--workdir", one, *SHORT)
+        _xmodal_in_process(
+            monkeypatch, "train", "--config", CONFIG, "--workdir", one, *SHORT, NO_TSNE
+        )
     r = _launch(2, 4, sys.executable, "-m", "xmodal_jax.main", "train", "--config", CONFIG,
-                "--workdir", two, *SHORT, tfds_dir=tfds_dir)  # fmt: skip
+                "--workdir", two, *SHORT, NO_TSNE, tfds_dir=tfds_dir)  # fmt: skip
     assert r.returncode == 0, _tail(r)
     assert "process 1 of 2" in r.stderr and "4 local / 8 global devices" in r.stderr
     return one, two
@@ -402,7 +406,7 @@ def test_killing_one_process_stops_the_other(tmp_path, tfds_dir):
             XMODAL_NUM_PROCESSES="2",
             XMODAL_PROCESS_ID=str(i),
             XMODAL_HEARTBEAT_TIMEOUT="10",
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
             JAX_PLATFORMS="cpu",
         )
         with open(tmp_path / f"log{i}", "w") as log:

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
@@ -49,7 +50,7 @@ def _cmd(workdir, devices):
         f.write(CONFIG)
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         # the three runs compile the same programs: compile once
         "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(workdir), f"jax_cache{devices}"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

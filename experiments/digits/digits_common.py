@@ -51,6 +51,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
             "type": "a_distance",
             "source": _eval_data(source),
             "target": _eval_data(target),
+            "tsne_points": 1000,  # the t-SNE plot at the end (0: none; 7 s of a run on CPU)
         },
     }
     c.eval_batch_size = 256

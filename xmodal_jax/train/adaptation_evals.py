@@ -1,7 +1,8 @@
 """Evaluators for domain adaptation: proxy A-distance (+ t-SNE plot) and AdaBN accuracy.
 
 evals.a_distance = {'type': 'a_distance', 'source': {dataset, split, pp},
-                    'target': {dataset, split, pp}}    # -> eval/a_distance/value
+                    'target': {dataset, split, pp},    # -> eval/a_distance/value
+                    'tsne_points': 1000}               # t-SNE plot of at most this many; 0: none
 evals.target = {'type': 'adabn_classification', dataset, split, pp,
                 'adapt': {dataset, split, pp}}         # BN statistics from `adapt` first
 """
@@ -18,6 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from xmodal_jax.data import pipeline
+from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.adaptation import a_distance, adabn, tsne
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import evaluators
@@ -48,6 +50,12 @@ class ADistance:
         self.name, self.mesh, self.batch_size = name, mesh, batch_size
         self.source, self.target = _data_cfg(cfg["source"]), _data_cfg(cfg["target"])
         self.seed = cfg.get("seed", 0)
+        self.tsne_points = int(cfg.get("tsne_points", 1000))
+        if self.tsne_points < 0:
+            raise UserError(
+                f"config.evals.{name}.tsne_points={self.tsne_points}: use a count >= 0 "
+                "(0 writes no t-SNE plot)."
+            )
         self._pooled = jax.jit(lambda variables, batch: task.predict(variables, batch)["pooled"])
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -68,10 +76,12 @@ class ADistance:
 
     def plot(self, out_dir: str) -> list[str]:
         """t-SNE of the last evaluated source and target features."""
-        if self._last is None:
+        if self._last is None or not self.tsne_points:
             return []
         path = os.path.join(out_dir, f"tsne_{self.name}.png")
-        tsne.plot_tsne(*self._last, path, seed=self.seed, max_points=1000, title=self.name)
+        tsne.plot_tsne(
+            *self._last, path, seed=self.seed, max_points=self.tsne_points, title=self.name
+        )
         return [path]
 
 
