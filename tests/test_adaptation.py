@@ -103,9 +103,11 @@ def test_grl_forward_identity_backward_negated():
         np.testing.assert_allclose(vjp(jnp.asarray(g))[0], -lam * g, rtol=1e-6)
     # Pytrees, and a traced coefficient that itself receives no gradient.
     tree = {"a": jnp.asarray(x), "b": jnp.asarray(g)}
-    gx, gc = jax.grad(
-        lambda t, c: jnp.sum(grl.gradient_reversal(t, c)["a"] * 2.0) + jnp.sum(t["b"]),
-        argnums=(0, 1),
+    gx, gc = jax.jit(
+        jax.grad(
+            lambda t, c: jnp.sum(grl.gradient_reversal(t, c)["a"] * 2.0) + jnp.sum(t["b"]),
+            argnums=(0, 1),
+        )
     )(tree, jnp.float32(0.5))
     np.testing.assert_allclose(gx["a"], -0.5 * 2.0 * np.ones_like(x))
     np.testing.assert_allclose(gx["b"], np.ones_like(g))
@@ -143,7 +145,9 @@ def test_dann_loss_value_accuracy_and_gradients():
         return dann.dann_loss(lambda h: disc.apply({"params": params}, h), fs, ft, lam)
 
     value, acc = jloss(params, fs, ft)
-    g_params, g_fs, g_ft = jax.grad(lambda *a: jloss(*a)[0], argnums=(0, 1, 2))(params, fs, ft)
+    g_params, g_fs, g_ft = jax.jit(jax.grad(lambda *a: jloss(*a)[0], argnums=(0, 1, 2)))(
+        params, fs, ft
+    )
     np.testing.assert_allclose(value, np_dann(params, fs, ft), rtol=RTOL)
     want_acc = 0.5 * ((np_mlp(params, fs) > 0).mean() + (np_mlp(params, ft) < 0).mean())
     np.testing.assert_allclose(acc, want_acc, rtol=1e-6)
@@ -247,7 +251,9 @@ def test_mk_mmd_value_and_gradients(estimator):
     np.testing.assert_allclose(value, np_mk_mmd(zs, zt, estimator), rtol=RTOL, atol=ATOL)
     # Detached bandwidth: the reference holds the bandwidth at its value for the given inputs.
     base = np_base(np.float64(np.concatenate([zs, zt])))
-    gs, gt = jax.grad(lambda a, b: mmd.mk_mmd(a, b, estimator=estimator), argnums=(0, 1))(zs, zt)
+    gs, gt = jax.jit(jax.grad(lambda a, b: mmd.mk_mmd(a, b, estimator=estimator), argnums=(0, 1)))(
+        zs, zt
+    )
     np.testing.assert_allclose(
         gs, fd_grad(lambda x: np_mk_mmd(x, zt, estimator, base), zs), rtol=RTOL, atol=ATOL
     )
@@ -255,7 +261,9 @@ def test_mk_mmd_value_and_gradients(estimator):
         gt, fd_grad(lambda x: np_mk_mmd(zs, x, estimator, base), zt), rtol=RTOL, atol=ATOL
     )
     # Bandwidth differentiated too.
-    gs = jax.grad(lambda a: mmd.mk_mmd(a, zt, estimator=estimator, detach_bandwidth=False))(zs)
+    gs = jax.jit(
+        jax.grad(lambda a: mmd.mk_mmd(a, zt, estimator=estimator, detach_bandwidth=False))
+    )(zs)
     np.testing.assert_allclose(
         gs, fd_grad(lambda x: np_mk_mmd(x, zt, estimator), zs), rtol=RTOL, atol=ATOL
     )
@@ -308,7 +316,7 @@ def test_jmmd_value_and_gradients(estimator):
         x = AdaptationInputs(features_s=fs, features_t=ft, logits_s=ls, logits_t=lt)
         return jmmd.loss(x, {"estimator": estimator})[0]
 
-    grads = jax.grad(jfn, argnums=(0, 1, 2, 3))(fs, ls, ft, lt)
+    grads = jax.jit(jax.grad(jfn, argnums=(0, 1, 2, 3)))(fs, ls, ft, lt)
     args = [fs, ls, ft, lt]
     for i, g in enumerate(grads):
 
@@ -347,7 +355,7 @@ def test_coral_value_gradient_and_zero_for_equal_covariance():
     rng = np.random.default_rng(6)
     fs, ft = f32(rng, 7, 4), f32(rng, 5, 4, scale=1.7)
     np.testing.assert_allclose(coral.coral(fs, ft), np_coral(fs, ft), rtol=RTOL)
-    gs, gt = jax.grad(coral.coral, argnums=(0, 1))(fs, ft)
+    gs, gt = jax.jit(jax.grad(coral.coral, argnums=(0, 1)))(fs, ft)
     np.testing.assert_allclose(gs, fd_grad(lambda x: np_coral(x, ft), fs), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(gt, fd_grad(lambda x: np_coral(fs, x), ft), rtol=RTOL, atol=ATOL)
     # Same rows permuted and shifted: identical covariance, so the loss vanishes.
@@ -419,7 +427,7 @@ def test_cdan_value_and_gradients(entropy_cond, randomized):
 
     want = np_cdan(params, fs, ft, ls, lt, entropy_cond, rmats)
     np.testing.assert_allclose(jfn(params, fs, ft, ls, lt), want, rtol=RTOL)
-    g = jax.grad(jfn, argnums=(0, 1, 2, 3, 4))(params, fs, ft, ls, lt)
+    g = jax.jit(jax.grad(jfn, argnums=(0, 1, 2, 3, 4)))(params, fs, ft, ls, lt)
     ref = lambda x: np_cdan(params, x, ft, ls, lt, entropy_cond, rmats)
     np.testing.assert_allclose(g[1], -lam * fd_grad(ref, fs), rtol=RTOL, atol=ATOL)
     ref = lambda x: np_cdan(params, fs, x, ls, lt, entropy_cond, rmats)
@@ -470,7 +478,7 @@ def test_entropy_loss_value_and_gradient():
     logits = f32(rng, 6, 5, scale=3.0)
     np_fn = lambda z: np_entropy(z).mean()
     np.testing.assert_allclose(entropy.entropy_loss(logits), np_fn(logits), rtol=RTOL)
-    g = jax.grad(entropy.entropy_loss)(logits)
+    g = jax.jit(jax.grad(entropy.entropy_loss))(logits)
     np.testing.assert_allclose(g, fd_grad(np_fn, logits), rtol=RTOL, atol=ATOL)
     value, aux = entropy.loss(AdaptationInputs(logits_t=logits), {"weight": 0.1})
     np.testing.assert_allclose(value, 0.1 * np_fn(logits), rtol=RTOL)
@@ -499,7 +507,7 @@ def test_mcc_value_and_gradient():
     z = np.float64(logits) / 2.5
     w = 1 + np.exp(-np_entropy(z))
     w = len(z) * w / w.sum()
-    g = jax.grad(mcc.mcc)(logits)
+    g = jax.jit(jax.grad(mcc.mcc))(logits)
     want = fd_grad(lambda x: np_mcc(x, 2.5, w), logits)
     np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
     # Confident, class-separated predictions have almost no confusion.
@@ -670,7 +678,7 @@ def test_weighted_cross_entropy_value_and_gradient():
 
     got = importance.weighted_cross_entropy(logits, labels, w)
     np.testing.assert_allclose(got, np_fn(logits), rtol=RTOL)
-    g = jax.grad(importance.weighted_cross_entropy)(logits, labels, w)
+    g = jax.jit(jax.grad(importance.weighted_cross_entropy))(logits, labels, w)
     np.testing.assert_allclose(g, fd_grad(np_fn, logits), rtol=RTOL, atol=ATOL)
 
 
@@ -690,7 +698,9 @@ def test_importance_entry_trains_classifier_not_features():
         )
         return get_loss("importance")(inputs, {"clip_max": None, "self_normalize": False})
 
-    (value, aux), g = jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(params, fs, ls)
+    (value, aux), g = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))(
+        params, fs, ls
+    )
     ds, dt = np_mlp(params, fs), np_mlp(params, ft)
     w = np.exp(-ds)
     ce = np.mean(w * -np_log_softmax(ls)[np.arange(4), labels])
