@@ -1,5 +1,7 @@
 """Fusion heads and the ITM objective: shapes, gradients, float64 numpy forwards, masking."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,12 +40,16 @@ def inputs():
     )
 
 
-def _call(head, params, x, **kw):
+# The heads are hashable modules, so they are static arguments: one compile per head config,
+# input structure and mode, shared by the tests that build the same head.
+@functools.partial(jax.jit, static_argnums=0, static_argnames="train")
+def _call(head, params, x, *, train=False, rngs=None):
     x = dict(x)
     args = (x.pop("image_feats"), x.pop("text_feats"))
-    return head.apply({"params": params}, *args, **x, **kw)
+    return head.apply({"params": params}, *args, **x, train=train, rngs=rngs)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _init(head, x):
     x = dict(x)
     args = (x.pop("image_feats"), x.pop("text_feats"))
@@ -78,6 +84,7 @@ def test_head_builds_shapes_logical_axes_and_finite_grads(name, inputs):
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
         params, inputs["image_feats"], inputs["text_tokens"]
     )
+    grads = jax.device_get(grads)  # checked in numpy: no eager op per gradient shape
     for g in jax.tree.leaves(grads):
         assert np.all(np.isfinite(g))
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads[0]))
@@ -253,7 +260,8 @@ def test_hard_negatives_pick_off_diagonal_argmax():
     r = np.random.default_rng(2)
     sim = r.normal(size=(6, 6)).astype(np.float32)
     sim[np.arange(6), np.arange(6)] += 10.0  # positives are the most similar; must be skipped
-    t4i, i4t = itm.hard_negatives(jnp.asarray(sim))
+    hard_negatives = jax.jit(itm.hard_negatives)
+    t4i, i4t = hard_negatives(jnp.asarray(sim))
     ref_t, ref_i = _np_hardest(sim, np.eye(6, dtype=bool))
     np.testing.assert_array_equal(t4i, ref_t)
     np.testing.assert_array_equal(i4t, ref_i)
@@ -262,7 +270,7 @@ def test_hard_negatives_pick_off_diagonal_argmax():
     # Other captions of the same image (positive_mask) are excluded too.
     pos = np.eye(6, dtype=bool)
     pos[0, ref_t[0]] = pos[ref_i[0], 0] = True
-    t4i, i4t = itm.hard_negatives(jnp.asarray(sim), positive_mask=jnp.asarray(pos))
+    t4i, i4t = hard_negatives(jnp.asarray(sim), positive_mask=jnp.asarray(pos))
     ref_t, ref_i = _np_hardest(sim, pos)
     np.testing.assert_array_equal(t4i, ref_t)
     np.testing.assert_array_equal(i4t, ref_i)
@@ -270,9 +278,8 @@ def test_hard_negatives_pick_off_diagonal_argmax():
 
 def test_softmax_sampling_follows_the_off_diagonal_softmax():
     sim = jnp.asarray(np.random.default_rng(3).normal(size=(4, 4)), jnp.float32)
-    draws = jax.vmap(lambda k: itm.hard_negatives(sim, sampling="softmax", rng=k, temperature=0.5))(
-        jax.random.split(jax.random.key(0), 20000)
-    )
+    sample = lambda k: itm.hard_negatives(sim, sampling="softmax", rng=k, temperature=0.5)
+    draws = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(0), 20000))
     s = np.where(np.eye(4, dtype=bool), -np.inf, np.asarray(sim, np.float64) / 0.5)
     p_rows = np.exp(s - s.max(1, keepdims=True))
     p_rows /= p_rows.sum(1, keepdims=True)
@@ -293,8 +300,8 @@ def test_itm_loss_matches_numpy_bce():
     img, txt = r.normal(size=(5, 3)), r.normal(size=(5, 3))
     sim = img @ txt.T
     score_fn = lambda i, t, **_: jnp.sum(i * t, axis=-1) - 0.5
-    loss, metrics = itm.itm_loss(
-        score_fn, jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), jnp.asarray(sim)
+    loss, metrics = jax.jit(functools.partial(itm.itm_loss, score_fn))(
+        jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), jnp.asarray(sim)
     )
     nt, ni = _np_hardest(sim, np.eye(5, dtype=bool))
     logits = (
@@ -332,22 +339,27 @@ def test_itm_head_end_to_end_with_tokens(inputs):
             text_mask=inputs["text_mask"],
         )
 
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    # The loss is BCE on the head's own scores of the pairs it builds.
+    def reference(params):
+        t4i, i4t = itm.hard_negatives(sim, sampling="softmax", rng=jax.random.key(0))
+        pairs, labels = itm.itm_pairs(
+            inputs["image_feats"],
+            inputs["text_feats"],
+            t4i,
+            i4t,
+            image_tokens=inputs["image_tokens"],
+            text_tokens=inputs["text_tokens"],
+            text_mask=inputs["text_mask"],
+        )
+        scores = _call(head, params, pairs)["score"]
+        return optax.sigmoid_binary_cross_entropy(scores, labels).mean()
+
+    @jax.jit
+    def run(params):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params), reference(params)
+
+    ((loss, metrics), grads), ref = jax.device_get(run(params))
     assert np.isfinite(loss) and 0.0 <= metrics["accuracy"] <= 1.0
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.any(grads["itm_score"]["kernel"] != 0)
-
-    # The loss is BCE on the head's own scores of the pairs it builds.
-    t4i, i4t = itm.hard_negatives(sim, sampling="softmax", rng=jax.random.key(0))
-    pairs, labels = itm.itm_pairs(
-        inputs["image_feats"],
-        inputs["text_feats"],
-        t4i,
-        i4t,
-        image_tokens=inputs["image_tokens"],
-        text_tokens=inputs["text_tokens"],
-        text_mask=inputs["text_mask"],
-    )
-    scores = _call(head, params, pairs)["score"]
-    ref = optax.sigmoid_binary_cross_entropy(scores, labels).mean()
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
