@@ -80,7 +80,7 @@ def _f32(*xs):
 def test_clip_loss_and_grads_match_float64_reference(batch):
     img, txt = batch
     s = 2.3
-    loss, grads = jax.value_and_grad(C.clip_loss, argnums=(0, 1, 2))(*_f32(img, txt, s))
+    loss, grads = jax.jit(jax.value_and_grad(C.clip_loss, argnums=(0, 1, 2)))(*_f32(img, txt, s))
     np.testing.assert_allclose(loss, np_clip(img, txt, s), rtol=1e-5)
     for g, ref in zip(grads, np_num_grad(np_clip, [img, txt, s]), strict=True):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
@@ -121,7 +121,7 @@ def test_sharded_clip_equals_unsharded(batch, shape, names):
         )
     )
     loss_s, grads_s = sharded(img_s, txt_s, s)
-    loss, grads = jax.value_and_grad(C.clip_loss, argnums=(0, 1, 2))(img, txt, s)
+    loss, grads = jax.jit(jax.value_and_grad(C.clip_loss, argnums=(0, 1, 2)))(img, txt, s)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
     np.testing.assert_allclose(loss_s, np_clip(*batch, 2.3), rtol=1e-5)
     for gs, g in zip(grads_s, grads, strict=True):
@@ -141,7 +141,7 @@ def test_sharded_siglip_equals_unsharded(batch, shape, names):
         )
     )
     loss_s, grads_s = sharded(img_s, txt_s, s, b)
-    loss, grads = jax.value_and_grad(C.siglip_loss, argnums=(0, 1, 2, 3))(img, txt, s, b)
+    loss, grads = jax.jit(jax.value_and_grad(C.siglip_loss, argnums=(0, 1, 2, 3)))(img, txt, s, b)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
     np.testing.assert_allclose(loss_s, np_siglip(*batch, math.log(10.0), -2.0), rtol=1e-5)
     for gs, g in zip(grads_s, grads, strict=True):

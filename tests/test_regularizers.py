@@ -73,8 +73,8 @@ def test_l1_l2_values_and_gradients_on_selected_leaves():
     value, aux = l1_l2.loss(RegularizerInputs(params=params), {"l1": 0.3, "l2": 0.2})
     np.testing.assert_allclose(value, 0.3 * want_l1 + 0.2 * want_l2, rtol=RTOL)
     # Gradients: sign(w) and w on kernels, zero on everything else.
-    g1 = jax.grad(l1_l2.l1_penalty)(params)
-    g2 = jax.grad(l1_l2.l2_penalty)(params)
+    g1 = jax.jit(jax.grad(l1_l2.l1_penalty))(params)
+    g2 = jax.jit(jax.grad(l1_l2.l2_penalty))(params)
     for path, leaf in _util.flatten_with_paths(params).items():
         on = path.endswith("kernel")
         np.testing.assert_array_equal(
@@ -117,7 +117,7 @@ def test_l2_sp_value_zero_at_start_and_gradient():
     start = {**w0, "head": jax.tree.map(np.zeros_like, w0["head"])}
     value, aux = l2_sp.l2_sp(start, pretrained, alpha=alpha, beta=beta)
     assert float(value) == 0.0 and float(aux["sp"]) == 0.0
-    g = jax.grad(lambda p: l2_sp.l2_sp(p, pretrained, alpha=alpha, beta=beta)[0])(start)
+    g = jax.jit(jax.grad(lambda p: l2_sp.l2_sp(p, pretrained, alpha=alpha, beta=beta)[0]))(start)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
     # Away from it: alpha/2 ||w - w0||^2 on the backbone, beta/2 ||w||^2 on the head.
     params = jax.tree.map(lambda x: x + f32(rng, *x.shape, scale=0.1), w0)
@@ -131,7 +131,7 @@ def test_l2_sp_value_zero_at_start_and_gradient():
     value, aux = l2_sp.l2_sp(params, pretrained, alpha=alpha, beta=beta)
     np.testing.assert_allclose(value, alpha * sp + beta * hl2, rtol=RTOL)
     np.testing.assert_allclose(aux["sp"], sp, rtol=RTOL)
-    g = jax.grad(lambda p: l2_sp.l2_sp(p, pretrained, alpha=alpha, beta=beta)[0])(params)
+    g = jax.jit(jax.grad(lambda p: l2_sp.l2_sp(p, pretrained, alpha=alpha, beta=beta)[0]))(params)
     g = _util.flatten_with_paths(g)
     for p in flat:
         want = (
@@ -141,7 +141,7 @@ def test_l2_sp_value_zero_at_start_and_gradient():
         )
         np.testing.assert_allclose(g[p], want, rtol=RTOL, atol=ATOL)
     # The pretrained weights get no gradient.
-    g0 = jax.grad(lambda q: l2_sp.l2_sp(params, q, alpha=alpha, beta=beta)[0])(pretrained)
+    g0 = jax.jit(jax.grad(lambda q: l2_sp.l2_sp(params, q, alpha=alpha, beta=beta)[0]))(pretrained)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g0))
 
 
@@ -191,7 +191,7 @@ def test_delta_value_and_gradient_with_and_without_attention():
     for a in (None, att):
         got = delta.feature_map_distance(fms, fm0s, a)
         np.testing.assert_allclose(got, np_delta(fms, fm0s, a), rtol=RTOL)
-        g, g0 = jax.grad(delta.feature_map_distance, argnums=(0, 1))(fms, fm0s, a)
+        g, g0 = jax.jit(jax.grad(delta.feature_map_distance, argnums=(0, 1)))(fms, fm0s, a)
         for name in fms:
 
             def f(x, name=name, a=a):
@@ -270,7 +270,7 @@ def test_bss_value_and_gradient():
         np.testing.assert_allclose(
             bss.batch_spectral_shrinkage(f, k), (s[-k:] ** 2).sum(), rtol=RTOL
         )
-        g = jax.grad(bss.batch_spectral_shrinkage)(f, k)
+        g = jax.jit(jax.grad(bss.batch_spectral_shrinkage), static_argnums=1)(f, k)
         # d(sigma_i^2)/dF = 2 sigma_i u_i v_i^T for distinct singular values.
         want = sum(2 * s[i] * np.outer(u[:, i], vt[i]) for i in range(4 - k, 4))
         np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
