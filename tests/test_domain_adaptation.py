@@ -59,11 +59,11 @@ def test_loss_is_source_cross_entropy_plus_weighted_transfer_loss():
     config.adaptation = {"method": "coral", "weight": 0.7}
     task = tasks.build(config)
     batch = _batch(3)
-    variables = task.init(jax.random.key(0), batch)
+    variables = jax.jit(task.init)(jax.random.key(0), batch)
     params = variables.pop("params")
-    loss, _ = task.loss(params, variables, batch, jax.random.key(2), 0.5)
+    loss, _ = jax.jit(task.loss)(params, variables, batch, jax.random.key(2), 0.5)
     images = jnp.concatenate([batch["source"]["image"], batch["target"]["image"]])
-    out = task.model.apply({"params": params["model"]}, images)
+    out = jax.jit(task.model.apply)({"params": params["model"]}, images)
     want = softmax_xent(out["logits"][:8], batch["source"]["label"]) + 0.7 * coral_lib.coral(
         out["pooled"][:8], out["pooled"][8:]
     )
@@ -76,11 +76,11 @@ def test_warmup_ramps_the_transfer_loss_only(warmup, progress):
     config.adaptation = {"method": "coral", "weight": 0.7, "warmup": warmup}
     task = tasks.build(config)
     batch = _batch(3)
-    variables = task.init(jax.random.key(0), batch)
+    variables = jax.jit(task.init)(jax.random.key(0), batch)
     params = variables.pop("params")
-    loss, _ = task.loss(params, variables, batch, jax.random.key(2), progress)
+    loss, _ = jax.jit(task.loss)(params, variables, batch, jax.random.key(2), progress)
     images = jnp.concatenate([batch["source"]["image"], batch["target"]["image"]])
-    out = task.model.apply({"params": params["model"]}, images)
+    out = jax.jit(task.model.apply)({"params": params["model"]}, images)
     ramp = 1.0 if warmup == "none" else 2.0 / (1.0 + np.exp(-10.0 * progress)) - 1.0
     xent = softmax_xent(out["logits"][:8], batch["source"]["label"])
     want = xent + ramp * 0.7 * coral_lib.coral(out["pooled"][:8], out["pooled"][8:])
@@ -125,8 +125,9 @@ def test_pretrained_weights_start_the_model_and_the_head_is_new(tmp_path):
     tiny = {"width": 0.125, "stage_sizes": (1, 1, 1, 1)}
     source = zoo.build("resnet18", num_classes=5, **tiny)
     x = np.zeros((1, 32, 32, 3), np.float32)
-    saved = nn.unbox(source.init(jax.random.key(3), x))
-    saved = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(4), v.shape), saved)
+    saved = nn.unbox(jax.jit(source.init)(jax.random.key(3), x))
+    perturb = lambda v: v + 0.1 * jax.random.normal(jax.random.key(4), v.shape)
+    saved = jax.jit(lambda tree: jax.tree.map(perturb, tree))(saved)
     path = str(tmp_path / "tiny_resnet.safetensors")
     checkpoint_io.save(path, saved, {"arch": "resnet18", "overrides": {"num_classes": 5, **tiny}})
 
@@ -136,7 +137,7 @@ def test_pretrained_weights_start_the_model_and_the_head_is_new(tmp_path):
     task = tasks.build(config)
     rng = np.random.default_rng(0)
     dom = lambda: {"image": rng.random((4, 32, 32, 3), np.float32), "label": np.arange(4)}
-    variables = nn.unbox(task.init(jax.random.key(0), {"source": dom(), "target": dom()}))
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"source": dom(), "target": dom()}))
     got = checkpoint_io.flatten({**variables, "params": variables["params"]["model"]})
     want = checkpoint_io.flatten(saved)
     backbone = [p for p in want if "/head/" not in p]
