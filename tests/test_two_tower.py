@@ -64,9 +64,11 @@ def problem():
 def test_class_losses_match_float64_references(problem):
     img, cls, labels, mask = problem
     args = (jnp.float32(img), jnp.float32(cls), jnp.int32(labels))
-    got = cc.class_clip_loss(*args, jnp.float32(1.3), jnp.asarray(mask))
+    got = jax.jit(cc.class_clip_loss)(*args, jnp.float32(1.3), jnp.asarray(mask))
     np.testing.assert_allclose(got, ref_class_clip(img, cls, labels, 1.3, mask), rtol=2e-5)
-    got = cc.class_siglip_loss(*args, jnp.float32(2.3), jnp.float32(-4.0), jnp.asarray(mask))
+    got = jax.jit(cc.class_siglip_loss)(
+        *args, jnp.float32(2.3), jnp.float32(-4.0), jnp.asarray(mask)
+    )
     want = ref_class_siglip(img, cls, labels, 2.3, -4.0, mask)
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
@@ -77,7 +79,7 @@ def test_class_losses_ignore_masked_images_and_classes(problem):
         lambda i, c: cc.class_clip_loss(i, c, labels, 1.0, mask),
         lambda i, c: cc.class_siglip_loss(i, c, labels, 1.0, -2.0, mask),
     ):
-        g_img, g_cls = jax.grad(loss, argnums=(0, 1))(jnp.float32(img), jnp.float32(cls))
+        g_img, g_cls = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.float32(img), jnp.float32(cls))
         assert np.all(np.isfinite(g_img)) and np.all(np.isfinite(g_cls))
         np.testing.assert_array_equal(g_img[~mask[labels]], 0.0)  # images of other classes
         np.testing.assert_array_equal(g_cls[~mask], 0.0)  # classes the head does not train on
@@ -86,9 +88,10 @@ def test_class_losses_ignore_masked_images_and_classes(problem):
 
 def test_clamp_projected_value_and_gradient():
     f = lambda x, a: a * cc.clamp_projected(x, 1.0)
-    grad = jax.grad(f)
-    assert float(cc.clamp_projected(jnp.float32(2.5), 1.0)) == 1.0
-    assert float(cc.clamp_projected(jnp.float32(0.5), 1.0)) == 0.5
+    grad = jax.jit(jax.grad(f))
+    clamp = jax.jit(cc.clamp_projected, static_argnums=1)
+    assert float(clamp(jnp.float32(2.5), 1.0)) == 1.0
+    assert float(clamp(jnp.float32(0.5), 1.0)) == 0.5
     # In bounds: the plain gradient either way.
     assert float(grad(0.5, 1.0)) == 1.0 and float(grad(0.5, -1.0)) == -1.0
     # Above the bound: a gradient step -g that lowers x passes, one that raises it is dropped.
@@ -202,9 +205,12 @@ def test_itm_loss_sees_only_the_heads_own_classes(tfds_dir):
     sim = jnp.asarray(r.normal(size=(1, 12, 12)), jnp.float32)
     mask = jnp.asarray(task._class_mask())
 
+    @jax.jit
+    def itm_loss(f):
+        return task._itm_loss(head_vars, f, texts, sim, labels, mask, jax.random.key(1))[0][0]
+
     def loss(f):
-        out = task._itm_loss(head_vars, jnp.asarray(f), texts, sim, labels, mask, jax.random.key(1))
-        return float(out[0][0])
+        return float(itm_loss(jnp.asarray(f)))
 
     moved = feats.copy()
     moved[np.isin(np.asarray(labels), [2, 4])] += 5.0  # unseen-class images
