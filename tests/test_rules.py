@@ -67,10 +67,10 @@ def test_schedule_rules_first_match_and_errors():
     schedule = [("head/.*", "base"), ("backbone/conv/.*", None), (".*", 0.01)]
     c = _config(optimizer={"name": "sgd", "momentum": 0.9}, schedule=schedule)
     tx, _ = optim.build(c)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     traced = sorted(p.split("/trace/")[1] for p in _opt_state_paths(state) if "/trace/" in p)
     assert traced == ["backbone/norm/scale", "head/bias", "head/kernel"]  # none when frozen
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
     g = _flat(grads)
     for path, u in _flat(updates).items():  # first match wins: head base, conv frozen, rest 0.01
         lr = 0.1 if path.startswith("head/") else 0.0 if "/conv/" in path else 0.01
@@ -106,7 +106,7 @@ def test_mults_schedules_and_coupled_wd_match_numpy():
         wd_mults=[(".*norm.*", 0.0), ("head/.*", 2.0)],
     )
     tx, base = optim.build(c)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     update = jax.jit(tx.update)
     for t in range(4):
         updates, state = update(grads, state, params)
@@ -128,7 +128,7 @@ def test_clipping_sees_only_trainable_leaves_and_comes_before_weight_decay():
     params, grads = _random_tree(SHAPES, 0), _random_tree(SHAPES, 1)
     c = _config(lr=1.0, wd=0.1, grad_clip_norm=0.5, schedule=[("head/.*", "base"), (".*", None)])
     tx, _ = optim.build(c)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
     g, p = _flat(grads), _flat(params)
     norm = math.sqrt(sum((g[k] ** 2).sum() for k in g if k.startswith("head/")))
     assert norm > 0.5  # so clipping acts
@@ -197,7 +197,7 @@ def _train_uncached(config, batches, accum):
     variables = dict(_VARIABLES[layout])
     params = variables.pop("params")
     first = trainer.TrainState(
-        jnp.int32(0), params, variables, tx.init(params), jax.random.key_data(jax.random.key(1))
+        jnp.int32(0), params, variables, jax.jit(tx.init)(params), jax.random.key_data(jax.random.key(1))
     )
     state = first
     step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps, accum))
@@ -311,7 +311,7 @@ def test_llrd_per_layer_and_through_nn_scan():
     )
     c = _config(lr=lr, llrd=decay)
     tx, _ = optim.build(c)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(unscanned), unscanned)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(unscanned), unscanned)
     g = _flat(grads)
     for path, u in _flat(updates).items():
         scale = decay ** (depth + 1 - _depth_of(path, depth))
@@ -329,7 +329,7 @@ def test_llrd_per_layer_and_through_nn_scan():
     scanned_shapes = jax.eval_shape(_vit(True).init, jax.random.key(0), x)["params"]
     assert jax.tree.structure(nn.unbox(scanned_shapes)) == jax.tree.structure(stack(grads))
     params_s, grads_s = stack(unscanned), stack(grads)
-    updates_s, _ = jax.jit(tx.update)(grads_s, tx.init(params_s), params_s)
+    updates_s, _ = jax.jit(tx.update)(grads_s, jax.jit(tx.init)(params_s), params_s)
     np.testing.assert_allclose(
         np.asarray(updates_s["encoder"]["layers"]["mlp"]["fc1"]["kernel"]),
         np.asarray(stack(updates)["encoder"]["layers"]["mlp"]["fc1"]["kernel"]),
@@ -388,7 +388,7 @@ def test_unfreeze_per_layer_of_a_scanned_stack():
         unfreeze=[(2, "encoder/layer_2/.*")],
     )
     tx, _ = optim.build(c)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     # the stack carries momentum (one of its layers will train), the embeddings none
     traced = [p for p in _opt_state_paths(state) if "/trace/" in p]
     assert any("encoder/layers/mlp/fc1/kernel" in p for p in traced)
