@@ -146,7 +146,7 @@ def test_batchnorm_train_updates_stats_and_groupnorm_has_none():
     assert not np.allclose(before, after)
     # momentum 0.9: running mean <- 0.9 * running mean + 0.1 * batch mean of the stem conv
     conv = layers.Conv(8, 7, strides=2)
-    y = np.asarray(conv.apply({"params": v["params"]["stem_conv"]}, x), np.float64)
+    y = np.asarray(_apply(conv, {"params": v["params"]["stem_conv"]}, x), np.float64)
     expected = 0.9 * np.asarray(before) + 0.1 * y.mean((0, 1, 2))
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
 
@@ -168,7 +168,7 @@ def test_weight_standardised_conv_matches_numpy():
     for i in range(6):
         for j in range(6):
             ref[0, i, j] = np.einsum("hwc,hwco->o", xp[0, i : i + 3, j : j + 3], ws)
-    np.testing.assert_allclose(conv.apply(v, x), ref, atol=1e-4)
+    np.testing.assert_allclose(_apply(conv, v, x), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -178,7 +178,7 @@ def test_depthwise_conv_and_shift_agree_with_numpy(stride):
     conv = layers.DepthwiseConv(3, stride, "conv")
     v = _init(conv, x)
     shift = layers.DepthwiseConv(3, stride, "shift")
-    y_conv, y_shift = np.asarray(conv.apply(v, x)), np.asarray(shift.apply(v, x))
+    y_conv, y_shift = np.asarray(_apply(conv, v, x)), np.asarray(_apply(shift, v, x))
     k = np.asarray(v["params"]["kernel"], np.float64)[:, :, 0]
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     ho, wo = (9 - 1) // stride + 1, (8 - 1) // stride + 1
@@ -258,8 +258,9 @@ def test_bert_mean_pooling_ignores_padding():
     model = zoo.build("bert_base", **TINY_BERT)
     ids = _input("text")[1:2, :8]
     v = _init(model, ids)
-    short = model.apply(v, ids)
-    padded = model.apply(v, jnp.pad(ids, ((0, 0), (0, 6))))
+    apply = jax.jit(model.apply)
+    short = apply(v, ids)
+    padded = apply(v, jnp.pad(ids, ((0, 0), (0, 6))))
     np.testing.assert_allclose(short["pooled"], padded["pooled"], atol=1e-5)
     f = np.asarray(short["features"], np.float64)
     np.testing.assert_allclose(short["pooled"][0], f[0].mean(0), atol=1e-5)
@@ -269,17 +270,18 @@ def test_clip_text_eos_pooling():
     ids = np.array([[5, 7, 49, 0, 0, 0], [5, 49, 3, 2, 0, 0]], np.int32)  # 49: highest id
     model = zoo.build("clip_text_b", **{**TINY_CLIP, "proj_dim": 0})
     v = _init(model, jnp.asarray(ids))
-    out = model.apply(v, jnp.asarray(ids))
+    apply = jax.jit(model.apply)
+    out = apply(v, jnp.asarray(ids))
     np.testing.assert_allclose(out["pooled"][0], out["features"][0, 2], atol=1e-6)
     np.testing.assert_allclose(out["pooled"][1], out["features"][1, 1], atol=1e-6)
     by_id = zoo.build("clip_text_b", **{**TINY_CLIP, "proj_dim": 0, "eos_id": 2})
     np.testing.assert_allclose(
-        by_id.apply(v, jnp.asarray(ids))["pooled"][1], out["features"][1, 3], atol=1e-6
+        _apply(by_id, v, jnp.asarray(ids))["pooled"][1], out["features"][1, 3], atol=1e-6
     )
     # causal: a token's features do not depend on later tokens
     changed = ids.copy()
     changed[0, 4] = 9
-    out2 = model.apply(v, jnp.asarray(changed))
+    out2 = apply(v, jnp.asarray(changed))
     np.testing.assert_allclose(out2["features"][0, :4], out["features"][0, :4], atol=1e-6)
 
 
@@ -312,7 +314,7 @@ def test_map_head_matches_numpy():
 
     h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
     ref = y + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
-    np.testing.assert_allclose(head.apply(v, x), ref, atol=1e-5)
+    np.testing.assert_allclose(_apply(head, v, x), ref, atol=1e-5)
 
 
 def test_vit_pools_and_other_resolutions():
