@@ -2,6 +2,7 @@
 converted weights with the original implementations (transformers, torch used only as oracles
 here) for HF BERT / CLIP / ViT / ResNet, timm ViT, torchvision ResNet and big_vision .npz."""
 
+import functools
 import json
 import os
 import pickle
@@ -48,6 +49,17 @@ def _close(ours, ref, rel=1e-4):
 
 def _build(meta):
     return zoo.build(meta["arch"], **meta["overrides"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_apply(model, variables, *inputs):
+    return model.apply(variables, *inputs)
+
+
+def _forward(meta, variables, *inputs):
+    """The converted model's outputs in numpy, compiled once per architecture and input shape
+    (models are hashable, so equal configs share the program)."""
+    return jax.device_get(_jit_apply(_build(meta), variables, *inputs))
 
 
 def _images(n=2, size=32):
@@ -205,7 +217,7 @@ def test_hf_bert_matches_transformers(tmp_path):
         )
     variables, meta = convert.load_foreign(str(tmp_path))
     assert meta["source_format"] == "hf_bert" and meta["overrides"]["pool"] == "pooler"
-    out = _build(meta).apply(variables, ids.astype(np.int32), types.astype(np.int32))
+    out = _forward(meta, variables, ids.astype(np.int32), types.astype(np.int32))
     _close(out["features"], ref.last_hidden_state)
     _close(out["pooled"], ref.pooler_output)
 
@@ -219,7 +231,7 @@ def test_hf_bert_with_prefix_and_lm_head_from_bin_file(tmp_path):
         ref = lm.bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(ids != 0))
     variables, meta = convert.load_foreign(str(tmp_path / "pytorch_model.bin"))
     assert meta["overrides"]["act"] == "gelu_tanh" and meta["overrides"]["pool"] == "cls"
-    out = _build(meta).apply(variables, ids.astype(np.int32))
+    out = _forward(meta, variables, ids.astype(np.int32))
     _close(out["features"], ref.last_hidden_state)
 
 
@@ -258,8 +270,8 @@ def test_hf_clip_matches_transformers(tmp_path, eos_token_id):
     convert.convert(str(tmp_path), dst)
     variables, meta = checkpoint_io.load(dst)
     assert meta["arch"] == "clip" and np.isclose(meta["logit_scale"], np.log(20.0))
-    zi = _build(meta["image"]).apply(variables["image"], images)["pooled"]
-    zt = _build(meta["text"]).apply(variables["text"], ids.astype(np.int32))["pooled"]
+    zi = _forward(meta["image"], variables["image"], images)["pooled"]
+    zt = _forward(meta["text"], variables["text"], ids.astype(np.int32))["pooled"]
     zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
     zt = zt / np.linalg.norm(zt, axis=-1, keepdims=True)
     _close(zi, ref.image_embeds)
@@ -348,7 +360,7 @@ def test_hf_vit_classifier_matches_transformers(tmp_path):
         tokens = model.vit(_nchw(images)).last_hidden_state
     variables, meta = convert.load_foreign(str(tmp_path))
     assert meta["class_names"] == [f"class{i}" for i in range(5)]
-    out = _build(meta).apply(variables, images)
+    out = _forward(meta, variables, images)
     _close(out["features"], tokens)
     _close(out["logits"], logits)
 
@@ -395,7 +407,7 @@ def test_timm_vit_layout_matches_transformers(tmp_path):
     )
     variables, meta = convert.load_foreign(str(path))
     assert meta["source_format"] == "timm_vit"
-    _close(_build(meta).apply(variables, images)["features"], tokens)
+    _close(_forward(meta, variables, images)["features"], tokens)
 
 
 def _big_vision_npz(sd, layout, depth=2, heads=4):
@@ -457,7 +469,7 @@ def test_big_vision_npz_matches_transformers(tmp_path, layout):
     convert.convert(str(tmp_path / "vit.npz"), str(dst))
     variables, meta = checkpoint_io.load(dst)
     assert meta["source_format"] == "big_vision_vit" and meta["overrides"]["pool"] == "cls"
-    _close(_build(meta).apply(variables, images)["features"], tokens)
+    _close(_forward(meta, variables, images)["features"], tokens)
 
 
 def test_big_vision_map_head_round_trip(tmp_path):
@@ -500,7 +512,7 @@ def test_big_vision_map_head_round_trip(tmp_path):
         mine = mine.replace(*block_norms).replace("LayerNorm_1", "norm2")
         np.testing.assert_array_equal(ours[f"params/{mine}"], value, err_msg=key)
     assert len(ours) == len(src)
-    out = _build(meta).apply(variables, _images(1))
+    out = _forward(meta, variables, _images(1))
     assert out["logits"].shape == (1, 7)
 
 
@@ -543,7 +555,7 @@ def test_hf_and_torchvision_resnet_match_transformers(tmp_path, block):
         ref = model(_nchw(images))
     variables, meta = convert.load_foreign(str(tmp_path / "hf"))
     assert meta["overrides"]["stage_sizes"] == (1, 2, 1, 1)
-    out = _build(meta).apply(variables, images)
+    out = _forward(meta, variables, images)
     _close(out["features"], ref.last_hidden_state.numpy().transpose(0, 2, 3, 1))
     _close(out["pooled"], ref.pooler_output.numpy()[:, :, 0, 0])
     # the same weights under torchvision's names, in a legacy (non-zip) torch file
@@ -551,7 +563,7 @@ def test_hf_and_torchvision_resnet_match_transformers(tmp_path, block):
     torch.save(tv, tmp_path / "tv.pth", _use_new_zipfile_serialization=False)
     variables_tv, meta_tv = convert.load_foreign(str(tmp_path / "tv.pth"))
     assert meta_tv["source_format"] == "torchvision_resnet"
-    out_tv = _build(meta_tv).apply(variables_tv, images)
+    out_tv = _forward(meta_tv, variables_tv, images)
     _close(out_tv["pooled"], ref.pooler_output.numpy()[:, :, 0, 0])
     assert jax.tree.structure(variables_tv) == jax.tree.structure(variables)
     # a converted file (custom stage sizes in its JSON metadata) loads as a tower
@@ -560,5 +572,5 @@ def test_hf_and_torchvision_resnet_match_transformers(tmp_path, block):
     convert.convert(str(tmp_path / "hf"), str(tmp_path / "r.safetensors"))
     enc = pretrained.load(str(tmp_path / "r.safetensors"), image_size=32, crop_fraction=1.0)
     uint8 = (RNG.rand(2, 32, 32, 3) * 255).astype(np.uint8)
-    ref_pooled = _build(meta).apply(variables, enc.preprocess(uint8))["pooled"]
+    ref_pooled = _forward(meta, variables, enc.preprocess(uint8))["pooled"]
     _close(enc.encode(uint8), ref_pooled, rel=1e-5)
