@@ -58,7 +58,7 @@ def test_animals_config_steps_and_evaluates(name, arg, tfds_dir, tmp_path, monke
     batch = next(it)
     variables = jax.jit(task.init)(jax.random.key(0), batch)
     params = variables.pop("params")
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, opt_state, model_state, batch, rng):

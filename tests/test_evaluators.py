@@ -62,7 +62,9 @@ def _task():
     c.model = {"name": "lenet", "num_classes": 10, "bottleneck": 32, "dropout": 0.0}
     c.data = {"name": "digits_uci", "split": "train", "pp": PP}
     task = tasks.build(c)
-    variables = task.init(jax.random.key(3), {"image": np.zeros((2, 28, 28, 1), np.float32)})
+    variables = jax.jit(task.init)(
+        jax.random.key(3), {"image": np.zeros((2, 28, 28, 1), np.float32)}
+    )
     return task, nn.unbox(variables)
 
 

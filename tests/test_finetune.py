@@ -260,7 +260,11 @@ def test_start_is_the_pretrained_weights_and_stays_constant(tiny_ckpt, tfds_dir)
     assert set(task.start_params) == {p for p in loaded if not p.startswith("head/")}
 
     state = trainer.TrainState(
-        jnp.int32(0), params, variables, tx.init(params), jax.random.key_data(jax.random.key(1))
+        jnp.int32(0),
+        params,
+        variables,
+        jax.jit(tx.init)(params),
+        jax.random.key_data(jax.random.key(1)),
     )
     # The optimiser state holds the momentum of the trained parameters (and step counters), no
     # copy of the starting point.
@@ -360,7 +364,7 @@ def test_config_takes_two_steps_and_evaluates(name, tiny_ckpt, tfds_dir):
     batch = next(it)
     variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
     params = variables.pop("params")
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, opt_state, model_state, batch, rng):

@@ -197,7 +197,11 @@ def _train_uncached(config, batches, accum):
     variables = dict(_VARIABLES[layout])
     params = variables.pop("params")
     first = trainer.TrainState(
-        jnp.int32(0), params, variables, jax.jit(tx.init)(params), jax.random.key_data(jax.random.key(1))
+        jnp.int32(0),
+        params,
+        variables,
+        jax.jit(tx.init)(params),
+        jax.random.key_data(jax.random.key(1)),
     )
     state = first
     step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps, accum))

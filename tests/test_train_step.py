@@ -29,10 +29,10 @@ def _run(mesh, batches):
     task = tasks.build(config)
     tx, lr_fn = optim.build(config)
     rng = jax.random.key(0)
-    variables = nn.unbox(task.init(rng, mesh_lib.global_batch(batches[0], mesh)))
+    variables = nn.unbox(jax.jit(task.init)(rng, mesh_lib.global_batch(batches[0], mesh)))
     params = variables.pop("params")
     key_data = jax.random.key_data(rng)
-    state = trainer.TrainState(jnp.int32(0), params, variables, tx.init(params), key_data)
+    state = trainer.TrainState(jnp.int32(0), params, variables, jax.jit(tx.init)(params), key_data)
     state = jax.device_put(state, mesh_lib.replicated(mesh))
     step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps))
     losses = []
