@@ -296,7 +296,7 @@ class FineTune(Classification):
         o = self.reg
         it = self.train_iterator(0, 1)
         batches = [next(it) for _ in range(int(o["attention_batches"]))]
-        variables = nn.unbox(self.init(jax.random.key(0), batches[0]))
+        variables = nn.unbox(jax.jit(self.init)(jax.random.key(0), batches[0]))
         params = self.start_tree(variables.pop("params"))
         state = variables
         head = {k: v for k, v in params.items() if k == "head"}
