@@ -21,9 +21,10 @@ def _boxed(model, x):
 
 
 def _random(model, x, seed):
-    """Concrete random variables of `model`, logical-axis boxes kept (drawn in numpy)."""
+    """Concrete random variables of `model`, logical-axis boxes kept (drawn and cast in numpy,
+    then `device_put`: `jnp.asarray` would compile a conversion program per shape)."""
     rng = np.random.RandomState(seed)
-    fill = lambda a: jnp.asarray(rng.randn(*a.shape), a.dtype)
+    fill = lambda a: jax.device_put(np.asarray(rng.randn(*a.shape), a.dtype))
     return jax.tree.map(fill, _boxed(model, x))
 
 

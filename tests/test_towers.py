@@ -26,12 +26,13 @@ TINY = {
 
 
 def _input(kind, batch=2, seed=0, length=12):
+    """A numpy batch (jitted calls take it as is; slicing it compiles nothing)."""
     rng = np.random.RandomState(seed)
     if kind == "image":
-        return jnp.asarray(rng.randn(batch, 32, 32, 3), jnp.float32)
+        return rng.randn(batch, 32, 32, 3).astype(np.float32)
     ids = rng.randint(1, 49, size=(batch, length)).astype(np.int32)
     ids[0, 8:] = 0  # padding
-    return jnp.asarray(ids)
+    return ids
 
 
 def _boxed(model, x):
@@ -41,7 +42,8 @@ def _boxed(model, x):
 
 def _init(model, x, seed=0):
     """Random variables of the model's structure drawn in numpy: compiling the random
-    initialisers of every parameter shape costs more than the whole forward pass."""
+    initialisers of every parameter shape costs more than the whole forward pass. Cast in
+    numpy and `device_put`: `jnp.asarray` compiles a conversion program per shape."""
     rng = np.random.RandomState(seed)
 
     def fill(path, leaf):
@@ -56,13 +58,14 @@ def _init(model, x, seed=0):
             value = 0.5 * rng.randn(*shape)
         else:
             value = rng.randn(*shape) / np.sqrt(np.prod(shape[:-1]))
-        return jnp.asarray(value, leaf.dtype)
+        return jax.device_put(np.asarray(value, leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(fill, nn.unbox(_boxed(model, x)))
 
 
 def _apply(model, variables, x, **kwargs):
-    return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+    """The jitted forward's outputs in numpy (indexing them then compiles nothing)."""
+    return jax.device_get(jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x))
 
 
 def test_names_cover_the_required_set():
@@ -259,8 +262,8 @@ def test_bert_mean_pooling_ignores_padding():
     ids = _input("text")[1:2, :8]
     v = _init(model, ids)
     apply = jax.jit(model.apply)
-    short = apply(v, ids)
-    padded = apply(v, jnp.pad(ids, ((0, 0), (0, 6))))
+    short = jax.device_get(apply(v, ids))
+    padded = jax.device_get(apply(v, np.pad(ids, ((0, 0), (0, 6)))))
     np.testing.assert_allclose(short["pooled"], padded["pooled"], atol=1e-5)
     f = np.asarray(short["features"], np.float64)
     np.testing.assert_allclose(short["pooled"][0], f[0].mean(0), atol=1e-5)
@@ -269,19 +272,17 @@ def test_bert_mean_pooling_ignores_padding():
 def test_clip_text_eos_pooling():
     ids = np.array([[5, 7, 49, 0, 0, 0], [5, 49, 3, 2, 0, 0]], np.int32)  # 49: highest id
     model = zoo.build("clip_text_b", **{**TINY_CLIP, "proj_dim": 0})
-    v = _init(model, jnp.asarray(ids))
+    v = _init(model, ids)
     apply = jax.jit(model.apply)
-    out = apply(v, jnp.asarray(ids))
+    out = jax.device_get(apply(v, ids))
     np.testing.assert_allclose(out["pooled"][0], out["features"][0, 2], atol=1e-6)
     np.testing.assert_allclose(out["pooled"][1], out["features"][1, 1], atol=1e-6)
     by_id = zoo.build("clip_text_b", **{**TINY_CLIP, "proj_dim": 0, "eos_id": 2})
-    np.testing.assert_allclose(
-        _apply(by_id, v, jnp.asarray(ids))["pooled"][1], out["features"][1, 3], atol=1e-6
-    )
+    np.testing.assert_allclose(_apply(by_id, v, ids)["pooled"][1], out["features"][1, 3], atol=1e-6)
     # causal: a token's features do not depend on later tokens
     changed = ids.copy()
     changed[0, 4] = 9
-    out2 = apply(v, jnp.asarray(changed))
+    out2 = jax.device_get(apply(v, changed))
     np.testing.assert_allclose(out2["features"][0, :4], out["features"][0, :4], atol=1e-6)
 
 
