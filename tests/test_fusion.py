@@ -153,7 +153,8 @@ def test_film_matches_numpy(inputs):
     head = fusion.build("film", out_dim=OUT, hidden_dim=h, num_blocks=nb)
     params = nn.unbox(_init(head, inputs))
     # Non-zero biases so the shift beta and the residual are exercised.
-    params = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+    shift = lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape))
+    params = jax.jit(lambda params: jax.tree.map(shift, params))(params)
     p = _np(params)
     xi, xt, tok = _f64(inputs, "image_feats", "text_feats", "image_tokens")
     film = _lin(p["film_generator"], xt)  # [B, nb*2*h] laid out as (block, gamma/beta, channel)
@@ -176,7 +177,7 @@ def test_film_matches_numpy(inputs):
 def test_bilinear_matches_numpy(inputs):
     head = fusion.build("bilinear", out_dim=OUT, rank=8)
     params = nn.unbox(_init(head, inputs))
-    params = jax.tree.map(lambda x: x + 0.05, params)
+    params = jax.jit(lambda params: jax.tree.map(lambda x: x + 0.05, params))(params)
     p = _np(params)
     xi, xt = _f64(inputs, "image_feats", "text_feats")
     ref = _lin(p["out"], np.tanh(_lin(p["image_proj"], xi)) * np.tanh(_lin(p["text_proj"], xt)))
@@ -191,24 +192,25 @@ def test_cross_attention_ignores_masked_text_tokens(inputs, pool, self_attention
     cfg = dict(CONFIGS["cross_attention"], pool=pool, self_attention=self_attention)
     head = fusion.build("cross_attention", out_dim=OUT, **cfg)
     params = nn.unbox(_init(head, inputs))
-    base = _call(head, params, inputs)["fused"]
+    fused = lambda x: jax.device_get(_call(head, params, x)["fused"])  # compared in numpy
+    base = fused(inputs)
 
     mask = inputs["text_mask"]
     noise = np.random.default_rng(1).normal(size=inputs["text_tokens"].shape) * 5
     changed = np.where(mask[..., None], inputs["text_tokens"], noise).astype(np.float32)
-    out = _call(head, params, dict(inputs, text_tokens=changed))["fused"]
+    out = fused(dict(inputs, text_tokens=changed))
     np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-6)
 
     # An unmasked token does matter (row 0 keeps tokens 0 and 1): token 1 reaches the output
     # through the mean pool or, with "first" pooling, through self-attention.
     visible = inputs["text_tokens"].copy()
     visible[0, 1] += 1.0
-    out = _call(head, params, dict(inputs, text_tokens=visible))["fused"]
+    out = fused(dict(inputs, text_tokens=visible))
     assert np.abs(out[0] - base[0]).max() > 1e-4
     np.testing.assert_allclose(out[1:], base[1:], rtol=1e-5, atol=1e-6)
 
     # Changing the image tokens changes the output: text does attend to the image.
-    out = _call(head, params, dict(inputs, image_tokens=inputs["image_tokens"] + 1.0))["fused"]
+    out = fused(dict(inputs, image_tokens=inputs["image_tokens"] + 1.0))
     assert np.abs(out - base).max() > 1e-4
 
 
