@@ -40,6 +40,19 @@ def pytest_configure(config):
         _pin_xdist_worker()
 
 
+# The longest modules, longest first, run before the rest so that the xdist workers finish
+# together (`--dist loadscope` hands out whole modules in collection order).
+LONG_MODULES = (
+    "test_quickstart.py", "test_bench.py", "test_faults.py", "test_cli.py",
+    "test_resume.py", "test_multihost.py", "test_coco_configs.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def xla_flags(devices: int) -> str:
     """This run's XLA_FLAGS with `devices` virtual devices, for a subprocess on another count."""
     flags = [f for f in os.environ["XLA_FLAGS"].split() if "host_platform_device_count" not in f]
