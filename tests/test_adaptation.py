@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -738,6 +739,27 @@ def test_tsne_writes_png(tmp_path):
     assert emb.shape == (55, 2) and np.all(np.isfinite(emb))
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_a_distance_evaluator_tsne_points(tmp_path):
+    from xmodal_jax.errors import UserError
+    from xmodal_jax.train import evaluators
+
+    data = {"dataset": "digits_uci", "split": "test"}
+    make = lambda n: evaluators.EVALUATORS["a_distance"](
+        "a_distance", {"source": data, "target": data, "tsne_points": n}, None, None, 8
+    )
+    with pytest.raises(UserError, match="tsne_points=-1.*0 writes no t-SNE plot"):
+        make(-1)
+    rng = np.random.default_rng(0)
+    features = (rng.normal(size=(40, 6)), rng.normal(size=(30, 6)) + 3)
+    for n, files in ((0, []), (20, ["tsne_a_distance.png"])):
+        ev = make(n)
+        ev._last = features  # what `run` keeps of the last evaluation
+        out = tmp_path / str(n)
+        out.mkdir()
+        assert [os.path.basename(p) for p in ev.plot(str(out))] == files
+        assert sorted(os.listdir(out)) == files
 
 
 # ---------------------------------------------------------------------------------------------
