@@ -2,7 +2,6 @@
 converted weights with the original implementations (transformers, torch used only as oracles
 here) for HF BERT / CLIP / ViT / ResNet, timm ViT, torchvision ResNet and big_vision .npz."""
 
-import functools
 import json
 import os
 import pickle
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax_testing import jit_apply
 from safetensors.numpy import load_file, save_file
 
 from xmodal_jax.data import bpe
@@ -51,15 +51,10 @@ def _build(meta):
     return zoo.build(meta["arch"], **meta["overrides"])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_apply(model, variables, *inputs):
-    return model.apply(variables, *inputs)
-
-
 def _forward(meta, variables, *inputs):
     """The converted model's outputs in numpy, compiled once per architecture and input shape
     (models are hashable, so equal configs share the program)."""
-    return jax.device_get(_jit_apply(_build(meta), variables, *inputs))
+    return jit_apply(_build(meta), variables, *inputs)
 
 
 def _images(n=2, size=32):

@@ -2,13 +2,12 @@
 (against a float64 numpy bilinear reference), scan/unscanned layouts, and one error that
 lists every unexplained mismatch."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_testing import jit_apply
 
 from xmodal_jax.models import zoo
 from xmodal_jax.transfer import checkpoint_io, surgery
@@ -34,12 +33,6 @@ def _vit(seed=0, image=32, **overrides):
     return model, _random(model, x, seed)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model, variables, x):
-    """The model's forward, compiled once per model config (models are hashable)."""
-    return model.apply(variables, x)
-
-
 def _flat(variables):
     return {k: np.asarray(v) for k, v in checkpoint_io.flatten(variables).items()}
 
@@ -54,7 +47,7 @@ def test_reinit_head_keeps_fresh_init_and_loads_the_rest():
     m, s, t = _flat(merged), _flat(source), _flat(target)
     for path in m:
         np.testing.assert_array_equal(m[path], t[path] if "/head/" in path else s[path])
-    out = _apply(model, nn.unbox(merged), jnp.zeros((1, 32, 32, 3)))
+    out = jit_apply(model, nn.unbox(merged), jnp.zeros((1, 32, 32, 3)))
     assert out["logits"].shape == (1, 10)
 
 
@@ -107,7 +100,7 @@ def test_posemb_resize_matches_numpy_bilinear(pool, src_image, dst_image):
     assert got.shape == (prefix + gt * gt, 16)
     np.testing.assert_allclose(got[prefix:], ref, atol=1e-5)
     np.testing.assert_array_equal(got[:prefix], src[:prefix].astype(np.float32))
-    out = _apply(model, nn.unbox(merged), jnp.zeros((1, dst_image, dst_image, 3)))
+    out = jit_apply(model, nn.unbox(merged), jnp.zeros((1, dst_image, dst_image, 3)))
     assert np.isfinite(np.asarray(out["pooled"])).all()
 
 
@@ -132,8 +125,8 @@ def test_scanned_and_unscanned_layouts_load_into_each_other():
         np.testing.assert_array_equal(value, _flat(plain)[path])
     x = jnp.asarray(np.random.RandomState(0).randn(1, 32, 32, 3), jnp.float32)
     plain_model = zoo.build("vit_s16", **VIT)
-    a = _apply(plain_model, nn.unbox(plain), x)["pooled"]
-    b = _apply(scanned_model, nn.unbox(merged), x)["pooled"]
+    a = jit_apply(plain_model, nn.unbox(plain), x)["pooled"]
+    b = jit_apply(scanned_model, nn.unbox(merged), x)["pooled"]
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 

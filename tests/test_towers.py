@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_testing import jit_apply
 
 from xmodal_jax.models import axes, layers, zoo
 from xmodal_jax.transfer import checkpoint_io, surgery
@@ -63,11 +64,6 @@ def _init(model, x, seed=0):
     return jax.tree_util.tree_map_with_path(fill, nn.unbox(_boxed(model, x)))
 
 
-def _apply(model, variables, x, **kwargs):
-    """The jitted forward's outputs in numpy (indexing them then compiles nothing)."""
-    return jax.device_get(jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x))
-
-
 def test_names_cover_the_required_set():
     required = {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "bert_base", "minilm_l6"}
     required |= {"clip_text_b"} | {
@@ -115,7 +111,7 @@ def test_forward_outputs_and_logical_axes(name):
     model = zoo.build(name, **overrides)
     x = _input(kind)
     variables = _init(model, x)
-    out = _apply(model, variables, x)
+    out = jit_apply(model, variables, x)
     assert out["logits"].shape == (2, 5)
     assert out["pooled"].ndim == 2 and out["pooled"].shape[0] == 2
     assert out["features"].ndim == (4 if name.startswith(("resnet", "mobilenet")) else 3)
@@ -141,7 +137,7 @@ def test_batchnorm_train_updates_stats_and_groupnorm_has_none():
     model = zoo.build("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1))
     x = _input("image")
     v = _init(model, x)
-    _, updates = _apply(model, v, x, train=True, mutable=["batch_stats"])
+    _, updates = jit_apply(model, v, x, train=True, mutable=["batch_stats"])
     before, after = (
         v["batch_stats"]["stem_norm"]["mean"],
         updates["batch_stats"]["stem_norm"]["mean"],
@@ -149,14 +145,14 @@ def test_batchnorm_train_updates_stats_and_groupnorm_has_none():
     assert not np.allclose(before, after)
     # momentum 0.9: running mean <- 0.9 * running mean + 0.1 * batch mean of the stem conv
     conv = layers.Conv(8, 7, strides=2)
-    y = np.asarray(_apply(conv, {"params": v["params"]["stem_conv"]}, x), np.float64)
+    y = np.asarray(jit_apply(conv, {"params": v["params"]["stem_conv"]}, x), np.float64)
     expected = 0.9 * np.asarray(before) + 0.1 * y.mean((0, 1, 2))
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
 
     gn = zoo.build("resnet18", width=0.125, stage_sizes=(1, 1, 1, 1), norm="group", norm_groups=4)
     vg = _init(gn, x)
     assert "batch_stats" not in vg
-    assert np.isfinite(np.asarray(_apply(gn, vg, x)["pooled"])).all()
+    assert np.isfinite(np.asarray(jit_apply(gn, vg, x)["pooled"])).all()
 
 
 def test_weight_standardised_conv_matches_numpy():
@@ -171,7 +167,7 @@ def test_weight_standardised_conv_matches_numpy():
     for i in range(6):
         for j in range(6):
             ref[0, i, j] = np.einsum("hwc,hwco->o", xp[0, i : i + 3, j : j + 3], ws)
-    np.testing.assert_allclose(_apply(conv, v, x), ref, atol=1e-4)
+    np.testing.assert_allclose(jit_apply(conv, v, x), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -181,7 +177,7 @@ def test_depthwise_conv_and_shift_agree_with_numpy(stride):
     conv = layers.DepthwiseConv(3, stride, "conv")
     v = _init(conv, x)
     shift = layers.DepthwiseConv(3, stride, "shift")
-    y_conv, y_shift = np.asarray(_apply(conv, v, x)), np.asarray(_apply(shift, v, x))
+    y_conv, y_shift = np.asarray(jit_apply(conv, v, x)), np.asarray(jit_apply(shift, v, x))
     k = np.asarray(v["params"]["kernel"], np.float64)[:, :, 0]
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     ho, wo = (9 - 1) // stride + 1, (8 - 1) // stride + 1
@@ -203,7 +199,7 @@ def test_mobilenet_depthwise_implementations_agree():
     v = _init(nets["conv"], x)
     shapes = lambda m: jax.tree.map(lambda a: a.shape, nn.unbox(_boxed(m, x)))
     assert shapes(nets["conv"]) == shapes(nets["shift"])  # same parameter layout
-    a, b = (np.asarray(_apply(nets[i], v, x)["features"]) for i in ("conv", "shift"))
+    a, b = (np.asarray(jit_apply(nets[i], v, x)["features"]) for i in ("conv", "shift"))
     assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())
 
 
@@ -227,7 +223,7 @@ def test_scan_layers_equals_unscanned(name):
     boxed_scan = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x))
     ref_shapes = jax.tree.map(lambda s: s.shape, nn.unbox(boxed_scan))
     assert jax.tree.map(np.shape, v_scan) == ref_shapes
-    a, b = _apply(plain, v, x), _apply(scanned, v_scan, x)
+    a, b = jit_apply(plain, v, x), jit_apply(scanned, v_scan, x)
     np.testing.assert_allclose(a["pooled"], b["pooled"], atol=1e-5, rtol=1e-5)
     if name == "bert_base":  # gradients flow through scan + remat, same as unscanned
         loss = lambda m, p: jnp.sum(m.apply({"params": p}, x)["pooled"] ** 2)
@@ -250,8 +246,8 @@ def test_bf16_compute_with_f32_params_is_close_to_f32(name):
     bf16 = zoo.build(name, dtype=jnp.bfloat16, **overrides)
     v = _init(f32, x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(_boxed(bf16, x))))
-    a = np.asarray(_apply(f32, v, x)["pooled"], np.float32)
-    out = _apply(bf16, v, x)["pooled"]
+    a = np.asarray(jit_apply(f32, v, x)["pooled"], np.float32)
+    out = jit_apply(bf16, v, x)["pooled"]
     assert out.dtype == jnp.bfloat16
     b = np.asarray(out).astype(np.float32)
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max() + 1e-3
@@ -278,7 +274,9 @@ def test_clip_text_eos_pooling():
     np.testing.assert_allclose(out["pooled"][0], out["features"][0, 2], atol=1e-6)
     np.testing.assert_allclose(out["pooled"][1], out["features"][1, 1], atol=1e-6)
     by_id = zoo.build("clip_text_b", **{**TINY_CLIP, "proj_dim": 0, "eos_id": 2})
-    np.testing.assert_allclose(_apply(by_id, v, ids)["pooled"][1], out["features"][1, 3], atol=1e-6)
+    np.testing.assert_allclose(
+        jit_apply(by_id, v, ids)["pooled"][1], out["features"][1, 3], atol=1e-6
+    )
     # causal: a token's features do not depend on later tokens
     changed = ids.copy()
     changed[0, 4] = 9
@@ -315,7 +313,7 @@ def test_map_head_matches_numpy():
 
     h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
     ref = y + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
-    np.testing.assert_allclose(_apply(head, v, x), ref, atol=1e-5)
+    np.testing.assert_allclose(jit_apply(head, v, x), ref, atol=1e-5)
 
 
 def test_vit_pools_and_other_resolutions():
@@ -323,7 +321,7 @@ def test_vit_pools_and_other_resolutions():
     for pool in ("cls", "gap", "map"):
         model = zoo.build("vit_s16", **{**TINY_VIT, "pool": pool})
         v = _init(model, x)
-        out = _apply(model, v, x)
+        out = jit_apply(model, v, x)
         n_tokens = 16 + (pool == "cls")
         assert out["features"].shape == (2, n_tokens, 32)
         if pool == "gap":
@@ -331,5 +329,5 @@ def test_vit_pools_and_other_resolutions():
                 out["pooled"], np.asarray(out["features"]).mean(1), atol=1e-6
             )
     # a 48 px input uses the bilinearly resized position table (6x6 grid)
-    big = _apply(model, v, jnp.zeros((1, 48, 48, 3)))
+    big = jit_apply(model, v, jnp.zeros((1, 48, 48, 3)))
     assert big["features"].shape == (1, 36, 32)
