@@ -11,22 +11,30 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
+import numpy as np
+from etils import epath
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
+from xmodal_jax.train import metrics
 
-from xmodal_jax.train import metrics  # noqa: E402
+
+def figure(**kwargs) -> Any:
+    """A matplotlib `Figure` on its own Agg canvas: no display, no global backend, nothing to
+    close. matplotlib is imported here, on the first plot, not with the trainer (most of a
+    second of every start otherwise)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: epath.PathLike) -> None:
-    """Writes `fig` as a PNG to a local or remote `path` and closes it."""
+    """Writes `fig` as a PNG to a local or remote `path`."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     metrics.write_bytes(path, buffer.getvalue())
 
 
@@ -46,7 +54,8 @@ def curves(rows: Sequence[dict], path: epath.PathLike) -> None:
             if k.startswith("eval/") and k.endswith("accuracy") and "class_accuracy" not in k
         }
     )
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     loss = series("train/loss")
     if loss is not None:
         ax_loss.plot(*loss, label="train/loss")
@@ -69,7 +78,8 @@ def confusion(
     m = np.asarray(matrix, np.float64)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
+    fig = figure(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), class_names, fontsize=7)

@@ -25,17 +25,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+from jax.sharding import Mesh
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-
-from xmodal_jax.data import pipeline  # noqa: E402
-from xmodal_jax.errors import UserError  # noqa: E402
-from xmodal_jax.evaluation import retrieval as retrieval_lib  # noqa: E402
-from xmodal_jax.evaluation import zeroshot as zs  # noqa: E402
+from xmodal_jax.data import pipeline
+from xmodal_jax.errors import UserError
+from xmodal_jax.evaluation import retrieval as retrieval_lib
+from xmodal_jax.evaluation import zeroshot as zs
+from xmodal_jax.train import plots
 
 
 def class_subset(task, head, classes: str | Sequence[str], where: str) -> np.ndarray:
@@ -212,7 +209,8 @@ def plot_splits(
     """Bars per split, a line at their mean, at chance and (dashed) at the control's mean."""
     names = list(accuracy)
     values = [accuracy[n] for n in names]
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(names), 3.6))
+    fig = plots.figure(figsize=(1.6 + 0.9 * len(names), 3.6))
+    ax = fig.subplots()
     x = np.arange(len(names))
     width = 0.38 if control else 0.6
     ax.bar(x - (width / 2 if control else 0), values, width, label="zero-shot", color="C0")
@@ -232,7 +230,6 @@ def plot_splits(
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class GeneralizedZeroShot(_TwoTowerEval):

@@ -15,10 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
-from sklearn.preprocessing import StandardScaler
 
 CLASSIFIERS = ("logistic", "mlp")
 
@@ -33,6 +29,13 @@ def proxy_a_distance(
     max_iter: int = 1000,
 ) -> dict[str, float]:
     """``{"a_distance": 2 (1 - 2 eps), "error": eps}`` for [n_s, D] and [n_t, D] features."""
+    # scikit-learn is imported here, not at the top: it is most of the import time of the
+    # trainer (evaluators import this module), and only this evaluator needs it.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}.")
     xs = np.asarray(features_s, np.float64).reshape(len(features_s), -1)

@@ -12,15 +12,14 @@ import os
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.manifold import TSNE
 
 
 def tsne_embedding(
     features_s: Any, features_t: Any, *, seed: int = 0, perplexity: float = 30.0
 ) -> np.ndarray:
     """2-D t-SNE of the stacked [n_s + n_t, D] features (source rows first)."""
+    from sklearn.manifold import TSNE  # here: a second of every trainer start otherwise
+
     xs = np.asarray(features_s, np.float64).reshape(len(features_s), -1)
     xt = np.asarray(features_t, np.float64).reshape(len(features_t), -1)
     if xs.shape[1] != xt.shape[1]:
@@ -54,6 +53,9 @@ def plot_tsne(
         xs = xs[np.sort(rng.choice(len(xs), max_points, replace=False))]
     if len(xt) > max_points:
         xt = xt[np.sort(rng.choice(len(xt), max_points, replace=False))]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     emb = tsne_embedding(xs, xt, seed=seed, perplexity=perplexity)
     fig = Figure(figsize=(6, 6), dpi=100)
     FigureCanvasAgg(fig)
