@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -127,6 +128,22 @@ def _line(row: Mapping) -> str:
     return json.dumps(row) + "\n"
 
 
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without PyTorch. tensorboardX imports torch
+    whenever it is installed, only to accept torch tensors (we log floats): one to two seconds
+    and a few hundred MB at every start of a run where torch happens to be installed."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends to `<workdir>/metrics.jsonl` and TensorBoard; only process 0 writes.
 
@@ -148,8 +165,7 @@ class MetricWriter:
         self._uploaded = 0.0
         if active:
             self._truncate_after(resume_step)
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             if self.remote:
                 self._tb_local = tempfile.mkdtemp(prefix="xmodal_tensorboard_")
                 self._tb = SummaryWriter(self._tb_local)
