@@ -35,9 +35,12 @@ test: install
 	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "not mesh and not slow" $(PYTEST_ARGS)
 
 # The regression tier: headline runs repeated from their committed records
-# (tests/test_regression.py), and the long runs.
+# (tests/test_regression.py), and the long runs. RECORD=PATH also writes the run's timing
+# record (the README's figure: RECORD=benchmarks/results/test_slow.json, then make tables).
+RECORD ?=
 test-slow: install
-	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0
+	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0 \
+	  $(if $(RECORD),--timing-record=$(RECORD))
 
 # Every committed table, written again from its committed run records (NAME.runs.jsonl) and
 # benchmark runs (benchmarks/results/*.json), then embedded in the documents.

@@ -1,4 +1,5 @@
-"""Markdown tables of `xmodal bench --json` results, for BENCHMARKS.md.
+"""Markdown tables of `xmodal bench --json` results (BENCHMARKS.md) and of test-run timing
+records (`pytest --timing-record`, tests/conftest.py; the README's figure for `make test-slow`).
 
     .venv/bin/python benchmarks/tables.py benchmarks/results/*.json          # print them
     .venv/bin/python benchmarks/tables.py --write benchmarks/results/*.json  # NAME.md beside each
@@ -92,8 +93,24 @@ def ablations(r: dict) -> str:
     return "\n\n".join(out)
 
 
+def test_run(r: dict) -> str:
+    """One line on a timed test run: what ran, how long, where, with what."""
+    v = r["versions"]
+    outcome = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors"
+    minutes, seconds = divmod(round(r["wall_s"]), 60)
+    commit = (r["git"]["commit"] or "unknown")[:7] + (" + changes" if r["git"]["dirty"] else "")
+    return (
+        f"`{r['command']}`: {outcome} in {minutes} min {seconds} s "
+        f"({r['date']}; {r['cpu']}, {r['usable_cpus']} cores; jax {v['jax']}, jaxlib "
+        f"{v['jaxlib']}, commit {commit}).\n"
+    )
+
+
 def tables(r: dict) -> str:
-    """The step table (workloads other than the pipeline) and the ablation tables of one run."""
+    """The step table (workloads other than the pipeline) and the ablation tables of one run;
+    for a test-run record, its line."""
+    if r.get("kind") == "test_run":
+        return test_run(r)
     parts = []
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
@@ -117,6 +134,9 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
+        if r.get("kind") == "test_run":
+            print(test_run(r))
+            continue
         print(f"### {path}\n\n{header(r)}\n")
         if any(k != "pipeline" for k in r["workloads"]):
             print(steps(r) + "\n")

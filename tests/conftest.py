@@ -3,7 +3,9 @@
 where a step is a single-device program), one compilation cache, a core per xdist worker, and
 XLA's backend optimisations off except in the regression tier."""
 
+import json
 import os
+import time
 
 DEVICES = int(os.environ.get("XMODAL_TEST_DEVICES", "8"))
 os.environ["XLA_FLAGS"] = (
@@ -21,6 +23,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
+
+_STARTED = pytest.StashKey[float]()
 
 # XLA:CPU's older elemental emitters compile a step in about half the time of its fusion
 # emitters at the same run time when optimisations are off (ResNet-18 train step 2.7 -> 1.1 s,
@@ -51,6 +55,51 @@ LONG_MODULES = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--timing-record",
+        metavar="PATH",
+        help="write this run's wall time, test counts, machine and versions to PATH as JSON "
+        "(make test-slow RECORD=PATH; `make tables` turns it into the README's figure)",
+    )
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With `--timing-record PATH` (on the controller, not on an xdist worker): the record."""
+    path = config.getoption("--timing-record")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from xmodal_jax import provenance
+
+    reports = [r for reps in terminalreporter.stats.values() for r in reps]
+    calls = [r for r in reports if getattr(r, "when", "") == "call"]
+    record = {
+        "kind": "test_run",
+        "command": " ".join(
+            ["pytest", *(a for a in config.invocation_params.args if "timing-record" not in a)]
+        ),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "wall_s": round(time.time() - config.stash[_STARTED], 1),
+        "exit_status": int(exitstatus),
+        "passed": sum(r.outcome == "passed" for r in calls),
+        "failed": sum(r.outcome == "failed" for r in calls),
+        "errors": sum(r.outcome == "failed" and r.when != "call" for r in reports),
+        "tests": {r.nodeid: round(r.duration, 1) for r in calls},
+        "cpu": provenance.cpu_model(),
+        "usable_cpus": provenance.usable_cpus(),
+        "git": provenance.git_state(ROOT),
+        "versions": provenance.versions(),
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    terminalreporter.write_line(f"timing record: {path}")
 
 
 def xla_flags(devices: int) -> str:

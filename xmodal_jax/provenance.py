@@ -58,6 +58,15 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`; `platform.processor()` where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def usable_cpus() -> int:
     """Cores this process may run on. XLA:CPU sizes its thread pool by them and splits
     reductions accordingly, so the same run on 1 and on 2 cores differs in the last bits."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax import provenance
 from xmodal_jax.bench import measure, workloads
 
 WARMUP = 2
@@ -17,16 +17,10 @@ WARMUP = 2
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on, and how busy it was."""
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     dev = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": model,
+        "cpu": provenance.cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "loadavg_1_5_15": list(os.getloadavg()),
         "backend": jax.default_backend(),
