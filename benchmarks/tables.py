@@ -30,7 +30,8 @@ def _mib(b: float | None) -> str:
 def header(r: dict) -> str:
     m, c = r["machine"], r["ceilings"]
     return (
-        f"`{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, load average "
+        f"`{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, jax {m['jax']}, "
+        "load average "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15'])} (1/5/15 min) at the start. "
         f"Ceilings measured in this run: matmul float32 {c['matmul_f32_flops'] / 1e9:.1f} "
         f"GFLOP/s, bfloat16 {c['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s (n={c['matmul_n']}), "
@@ -55,7 +56,8 @@ def steps(r: dict) -> str:
             elif "error" in t:
                 cells.append(f"failed: {t['error'][:60]}")
             else:
-                cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×)")
+                first = f"; first step {t['compile_s']:.1f} s" if kind == "torch_compile" else ""
+                cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×{first})")
         flops = w["flops_per_step"]
         rows.append(
             f"| {name} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
@@ -107,13 +109,15 @@ def test_run(r: dict) -> str:
 
 
 def tables(r: dict) -> str:
-    """The step table (workloads other than the pipeline) and the ablation tables of one run;
-    for a test-run record, its line."""
+    """The run's line (command, machine, load, ceilings), its step table (workloads other than
+    the pipeline), pipeline figures and ablation tables; for a test-run record, its line."""
     if r.get("kind") == "test_run":
         return test_run(r)
-    parts = []
+    parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
+    if r["workloads"].get("pipeline"):
+        parts.append(pipeline(r))
     if r.get("ablations"):
         parts.append(ablations(r))
     return "\n\n".join(parts) + "\n"
