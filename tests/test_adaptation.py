@@ -772,7 +772,9 @@ def test_registry_and_clear_errors():
     with pytest.raises(ValueError, match="unknown domain-adaptation loss 'dnn'"):
         get_loss("dnn")
     z = np.zeros((4, 3), np.float32)
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['trade_of'\]"):
+    with pytest.raises(
+        ValueError, match=r"coral has unknown keys \['trade_of'\]; valid keys: \['weight'\]"
+    ):
         get_loss("coral")(AdaptationInputs(features_s=z, features_t=z), {"trade_of": 1.0})
     with pytest.raises(ValueError, match=r"needs inputs \['discriminator'\]"):
         get_loss("dann")(AdaptationInputs(features_s=z, features_t=z), None)
@@ -781,6 +783,8 @@ def test_registry_and_clear_errors():
     assert _util.resolve_config(None, {"a": 1}, "x") == {"a": 1}
     block = ml_collections.ConfigDict({"name": "coral", "weight": 2.0})
     assert _util.resolve_config(block, coral.DEFAULTS, "coral") == {"weight": 2.0}
+    with pytest.raises(ValueError, match=r"\['wieght'\] \(did you mean 'weight'\?\)"):
+        _util.resolve_config({"wieght": 2.0}, coral.DEFAULTS, "coral")
 
 
 def test_every_registered_loss_runs_under_jit():

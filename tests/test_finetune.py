@@ -21,11 +21,11 @@ from xmodal_jax import config as config_lib
 from xmodal_jax import pretrained
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import zoo
-from xmodal_jax.objectives._util import flatten_with_paths
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import evaluators, finetune, optim, tasks, trainer
 from xmodal_jax.transfer import checkpoint_io
 from xmodal_jax.transfer import rules as rules_lib
+from xmodal_jax.tree_paths import flatten_with_paths
 
 ANIMALS = os.path.join(os.path.dirname(__file__), "..", "experiments", "animals")
 CONFIGS = ("none", "l2sp", "delta", "bss", "linear_probe", "llrd", "gradual")

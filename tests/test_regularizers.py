@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax.objectives import _util
+from xmodal_jax import tree_paths
 from xmodal_jax.objectives.regularizers import (
     RegularizerInputs,
     bss,
@@ -52,8 +52,8 @@ def make_params(rng):
 
 def test_paths_are_slash_joined():
     tree = {"a": {"b": [np.zeros(1), np.ones(2)]}, "c": np.zeros(3)}
-    assert list(_util.flatten_with_paths(tree)) == ["a/b/0", "a/b/1", "c"]
-    mask = _util.regex_mask(tree, r"^a/")
+    assert list(tree_paths.flatten_with_paths(tree)) == ["a/b/0", "a/b/1", "c"]
+    mask = tree_paths.regex_mask(tree, r"^a/")
     assert mask == {"a": {"b": [True, True]}, "c": False}
 
 
@@ -75,13 +75,13 @@ def test_l1_l2_values_and_gradients_on_selected_leaves():
     # Gradients: sign(w) and w on kernels, zero on everything else.
     g1 = jax.jit(jax.grad(l1_l2.l1_penalty))(params)
     g2 = jax.jit(jax.grad(l1_l2.l2_penalty))(params)
-    for path, leaf in _util.flatten_with_paths(params).items():
+    for path, leaf in tree_paths.flatten_with_paths(params).items():
         on = path.endswith("kernel")
         np.testing.assert_array_equal(
-            _util.flatten_with_paths(g1)[path], np.sign(leaf) if on else 0.0
+            tree_paths.flatten_with_paths(g1)[path], np.sign(leaf) if on else 0.0
         )
         np.testing.assert_allclose(
-            _util.flatten_with_paths(g2)[path], leaf if on else 0.0, rtol=1e-6
+            tree_paths.flatten_with_paths(g2)[path], leaf if on else 0.0, rtol=1e-6
         )
 
 
@@ -94,12 +94,12 @@ def test_l1_l2_regex_mask_and_errors():
         for x in (params["backbone"]["conv"]["kernel"], params["backbone"]["norm"]["scale"])
     )
     np.testing.assert_allclose(got, want, rtol=RTOL)
-    mask = _util.regex_mask(params, r"head/bias")
+    mask = tree_paths.regex_mask(params, r"head/bias")
     want = np.abs(np.float64(params["head"]["bias"])).sum()
     np.testing.assert_allclose(l1_l2.l1_penalty(params, mask=mask), want, rtol=RTOL)
     with pytest.raises(ValueError, match="no parameter selected"):
         l1_l2.l1_penalty(params, include="nothing_matches")
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['l3'\]"):
+    with pytest.raises(ValueError, match=r"l1_l2 has unknown keys \['l3'\]; valid keys"):
         l1_l2.loss(RegularizerInputs(params=params), {"l3": 1.0})
 
 
@@ -121,7 +121,7 @@ def test_l2_sp_value_zero_at_start_and_gradient():
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
     # Away from it: alpha/2 ||w - w0||^2 on the backbone, beta/2 ||w||^2 on the head.
     params = jax.tree.map(lambda x: x + f32(rng, *x.shape, scale=0.1), w0)
-    flat, flat0 = _util.flatten_with_paths(params), _util.flatten_with_paths(w0)
+    flat, flat0 = tree_paths.flatten_with_paths(params), tree_paths.flatten_with_paths(w0)
     sp = 0.5 * sum(
         ((np.float64(flat[p]) - np.float64(flat0[p])) ** 2).sum()
         for p in flat
@@ -132,7 +132,7 @@ def test_l2_sp_value_zero_at_start_and_gradient():
     np.testing.assert_allclose(value, alpha * sp + beta * hl2, rtol=RTOL)
     np.testing.assert_allclose(aux["sp"], sp, rtol=RTOL)
     g = jax.jit(jax.grad(lambda p: l2_sp.l2_sp(p, pretrained, alpha=alpha, beta=beta)[0]))(params)
-    g = _util.flatten_with_paths(g)
+    g = tree_paths.flatten_with_paths(g)
     for p in flat:
         want = (
             alpha * (np.float64(flat[p]) - np.float64(flat0[p]))

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from xmodal_jax import models
+from xmodal_jax import models, tree_paths
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import optim, tasks, trainer
@@ -29,7 +29,7 @@ def _config(**kw):
 
 def _flat(tree):
     return {
-        rules.path_str(p): np.asarray(x, np.float64)
+        tree_paths.path_str(p): np.asarray(x, np.float64)
         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
@@ -56,7 +56,7 @@ SHAPES = {
 
 
 def _opt_state_paths(state):
-    return [rules.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    return [tree_paths.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
 # ------------------------------------------------------------------ rule matching
@@ -227,7 +227,7 @@ def test_frozen_parameters_have_no_state_and_stay_bitwise_equal():
     ]
     p0, p1 = _flat(first.params), _flat(last.params)
     raw = lambda tree: {
-        rules.path_str(p): np.asarray(x).view(np.uint32)
+        tree_paths.path_str(p): np.asarray(x).view(np.uint32)
         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
     r0, r1 = raw(first.params), raw(last.params)

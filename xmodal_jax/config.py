@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import ml_collections
@@ -93,6 +94,24 @@ def load(spec: str) -> ml_collections.ConfigDict:
         ) from None
     validate(config, path)
     return config
+
+
+def options(
+    given: Any, defaults: Mapping[str, Any], where: str, *, ignore: Collection[str] = ()
+) -> dict[str, Any]:
+    """`defaults` updated by `given` (a dict, a ConfigDict or None; keys in `ignore` skipped).
+    A key that `defaults` lacks is one error naming it, its closest valid key and the valid
+    keys: a misspelt option never falls back to its default silently."""
+    items = dict(given.to_dict() if hasattr(given, "to_dict") else (given or {}))
+    items = {k: v for k, v in items.items() if k not in ignore}
+    unknown = sorted(set(items) - set(defaults))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(
+            f"{where} has unknown keys {unknown}{hint}; valid keys: {sorted(defaults)}."
+        )
+    return {**defaults, **items}
 
 
 def _one_line(e: BaseException) -> str:

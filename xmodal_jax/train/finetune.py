@@ -36,13 +36,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from xmodal_jax import config as config_lib
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
-from xmodal_jax.objectives._util import flatten_with_paths, map_with_paths
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.objectives.regularizers import RegularizerInputs, bss, delta, l1_l2, l2_sp
 from xmodal_jax.train.tasks import Classification, Variables
 from xmodal_jax.transfer import checkpoint_io
+from xmodal_jax.tree_paths import flatten_with_paths, map_with_paths
 
 # Defaults follow the task-adaptation recipes of thuml/Transfer-Learning-Library: L2-SP and
 # DELTA trade-offs 0.01 for the backbone and the head, BSS eta 0.001 with k = 1, DELTA attention
@@ -79,13 +80,7 @@ def regularizer_options(cfg: Any) -> tuple[str, dict[str, Any]]:
         raise UserError(
             f"config.regularizer.name={name!r} is unknown; use one of {sorted(REGULARIZERS)}."
         )
-    unknown = sorted(set(given) - set(REGULARIZERS[name]))
-    if unknown:
-        raise UserError(
-            f"config.regularizer ({name}) has unknown keys {unknown}; valid keys: "
-            f"{sorted(REGULARIZERS[name])}."
-        )
-    return name, {**REGULARIZERS[name], **given}
+    return name, config_lib.options(given, REGULARIZERS[name], f"config.regularizer ({name})")
 
 
 def stratified_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from xmodal_jax import config as config_lib
 from xmodal_jax import models
 from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline
@@ -35,13 +36,7 @@ PRETRAINED_DEFAULTS = {"name": None, "reinit": ("^params/head/",), "skip": ("^pa
 
 def pretrained_options(cfg: Any) -> dict[str, Any]:
     """`config.pretrained` over `PRETRAINED_DEFAULTS`; unknown keys are an error."""
-    given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-    unknown = sorted(set(given) - set(PRETRAINED_DEFAULTS))
-    if unknown:
-        raise UserError(
-            f"config.pretrained has unknown keys {unknown}; valid: {sorted(PRETRAINED_DEFAULTS)}."
-        )
-    return {**PRETRAINED_DEFAULTS, **given}
+    return config_lib.options(cfg, PRETRAINED_DEFAULTS, "config.pretrained")
 
 
 class Task(Protocol):

@@ -60,6 +60,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from xmodal_jax import config as config_lib
 from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import assets, pipeline, preprocess, tokenizers
 from xmodal_jax.errors import UserError
@@ -116,15 +117,6 @@ def random_caption(key: str = "captions/text", out_key: str = "text") -> preproc
         return ex
 
     return op
-
-
-def _options(cfg: Any, defaults: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`defaults` updated by `cfg` (a dict or ConfigDict); unknown keys are an error."""
-    given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise UserError(f"{where} has unknown keys {unknown}; valid keys: {sorted(defaults)}.")
-    return {**defaults, **given}
 
 
 # ------------------------------------------------------------------ towers
@@ -224,22 +216,24 @@ class TwoTower:
         unknown = sorted(set(model.keys()) - known)
         if unknown:
             raise UserError(f"config.model has unknown keys {unknown}; valid: {sorted(known)}.")
-        self.image_opts = _options(model.get("image"), TOWER_DEFAULTS, "config.model.image")
-        self.text_opts = _options(model.get("text"), TEXT_DEFAULTS, "config.model.text")
-        self.loss_opts = _options(model.get("loss"), LOSS_DEFAULTS, "config.model.loss")
+        self.image_opts = config_lib.options(
+            model.get("image"), TOWER_DEFAULTS, "config.model.image"
+        )
+        self.text_opts = config_lib.options(model.get("text"), TEXT_DEFAULTS, "config.model.text")
+        self.loss_opts = config_lib.options(model.get("loss"), LOSS_DEFAULTS, "config.model.loss")
         if self.loss_opts["name"] not in LOSSES:
             raise UserError(f"config.model.loss.name={self.loss_opts['name']!r}: use {LOSSES}.")
         given = model.get("fusion") or {}
         given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
         self.fusion_head_opts = {k: v for k, v in given.items() if k not in FUSION_DEFAULTS}
         given = {k: v for k, v in given.items() if k in FUSION_DEFAULTS}
-        self.fusion_opts = _options(given, FUSION_DEFAULTS, "config.model.fusion")
+        self.fusion_opts = config_lib.options(given, FUSION_DEFAULTS, "config.model.fusion")
         self.data = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data)
         self.text_mode = self.data.get("text", "class_names")
         if self.text_mode not in TEXT_MODES:
             raise UserError(f"config.data.text={self.text_mode!r}: use one of {TEXT_MODES}.")
         self.templates = tuple(self.data.get("templates") or zs.DEFAULT_TEMPLATES)
-        heads_cfg = _options(config.get("heads"), HEADS_DEFAULTS, "config.heads")
+        heads_cfg = config_lib.options(config.get("heads"), HEADS_DEFAULTS, "config.heads")
 
         src = pipeline.source(self.data["name"], self.data["split"], self.data.get("data_dir"))
         example = src[0]
@@ -301,8 +295,10 @@ class TwoTower:
         image = np.asarray(image[self.image_opts["input_key"]])[None]
         self.image_width = self._tower_width(self.image_tower, image)
         self.text_width = text_width
-        image_proj = _options(opts.get("image_proj"), PROJ_DEFAULTS, "config.model.image_proj")
-        text_proj = _options(
+        image_proj = config_lib.options(
+            opts.get("image_proj"), PROJ_DEFAULTS, "config.model.image_proj"
+        )
+        text_proj = config_lib.options(
             opts.get("text_proj"), {**PROJ_DEFAULTS, "kind": "none"}, "config.model.text_proj"
         )
         embed_dim = int(opts.get("embed_dim") or 0)

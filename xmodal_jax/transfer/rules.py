@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from xmodal_jax.errors import UserError
+from xmodal_jax.tree_paths import path_str
 
 NEVER = np.iinfo(np.int32).max  # unlock step of a parameter that stays frozen
 _STACKED = re.compile(r"^(?P<pre>(?:.*/)?)layers(?P<post>/.*)$")
@@ -54,19 +55,6 @@ PRESETS: dict[str, list[tuple[str, Any]]] = {
 
 
 # ------------------------------------------------------------------ paths
-
-
-def path_str(keypath: Sequence[Any]) -> str:
-    """`/`-joined names of a pytree key path (dict keys, attribute names, indices)."""
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:

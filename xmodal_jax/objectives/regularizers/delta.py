@@ -26,8 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xmodal_jax.objectives._util import flatten_with_paths, map_with_paths, require, resolve_config
+from xmodal_jax.objectives._util import require, resolve_config
 from xmodal_jax.objectives.regularizers.api import RegularizerInputs
+from xmodal_jax.tree_paths import flatten_with_paths, map_with_paths
 
 Array = jax.Array
 PyTree = Any
