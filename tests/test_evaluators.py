@@ -12,7 +12,7 @@ import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import evaluators, tasks
+from xmodal_jax.train import classification_evals, evaluators, tasks
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 
@@ -38,20 +38,20 @@ def test_ridge_fewshot_matches_sklearn(n_train, dim):
     x_test = centers[y_test] + rng.normal(size=(300, dim))
     for l2 in (0.1, 2.0**10):
         expected = np.mean(_sklearn_probe(x_train, y_train, x_test, 3, l2) == y_test)
-        got = evaluators.ridge_fewshot_accuracy(x_train, y_train, x_test, y_test, 3, l2)
+        got = classification_evals.ridge_fewshot_accuracy(x_train, y_train, x_test, y_test, 3, l2)
         assert got == pytest.approx(expected, abs=1e-12)
         assert 0.5 < got <= 1.0  # separable blobs: far above chance
 
 
 def test_per_class_accuracy():
     confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 2]])  # class 1 has no examples
-    out = evaluators.per_class_accuracy(confusion, ["cat", "no show", "a/b"])
+    out = classification_evals.per_class_accuracy(confusion, ["cat", "no show", "a/b"])
     assert out == {
         "mean_class_accuracy": pytest.approx((3 / 4 + 2 / 4) / 2),
         "class_accuracy/cat": 0.75,
         "class_accuracy/a_b": 0.5,
     }
-    assert set(evaluators.per_class_accuracy(confusion, "abc", each=False)) == {
+    assert set(classification_evals.per_class_accuracy(confusion, "abc", each=False)) == {
         "mean_class_accuracy"
     }
 
@@ -84,7 +84,7 @@ def test_classification_and_fewshot_evaluators_on_digits(tfds_dir):
     mesh = mesh_lib.make_mesh({"data": 8})  # eval batches sharded over 8 devices
 
     cfg = {"dataset": "digits_uci", "split": "test", "pp": PP}
-    clf = evaluators.Classification("target", cfg, task, mesh, batch_size=64)
+    clf = classification_evals.Classification("target", cfg, task, mesh, batch_size=64)
     got = clf.run(variables)
     pred = test_out["logits"].argmax(1)
     per_class = [np.mean(pred[test_labels == c] == c) for c in range(10)]
@@ -95,7 +95,9 @@ def test_classification_and_fewshot_evaluators_on_digits(tfds_dir):
         assert got[f"class_accuracy/{name}"] == pytest.approx(per_class[c], abs=1e-9)
 
     shots, l2 = (1, 5), 2.0**10
-    fewshot = evaluators.FewShot("fewshot", {**cfg, "shots": shots, "seeds": 2}, task, mesh, 64)
+    fewshot = classification_evals.FewShot(
+        "fewshot", {**cfg, "shots": shots, "seeds": 2}, task, mesh, 64
+    )
     got = fewshot.run(variables)
     for k in shots:
         accs = []
@@ -121,9 +123,9 @@ def test_fewshot_errors(tfds_dir):
     mesh = mesh_lib.make_mesh({"data": 8})
     cfg = {"dataset": "digits_uci", "pp": PP, "shots": (200,)}
     with pytest.raises(UserError, match="fewer than 200 training examples"):
-        evaluators.FewShot("fs", cfg, task, mesh, 64)._support_indices()
+        classification_evals.FewShot("fs", cfg, task, mesh, 64)._support_indices()
     with pytest.raises(UserError, match="no 'dataset'"):
-        evaluators.FewShot("fs", {"pp": PP}, task, mesh, 64)
+        classification_evals.FewShot("fs", {"pp": PP}, task, mesh, 64)
 
 
 def test_each_evaluator_runs_at_its_own_interval_and_all_at_the_end():

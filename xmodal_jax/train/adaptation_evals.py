@@ -22,7 +22,7 @@ from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.adaptation import a_distance, adabn, tsne
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import evaluators
+from xmodal_jax.train import classification_evals
 
 
 def _data_cfg(cfg: Mapping[str, Any]) -> dict:
@@ -85,7 +85,7 @@ class ADistance:
         return [path]
 
 
-class AdaBNClassification(evaluators.Classification):
+class AdaBNClassification(classification_evals.Classification):
     """Accuracy after re-estimating every BatchNorm's statistics on the `adapt` split."""
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):

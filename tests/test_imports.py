@@ -1,0 +1,84 @@
+"""The package's import rules, read from the source (nothing is imported): no import cycle
+between modules, and the lower layers (models, data, objectives) never import the training
+code above them."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "xmodal_jax")
+LOWER = ("xmodal_jax.models", "xmodal_jax.data", "xmodal_jax.objectives")
+UPPER = ("xmodal_jax.train", "xmodal_jax.main", "xmodal_jax.tables", "xmodal_jax.bench")
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, ".")
+                out[dotted.removesuffix(".__init__")] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _module_level_imports(name: str) -> set[str]:
+    """The package modules `name` imports when it is imported (imports inside functions, which
+    run later, do not count)."""
+    with open(MODULES[name]) as f:
+        tree = ast.parse(f.read())
+    package = name if MODULES[name].endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names} & MODULES.keys()
+            # `from pkg import sub` needs the module `sub` (pkg's __init__ may be mid-import);
+            # `from mod import name` needs `mod`.
+            found |= subs if len(subs) == len(node.names) else subs | {base}
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _module_level_imports(name) for name in MODULES}
+
+
+def test_the_graph_is_read():
+    assert len(GRAPH) > 50
+    assert "xmodal_jax.train.classification_evals" in GRAPH["xmodal_jax.train.evaluators"]
+
+
+def test_no_import_cycle():
+    done, stack = set(), []
+
+    def visit(name):
+        if name in stack:
+            cycle = stack[stack.index(name) :] + [name]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if name in done:
+            return
+        stack.append(name)
+        for dep in sorted(GRAPH[name]):
+            visit(dep)
+        stack.pop()
+        done.add(name)
+
+    for name in sorted(GRAPH):
+        visit(name)
+
+
+@pytest.mark.parametrize("lower", LOWER)
+def test_lower_layers_never_import_training_code(lower):
+    for name, deps in GRAPH.items():
+        if name == lower or name.startswith(lower + "."):
+            bad = sorted(d for d in deps if d.startswith(UPPER))
+            assert not bad, f"{name} imports {bad}"
