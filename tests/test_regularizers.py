@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from xmodal_jax import tree_paths
+from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.regularizers import (
+    REGULARIZERS,
     RegularizerInputs,
     bss,
     delta,
@@ -280,7 +282,15 @@ def test_bss_value_and_gradient():
         bss.batch_spectral_shrinkage(f, 5)
 
 
-def test_registry():
-    assert get_regularizer("bss") is bss.loss
-    with pytest.raises(ValueError, match="unknown regulariser 'l2sp'"):
-        get_regularizer("l2sp")
+def test_registry_names_what_each_regularizer_reads():
+    """One registry, by the names configs use; each entry declares its inputs, and its `fn`
+    gives the module's loss with the config's weight (here BSS: eta = weight)."""
+    assert sorted(REGULARIZERS) == ["bss", "delta", "l1", "l2", "l2sp", "none"]
+    assert get_regularizer("l2sp").needs == ("params", "pretrained_params")
+    assert get_regularizer("bss").needs == ("features",) and get_regularizer("none").needs == ()
+    f = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4)), jnp.float32)
+    got = get_regularizer("bss").fn(RegularizerInputs(features=f), {"weight": 0.5, "k": 2})
+    want = bss.loss(RegularizerInputs(features=f), {"eta": 0.5, "k": 2})
+    np.testing.assert_array_equal(got[0], want[0])
+    with pytest.raises(UserError, match=r"'l2_sp' is unknown; use one of \['bss', 'delta'"):
+        get_regularizer("l2_sp")

@@ -9,7 +9,8 @@ pretrained weights and whose loss is `cross-entropy + regulariser`:
   the old `params/head/`). The loaded variables go through `transfer.surgery.merge`, so any
   other mismatch is one error listing every culprit.
 * `config.regularizer`: `name` in `none`, `l1`, `l2`, `l2sp`, `delta`, `bss` and its options
-  (`REGULARIZERS` lists them with their defaults). `l2sp` and `delta` pull towards the starting
+  (`objectives.regularizers.REGULARIZERS` lists them with their defaults and the inputs each
+  reads). `l2sp` and `delta` pull towards the starting
   point: the merged pretrained variables, held by the task as constants (not parameters, no
   optimiser state). `delta` compares the outputs of the modules named in `layers` with those of
   the pretrained model (eval mode, pretrained BatchNorm statistics) on the same batch; with
@@ -39,31 +40,12 @@ import optax
 from xmodal_jax import config as config_lib
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
+from xmodal_jax.objectives import regularizers
 from xmodal_jax.objectives.classification import softmax_xent
-from xmodal_jax.objectives.regularizers import RegularizerInputs, bss, delta, l1_l2, l2_sp
+from xmodal_jax.objectives.regularizers import RegularizerInputs, delta
 from xmodal_jax.train.tasks import Classification, Variables
 from xmodal_jax.transfer import checkpoint_io
 from xmodal_jax.tree_paths import flatten_with_paths, map_with_paths
-
-# Defaults follow the task-adaptation recipes of thuml/Transfer-Learning-Library: L2-SP and
-# DELTA trade-offs 0.01 for the backbone and the head, BSS eta 0.001 with k = 1, DELTA attention
-# temperature 5. TLlib sums DELTA's distance over the batch; here it is a batch mean (see
-# `objectives/regularizers/delta.py`), so configs scale `weight` by their batch size.
-REGULARIZERS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "l1": {"weight": 1e-6, "include": l1_l2.DEFAULT_INCLUDE, "exclude": None},
-    "l2": {"weight": 1e-4, "include": l1_l2.DEFAULT_INCLUDE, "exclude": None},
-    "l2sp": {"alpha": 0.01, "beta": 0.01, "backbone": None, "head": None},
-    "delta": {
-        "weight": 0.01,
-        "layers": (),  # module paths (`block6_project_conv`) whose outputs are compared
-        "attention": False,  # weight channels by DELTA's supervised channel attention
-        "attention_batches": 1,  # training batches the attention is averaged over
-        "temperature": 5.0,
-        "head_steps": 300,  # Adam steps fitting the attention's head on pretrained features
-    },
-    "bss": {"weight": 0.001, "k": 1},
-}
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -73,14 +55,12 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def regularizer_options(cfg: Any) -> tuple[str, dict[str, Any]]:
-    """`(name, options)` of `config.regularizer` over the defaults; bad names are an error."""
+    """`(name, options)` of `config.regularizer` over its registered defaults (`objectives.
+    regularizers.REGULARIZERS`); a bad name or key is one error."""
     given = _as_dict(cfg)
     name = given.pop("name", "none")
-    if name not in REGULARIZERS:
-        raise UserError(
-            f"config.regularizer.name={name!r} is unknown; use one of {sorted(REGULARIZERS)}."
-        )
-    return name, config_lib.options(given, REGULARIZERS[name], f"config.regularizer ({name})")
+    spec = regularizers.get_regularizer(name)
+    return name, config_lib.options(given, spec.defaults, f"config.regularizer ({name})")
 
 
 def stratified_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -112,6 +92,7 @@ class FineTune(Classification):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.reg_name, self.reg = regularizer_options(config.get("regularizer"))
+        self.needs = regularizers.get_regularizer(self.reg_name).needs
         data = _as_dict(config.data)
         self.src = pipeline.source(data["name"], data["split"], data.get("data_dir"))
         self.indices = None
@@ -123,10 +104,10 @@ class FineTune(Classification):
         example = preprocess.compose(data.get("pp", ""))(dict(self.src[0]))
         self._dummy = np.zeros((1, *np.shape(example["image"])), np.float32)
         self._load_start()
-        self.layers = tuple(self.reg["layers"]) if self.reg_name == "delta" else ()
+        self.layers = tuple(self.reg["layers"]) if "feature_maps" in self.needs else ()
         self._check_layers()
         self.attention, self.attention_head = None, None
-        if self.reg_name == "delta" and self.reg["attention"]:
+        if "channel_attention" in self.needs and self.reg["attention"]:
             self.attention = self.channel_attention()
 
     # ------------------------------------------------------------------ starting point
@@ -135,7 +116,7 @@ class FineTune(Classification):
         """The starting point the pretrained variables give this model (flat, head excluded)."""
         self.start_params, self.start_state = None, None
         if self.loaded is None:
-            if self.reg_name in ("l2sp", "delta"):
+            if {"pretrained_params", "pretrained_feature_maps"} & set(self.needs):
                 raise UserError(
                     f"config.regularizer.name={self.reg_name!r} needs a starting point; set "
                     "config.pretrained.name (e.g. 'mobilenet-v2-imagenet')."
@@ -176,7 +157,7 @@ class FineTune(Classification):
     # ------------------------------------------------------------------ forward passes
 
     def _check_layers(self) -> None:
-        if self.reg_name != "delta":
+        if "feature_maps" not in self.needs:
             return
         convs = sorted(p[: -len("/kernel")] for p in self.start_params if p.endswith("/kernel"))
         bad = [layer for layer in self.layers if f"{layer}/kernel" not in self.start_params]
@@ -218,31 +199,18 @@ class FineTune(Classification):
         feature_maps: Mapping[str, jax.Array],
         reference_maps: Mapping[str, jax.Array] | None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The weighted term added to the loss and the regulariser's unweighted parts."""
-        name, o = self.reg_name, self.reg
-        if name == "none":
-            return jnp.float32(0.0), {}
-        if name in ("l1", "l2"):
-            cfg = {name: o["weight"], "include": o["include"], "exclude": o["exclude"]}
-            value, aux = l1_l2.loss(RegularizerInputs(params=params), cfg)
-            return value, {name: aux[name]}
-        if name == "l2sp":
-            cfg = {k: o[k] for k in ("alpha", "beta", "backbone", "head")}
-            pretrained = checkpoint_io.unflatten(self.start_params)
-            inputs = RegularizerInputs(params=params, pretrained_params=pretrained)
-            value, aux = l2_sp.loss(inputs, cfg)
-            return value, {"sp": aux["sp"], "head_l2": aux["head_l2"]}
-        if name == "delta":
-            inputs = RegularizerInputs(
-                feature_maps=feature_maps,
-                pretrained_feature_maps=reference_maps,
-                channel_attention=self.attention,
-            )
-            cfg = {"weight": o["weight"], "use_attention": self.attention is not None}
-            return delta.loss(inputs, cfg)
-        return bss.loss(
-            RegularizerInputs(features=out["pooled"]), {"eta": o["weight"], "k": o["k"]}
-        )
+        """The weighted term added to the loss and the regulariser's unweighted parts: the
+        registered regulariser, given the inputs it declares it needs."""
+        available = {
+            "params": lambda: params,
+            "pretrained_params": lambda: checkpoint_io.unflatten(self.start_params),
+            "feature_maps": lambda: feature_maps,
+            "pretrained_feature_maps": lambda: reference_maps,
+            "channel_attention": lambda: self.attention,
+            "features": lambda: out["pooled"],
+        }
+        inputs = RegularizerInputs(**{k: available[k]() for k in self.needs})
+        return regularizers.get_regularizer(self.reg_name).fn(inputs, self.reg)
 
     def loss(self, params, model_state, batch, rng, progress):
         del progress
@@ -251,7 +219,7 @@ class FineTune(Classification):
         out, new_state, maps = self.forward(variables, images, rng, train=True)
         model_state = {**model_state, **new_state}
         reference = None
-        if self.reg_name == "delta":
+        if "pretrained_feature_maps" in self.needs:
             _, _, reference = self.forward(
                 self._start_variables(params, model_state), images, None, train=False
             )
