@@ -29,6 +29,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
 }
 
 REMAT_POLICIES = {
@@ -71,13 +73,18 @@ def norm_inits() -> dict[str, Initializer]:
     }
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm with two-pass variance (matches PyTorch to float32 rounding)."""
+def layer_norm(
+    eps: float, dtype: Dtype, param_dtype: Dtype, name: str, affine: bool = True
+) -> nn.LayerNorm:
+    """LayerNorm with two-pass variance (matches PyTorch to float32 rounding); `affine=False`:
+    no scale and bias."""
     return nn.LayerNorm(
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
+        use_scale=affine,
+        use_bias=affine,
         name=name,
         **norm_inits(),
     )

@@ -1,10 +1,13 @@
-"""Building blocks shared by the fusion heads: logically partitioned layers and input checks."""
+"""What the fusion heads share: the towers' layers (`models/layers.py`) at the heads' defaults,
+and the check of their common inputs."""
 
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from xmodal_jax.models import layers
 
 Dtype = Any
 
@@ -16,27 +19,14 @@ def dense(
     name: str,
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
-) -> nn.Dense:
-    """A Dense layer whose kernel and bias carry logical axis names (in, out)."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-        name=name,
-    )
+) -> nn.Module:
+    """The towers' `layers.Dense` (LeCun-normal kernel, zero bias, logical axes `names`)."""
+    return layers.Dense(features, names, use_bias=use_bias, dtype=dtype, name=name)
 
 
 def layer_norm(*, name: str, affine: bool = True, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        use_scale=affine,
-        use_bias=affine,
-        dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name,
-    )
+    """The towers' `layers.layer_norm` (two-pass variance) at flax's default epsilon."""
+    return layers.layer_norm(1e-6, dtype, jnp.float32, name, affine=affine)
 
 
 def check_inputs(
@@ -71,11 +61,3 @@ def check_inputs(
         n = text_tokens.shape[1] if text_tokens is not None else None
         if text_tokens is None or text_mask.shape != (b, n):
             fail(f"text_mask must be [B, N] matching text_tokens; got {text_mask.shape}.")
-
-
-def activation(name: str):
-    """Looks up an activation by name (relu, gelu, tanh, silu)."""
-    table = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "silu": nn.silu}
-    if name not in table:
-        raise ValueError(f"Unknown activation {name!r}; use one of {sorted(table)}.")
-    return table[name]

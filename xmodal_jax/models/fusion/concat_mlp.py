@@ -4,7 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xmodal_jax.models.fusion.common import Dtype, activation, check_inputs, dense
+from xmodal_jax.models import layers
+from xmodal_jax.models.fusion.common import Dtype, check_inputs, dense
 
 
 class ConcatMLP(nn.Module):
@@ -32,7 +33,7 @@ class ConcatMLP(nn.Module):
         train: bool = False,
     ) -> dict[str, jax.Array]:
         check_inputs("concat_mlp", image_feats, text_feats, image_tokens, text_tokens, text_mask)
-        act = activation(self.activation)
+        act = layers.activation(self.activation)
         x = jnp.concatenate([image_feats, text_feats], axis=-1)
         for i in range(self.num_hidden_layers):
             names = ("embed", "mlp") if i == 0 else (None, "mlp")

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax.models import layers
 from xmodal_jax.models.fusion.common import Dtype, check_inputs, dense, layer_norm
 
 POOLS = ("mean", "first")
@@ -58,7 +59,9 @@ class CrossAttentionBlock(nn.Module):
         kv = layer_norm(name="norm_kv", dtype=self.dtype)(kv)
         x = x + drop(attn("cross_attention")(y, kv, deterministic=det))
         y = layer_norm(name="norm_mlp", dtype=self.dtype)(x)
-        y = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), name="mlp_in", dtype=self.dtype)(y))
+        y = layers.activation("gelu")(
+            dense(self.mlp_dim, ("embed", "mlp"), name="mlp_in", dtype=self.dtype)(y)
+        )
         y = dense(width, ("mlp", "embed"), name="mlp_out", dtype=self.dtype)(drop(y))
         return x + drop(y)
 
