@@ -15,7 +15,7 @@ TINY = ",".join(
     [
         "steps=400",
         "splits=5",
-        "batch_size=256",
+        "batch_size=128",
         "train_split=train[:25%]",
         "val_split=train[97%:]",
         "test_split=test[:25%]",
@@ -46,7 +46,8 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path, monkeypatch):
     per_split = [summary[f"eval/zeroshot_unseen/split_{k}/accuracy"] for k in range(5)]
     assert np.mean(per_split) == summary["eval/zeroshot_unseen/accuracy"]
     # The class names' meaning carries over to unseen classes: zero-shot beats the same heads
-    # trained on deranged names (0.388 vs 0.301 on this setting at seed 0; chance 0.333).
+    # trained on deranged names (0.381 vs 0.304 on this setting at seed 0; chance 0.333; seeds 1
+    # and 2 give margins of 0.054 and 0.073 outside the test environment).
     unseen, control = (summary[f"eval/zeroshot_unseen{s}/accuracy"] for s in ("", "_control"))
     assert unseen >= control + 0.05 and unseen > summary["eval/zeroshot_unseen/chance"]
     # Cached: MobileNetV2 features of the train, validation and test splits, and the MiniLM
