@@ -107,6 +107,18 @@ def test_batch_size_checks(tfds_dir):
 # ------------------------------------------------------------------ preprocessing ops
 
 
+def test_eval_data_defaults_and_fallback():
+    cfg = {"dataset": "digits_uci", "pp": "resize(28)"}
+    assert pipeline.eval_data(cfg, "x") == {
+        "name": "digits_uci", "split": "test", "pp": "resize(28)", "data_dir": None}  # fmt: skip
+    train = {"name": "animal_silhouettes", "split": "train", "pp": "invert", "data_dir": "/d"}
+    got = pipeline.eval_data({"split": "test[:10]"}, "x", default=train)
+    assert got == {"name": "animal_silhouettes", "split": "test[:10]", "pp": "invert",
+                   "data_dir": "/d"}  # fmt: skip
+    with pytest.raises(UserError, match=r"config.evals.target has no 'dataset'"):
+        pipeline.eval_data({"split": "test"}, "config.evals.target")
+
+
 def test_value_range_resize_and_rgb():
     img = (np.arange(64).reshape(8, 8, 1) % 17).astype(np.uint8)
     out = preprocess.compose("value_range(0, 1, in_hi=16)|resize(16)|grey_to_rgb")({"image": img})

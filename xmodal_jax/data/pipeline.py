@@ -190,6 +190,25 @@ def paired_iterator(
     return iter(zipped.map(lambda st: {"source": st[0], "target": st[1]}).to_iter_dataset())
 
 
+def eval_data(
+    cfg: Mapping[str, Any], where: str, default: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The data config `{name, split, pp, data_dir}` of an evaluation block `cfg` (its keys
+    `dataset`, `split` (default 'test'), `pp`, `data_dir`); what `cfg` lacks comes from
+    `default` (a task's training data) when given. No dataset at all is one error naming
+    `where`."""
+    default = default or {}
+    name = cfg.get("dataset", default.get("name"))
+    if name is None:
+        raise UserError(f"{where} has no 'dataset'; set the TFDS name to use.")
+    return {
+        "name": name,
+        "split": cfg.get("split", "test"),
+        "pp": cfg.get("pp", default.get("pp", "")),
+        "data_dir": cfg.get("data_dir", default.get("data_dir")),
+    }
+
+
 def eval_batches(
     cfg: Mapping[str, Any],
     *,

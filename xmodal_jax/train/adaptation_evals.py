@@ -25,15 +25,6 @@ from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import classification_evals
 
 
-def _data_cfg(cfg: Mapping[str, Any]) -> dict:
-    return {
-        "name": cfg["dataset"],
-        "split": cfg.get("split", "test"),
-        "pp": cfg.get("pp", ""),
-        "data_dir": cfg.get("data_dir"),
-    }
-
-
 def _local_batches(data_cfg: dict, batch_size: int):
     return pipeline.eval_batches(
         data_cfg,
@@ -48,7 +39,8 @@ class ADistance:
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
         self.name, self.mesh, self.batch_size = name, mesh, batch_size
-        self.source, self.target = _data_cfg(cfg["source"]), _data_cfg(cfg["target"])
+        self.source = pipeline.eval_data(cfg["source"], f"config.evals.{name}.source")
+        self.target = pipeline.eval_data(cfg["target"], f"config.evals.{name}.target")
         self.seed = cfg.get("seed", 0)
         self.tsne_points = int(cfg.get("tsne_points", 1000))
         if self.tsne_points < 0:
@@ -90,7 +82,7 @@ class AdaBNClassification(classification_evals.Classification):
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
         super().__init__(name, cfg, task, mesh, batch_size)
-        self.adapt = _data_cfg(cfg["adapt"])
+        self.adapt = pipeline.eval_data(cfg["adapt"], f"config.evals.{name}.adapt")
         self.model = task.model
 
     def run(self, variables) -> dict[str, float]:

@@ -32,15 +32,8 @@ class Classification:
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
         self.name, self.cfg, self.mesh, self.batch_size = name, cfg, mesh, batch_size
-        if "dataset" not in cfg:
-            raise UserError(f"config.evals.{name} has no 'dataset'; set the TFDS name to use.")
-        self.data_cfg = {
-            "name": cfg["dataset"],
-            "split": cfg.get("split", "test"),
-            "pp": cfg.get("pp", ""),
-            "data_dir": cfg.get("data_dir"),
-        }
-        self.class_names = pipeline.class_names(cfg["dataset"], cfg.get("data_dir"))
+        self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}")
+        self.class_names = pipeline.class_names(self.data_cfg["name"], self.data_cfg["data_dir"])
         self.confusion: np.ndarray | None = None
         num_classes = len(self.class_names)
         self._per_class = cfg.get("per_class", num_classes <= 20)
@@ -146,20 +139,14 @@ class FewShot:
     of `train_split` are read once to draw the examples; slice big splits (`'train[:20000]'`)."""
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
-        if "dataset" not in cfg:
-            raise UserError(f"config.evals.{name} has no 'dataset'; set the TFDS name to use.")
         self.name, self.mesh, self.batch_size = name, mesh, batch_size
         self.shots = tuple(int(k) for k in cfg.get("shots", (1, 5, 10, 25)))
         self.l2_reg = float(cfg.get("l2_reg", 2.0**10))
         self.seeds = int(cfg.get("seeds", 1))
-        self.test_cfg = {
-            "name": cfg["dataset"],
-            "split": cfg.get("split", "test"),
-            "pp": cfg.get("pp", ""),
-            "data_dir": cfg.get("data_dir"),
-        }
+        self.test_cfg = pipeline.eval_data(cfg, f"config.evals.{name}")
         self.train_cfg = {**self.test_cfg, "split": cfg.get("train_split", "train")}
-        self.num_classes = len(pipeline.class_names(cfg["dataset"], cfg.get("data_dir")))
+        data = self.test_cfg
+        self.num_classes = len(pipeline.class_names(data["name"], data["data_dir"]))
         self._support: list[np.ndarray] | None = None
         rep = cfg.get("representation", "pooled")
 

@@ -86,12 +86,7 @@ class _TwoTowerEval:
             )
         self.name, self.cfg, self.task, self.mesh = name, cfg, task, mesh
         self.batch_size = batch_size
-        self.data_cfg = {
-            "name": cfg.get("dataset", task.data["name"]),
-            "split": cfg.get("split", "test"),
-            "pp": cfg.get("pp", task.data.get("pp", "")),
-            "data_dir": cfg.get("data_dir", task.data.get("data_dir")),
-        }
+        self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}", default=task.data)
         self.templates = tuple(cfg.get("templates") or task.templates)
         roles = cfg.get("heads", self.roles)
         self.roles = (roles,) if isinstance(roles, str) else tuple(roles)
