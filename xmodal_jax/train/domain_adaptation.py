@@ -120,6 +120,3 @@ class DomainAdaptation(Classification):
     def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
         variables = {**variables, "params": variables["params"]["model"]}
         return self.model.apply(variables, batch["image"], train=False)
-
-
-Task = DomainAdaptation

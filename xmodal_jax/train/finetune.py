@@ -312,6 +312,3 @@ def _fit_head(head: Mapping[str, Any], feats: jax.Array, labels: jax.Array, step
         return h
 
     return run(dict(head))
-
-
-Task = FineTune

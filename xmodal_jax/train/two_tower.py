@@ -865,6 +865,3 @@ class TwoTower:
             "_match_fn", jax.jit(lambda v, i, t: self.head_module.apply(v, i, t, method="match"))
         )
         return np.asarray(fn(head_vars, img, txt)).reshape(n, c)
-
-
-Task = TwoTower
