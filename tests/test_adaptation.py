@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from xmodal_jax.analysis import a_distance, tsne
 from xmodal_jax.objectives import _util
 from xmodal_jax.objectives.adaptation import (
     SPECS,
     AdaptationInputs,
-    a_distance,
     adabn,
     cdan,
     coral,
@@ -29,7 +29,6 @@ from xmodal_jax.objectives.adaptation import (
     jmmd,
     mcc,
     mmd,
-    tsne,
 )
 
 RTOL, ATOL = 1e-4, 1e-6

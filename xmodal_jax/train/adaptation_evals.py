@@ -18,9 +18,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from xmodal_jax.analysis import a_distance, tsne
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
-from xmodal_jax.objectives.adaptation import a_distance, adabn, tsne
+from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import classification_evals
 
