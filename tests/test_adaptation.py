@@ -13,6 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from xmodal_jax.analysis import a_distance, tsne
+from xmodal_jax.models import discriminator
 from xmodal_jax.objectives import _util
 from xmodal_jax.objectives.adaptation import (
     SPECS,
@@ -84,7 +85,7 @@ def np_mlp(params, h):
 
 
 def make_disc(in_dim, seed=0, hidden=(8, 8)):
-    disc = dann.DomainDiscriminator(hidden=hidden)
+    disc = discriminator.DomainDiscriminator(hidden=hidden)
     params = disc.init(jax.random.key(seed), jnp.zeros((1, in_dim)))["params"]
     return disc, jax.tree.map(np.asarray, params)
 

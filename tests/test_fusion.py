@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from xmodal_jax.models import fusion
+from xmodal_jax.models.fusion import itm_head
 from xmodal_jax.objectives import itm
 
 B, DI, DT, NI, NT, OUT = 4, 6, 5, 3, 4, 3
@@ -323,7 +324,9 @@ def test_itm_loss_matches_numpy_bce():
 
 
 def test_itm_head_end_to_end_with_tokens(inputs):
-    head = itm.ITMHead(fusion.build("cross_attention", out_dim=OUT, **CONFIGS["cross_attention"]))
+    head = itm_head.ITMHead(
+        fusion.build("cross_attention", out_dim=OUT, **CONFIGS["cross_attention"])
+    )
     params = nn.unbox(_init(head, inputs))
     sim = jnp.asarray(np.random.default_rng(5).normal(size=(B, B)), jnp.float32)
 

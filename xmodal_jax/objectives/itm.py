@@ -11,44 +11,11 @@ linear match score over the head's `fused` output.
 
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from xmodal_jax.models.fusion.common import dense
-
 SAMPLING = ("hardest", "softmax")
-
-
-class ITMHead(nn.Module):
-    """Wraps a fusion head and adds `score` [B]: a linear layer over its `fused` output."""
-
-    fusion: nn.Module
-
-    @nn.compact
-    def __call__(
-        self,
-        image_feats: jax.Array,
-        text_feats: jax.Array,
-        *,
-        image_tokens: jax.Array | None = None,
-        text_tokens: jax.Array | None = None,
-        text_mask: jax.Array | None = None,
-        train: bool = False,
-    ) -> dict[str, jax.Array]:
-        out = dict(
-            self.fusion(
-                image_feats,
-                text_feats,
-                image_tokens=image_tokens,
-                text_tokens=text_tokens,
-                text_mask=text_mask,
-                train=train,
-            )
-        )
-        out["score"] = dense(1, ("embed", None), name="itm_score")(out["fused"])[:, 0]
-        return out
 
 
 def hard_negatives(

@@ -19,7 +19,8 @@ import numpy as np
 
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import axes, fusion
-from xmodal_jax.objectives import contrastive, itm
+from xmodal_jax.models.fusion import itm_head
+from xmodal_jax.objectives import contrastive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ class HeadModule(nn.Module):
             self.logit = contrastive.SigLIPLogitParams(self.log_scale_init, self.bias_init)
         if self.fusion:
             opts = dict(self.fusion)
-            self.itm_head = itm.ITMHead(fusion.build(opts.pop("name"), **opts))
+            self.itm_head = itm_head.ITMHead(fusion.build(opts.pop("name"), **opts))
 
     def logit_params(self) -> tuple[jax.Array, jax.Array]:
         if self.loss == "clip":

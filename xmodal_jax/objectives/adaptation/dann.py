@@ -13,14 +13,14 @@ Trainer contract: ``loss(inputs, config)`` reads ``features_s``, ``features_t``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from xmodal_jax.models.discriminator import DomainDiscriminator
 from xmodal_jax.objectives._util import require, resolve_config
 from xmodal_jax.objectives.adaptation.api import AdaptationInputs
 from xmodal_jax.objectives.adaptation.grl import dann_coefficient, gradient_reversal
@@ -35,21 +35,6 @@ DEFAULTS = {
     "hidden": (1024, 1024),  # discriminator hidden widths
     "dropout_rate": 0.0,  # discriminator dropout after each hidden layer
 }
-
-
-class DomainDiscriminator(nn.Module):
-    """MLP ``in -> hidden[0] -> ... -> 1`` with ReLU; returns [B] logits of "is source"."""
-
-    hidden: Sequence[int] = (1024, 1024)
-    dropout_rate: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> Array:
-        for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
-            if self.dropout_rate > 0:
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(1, name="out")(x)[..., 0]
 
 
 def make_discriminator(config: Mapping[str, Any] | None = None) -> DomainDiscriminator:
