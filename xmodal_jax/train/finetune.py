@@ -92,7 +92,7 @@ class FineTune(Classification):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.reg_name, self.reg = regularizer_options(config.get("regularizer"))
-        self.needs = regularizers.get_regularizer(self.reg_name).needs
+        self.reg_spec = regularizers.get_regularizer(self.reg_name)
         data = _as_dict(config.data)
         self.src = pipeline.source(data["name"], data["split"], data.get("data_dir"))
         self.indices = None
@@ -104,10 +104,10 @@ class FineTune(Classification):
         example = preprocess.compose(data.get("pp", ""))(dict(self.src[0]))
         self._dummy = np.zeros((1, *np.shape(example["image"])), np.float32)
         self._load_start()
-        self.layers = tuple(self.reg["layers"]) if "feature_maps" in self.needs else ()
+        self.layers = tuple(self.reg["layers"]) if "feature_maps" in self.reg_spec.needs else ()
         self._check_layers()
         self.attention, self.attention_head = None, None
-        if "channel_attention" in self.needs and self.reg["attention"]:
+        if "channel_attention" in self.reg_spec.needs and self.reg["attention"]:
             self.attention = self.channel_attention()
 
     # ------------------------------------------------------------------ starting point
@@ -116,7 +116,7 @@ class FineTune(Classification):
         """The starting point the pretrained variables give this model (flat, head excluded)."""
         self.start_params, self.start_state = None, None
         if self.loaded is None:
-            if {"pretrained_params", "pretrained_feature_maps"} & set(self.needs):
+            if {"pretrained_params", "pretrained_feature_maps"} & set(self.reg_spec.needs):
                 raise UserError(
                     f"config.regularizer.name={self.reg_name!r} needs a starting point; set "
                     "config.pretrained.name (e.g. 'mobilenet-v2-imagenet')."
@@ -157,7 +157,7 @@ class FineTune(Classification):
     # ------------------------------------------------------------------ forward passes
 
     def _check_layers(self) -> None:
-        if "feature_maps" not in self.needs:
+        if "feature_maps" not in self.reg_spec.needs:
             return
         convs = sorted(p[: -len("/kernel")] for p in self.start_params if p.endswith("/kernel"))
         bad = [layer for layer in self.layers if f"{layer}/kernel" not in self.start_params]
@@ -209,8 +209,8 @@ class FineTune(Classification):
             "channel_attention": lambda: self.attention,
             "features": lambda: out["pooled"],
         }
-        inputs = RegularizerInputs(**{k: available[k]() for k in self.needs})
-        return regularizers.get_regularizer(self.reg_name).fn(inputs, self.reg)
+        inputs = RegularizerInputs(**{k: available[k]() for k in self.reg_spec.needs})
+        return self.reg_spec.fn(inputs, self.reg)
 
     def loss(self, params, model_state, batch, rng, progress):
         del progress
@@ -219,7 +219,7 @@ class FineTune(Classification):
         out, new_state, maps = self.forward(variables, images, rng, train=True)
         model_state = {**model_state, **new_state}
         reference = None
-        if "pretrained_feature_maps" in self.needs:
+        if "pretrained_feature_maps" in self.reg_spec.needs:
             _, _, reference = self.forward(
                 self._start_variables(params, model_state), images, None, train=False
             )
