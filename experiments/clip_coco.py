@@ -9,7 +9,7 @@ chips, FSDP over `fsdp`, the loss's local-loss `shard_map` over the batch axes);
 tower is trained here, so nothing is cached and both towers run forward and backward.
 """
 
-from lit_coco import coco_config
+from experiments.lit_coco import coco_config
 
 
 def get_config(arg=None):

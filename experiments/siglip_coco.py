@@ -9,7 +9,7 @@ chips, FSDP over `fsdp`). The sharded SigLIP loss passes text-embedding chunks r
 devices with `ppermute`, so no device builds the full logit matrix.
 """
 
-from lit_coco import coco_config
+from experiments.lit_coco import coco_config
 
 
 def get_config(arg=None):

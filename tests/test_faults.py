@@ -39,9 +39,7 @@ from xmodal_jax.train import trainer, workdir_lock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 240  # two checkpoints (120, 240); a log line every 7 steps, so a stop rarely hits one
 CONFIG = f"""
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
-from digits_common import base_config
+from experiments.digits.digits_common import base_config
 
 
 def get_config(arg=None):

@@ -4,6 +4,7 @@ code above them."""
 
 import ast
 import os
+import sys
 
 import pytest
 
@@ -82,3 +83,39 @@ def test_lower_layers_never_import_training_code(lower):
         if name == lower or name.startswith(lower + "."):
             bad = sorted(d for d in deps if d.startswith(UPPER))
             assert not bad, f"{name} imports {bad}"
+
+
+def test_experiments_import_helpers_by_module_path():
+    """Configs share helpers as `experiments.<folder>.<module>`: no file under experiments/
+    edits the import path, and every folder holding configs is a package."""
+    for folder, _, files in os.walk(os.path.join(ROOT, "experiments")):
+        configs = [f for f in files if f.endswith(".py")]
+        if not configs or os.path.basename(folder) == "results":  # results/: scripts
+            continue
+        assert "__init__.py" in configs, f"{folder} is not a package"
+        for name in configs:
+            with open(os.path.join(folder, name)) as f:
+                assert "sys.path" not in f.read(), os.path.join(folder, name)
+
+
+def test_configs_of_two_folders_each_get_their_own_helper(tmp_path):
+    """Two packages with a `common.py` each (the clash a `sys.path` insert caused): each
+    config imports its own, by module path; a config outside a package imports beside it."""
+    from xmodal_jax import config as config_lib
+
+    for sub, value in (("a", 1), ("b", 2)):
+        folder = tmp_path / "exps" / sub
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+        (folder / "common.py").write_text(f"VALUE = {value}\n")
+        (folder / "cfg.py").write_text(f"from exps.{sub} import common\n")
+    (tmp_path / "exps" / "__init__.py").write_text("")
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "helper.py").write_text("VALUE = 3\n")
+    (tmp_path / "loose" / "cfg.py").write_text("import helper\n")
+    a = config_lib.exec_file(str(tmp_path / "exps" / "a" / "cfg.py"), "x_")
+    b = config_lib.exec_file(str(tmp_path / "exps" / "b" / "cfg.py"), "x_")
+    loose = config_lib.exec_file(str(tmp_path / "loose" / "cfg.py"), "x_")
+    assert (a.common.VALUE, b.common.VALUE, loose.helper.VALUE) == (1, 2, 3)
+    assert (a.__name__, loose.__name__) == ("exps.a.cfg", "x_cfg")
+    assert str(tmp_path) not in sys.path  # the import path is restored

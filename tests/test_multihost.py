@@ -26,15 +26,13 @@ SHORT = ["--config.total_steps=10", "--config.log_every=1", "--config.eval_every
          "--config.checkpoint_every=5"]  # fmt: skip
 NO_TSNE = "--config.evals.a_distance.tsne_points=0"  # the plot is 7 s of each run
 UCI_TEST_SIZE = 899
-TARGET_ONLY = f"""
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
-from digits_common import base_config
+TARGET_ONLY = """
+from experiments.digits.digits_common import base_config
 
 
 def get_config(arg=None):
     c = base_config("direction=m2u")
-    c.evals = {{"target": c.evals.target}}
+    c.evals = {"target": c.evals.target}
     return c
 """
 

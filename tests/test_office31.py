@@ -69,25 +69,38 @@ def test_builder_reads_the_manual_download(manual_dir, tfds_dir):
 @pytest.mark.parametrize("method", ["source_only", "dann", "cdan", "dan", "jan", "mcc"])
 def test_configs_load_for_every_task(method):
     for task in ("A2W", "D2W", "W2D", "A2D", "D2A", "W2A"):
-        c = config_lib.load(f"experiments/office31/{method}.py:task={task}")
+        c = config_lib.load(f"experiments/office31/da.py:method={method},task={task}")
         target = f"office31/{office31.DOMAINS[task[2]]}"
         assert c.evals.target.dataset == target and c.model.num_classes == 31
         source = c.data.name if method == "source_only" else c.data.source.name
         assert source == f"office31/{office31.DOMAINS[task[0]]}"
+        losses = {"dann": "dann", "cdan": "cdan", "dan": "mmd", "jan": "jmmd", "mcc": "mcc"}
+        if method == "source_only":
+            assert c.task == "classification" and "adaptation" not in c
+        else:
+            assert c.task == "domain_adaptation" and c.adaptation.method == losses[method]
+
+
+def test_the_old_per_method_files_name_the_new_form():
+    with pytest.raises(UserError, match=r"is now 'experiments/office31/da.py:method=jan'; write "
+                       r"--config experiments/office31/da.py:method=jan,task=W2A\."):  # fmt: skip
+        config_lib.load("experiments/office31/jan.py:task=W2A")
+    with pytest.raises(UserError, match="method='dnn': use one of"):
+        config_lib.load("experiments/office31/da.py:method=dnn")
 
 
 def test_resnet50_starts_from_torchvision_imagenet_weights_by_default():
-    auto = config_lib.load("experiments/office31/dann.py:task=A2W").pretrained.name
+    auto = config_lib.load("experiments/office31/da.py:method=dann,task=A2W").pretrained.name
     assert auto == os.path.expanduser("~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth")
-    given = config_lib.load("experiments/office31/cdan.py:pretrained=/w/r50.safetensors")
+    given = config_lib.load("experiments/office31/da.py:method=cdan,pretrained=/w/r50.safetensors")
     assert given.pretrained.name == "/w/r50.safetensors"
     for arg in ("pretrained=none", "model=lenet", "width=0.5"):
-        c = config_lib.load(f"experiments/office31/source_only.py:{arg}")
+        c = config_lib.load(f"experiments/office31/da.py:{arg}")
         assert c.pretrained.name is None, arg
 
 
 def test_missing_imagenet_weights_fail_before_training(tmp_path):
-    spec = f"experiments/office31/dann.py:task=A2W,pretrained={tmp_path}/resnet50.pth"
+    spec = f"experiments/office31/da.py:method=dann,task=A2W,pretrained={tmp_path}/resnet50.pth"
     with pytest.raises(UserError, match="resnet50.pth.*not an existing file"):
         main.run(["train", "--config", spec, "--workdir", str(tmp_path / "run")])
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
@@ -103,7 +116,7 @@ def test_missing_imagenet_weights_fail_before_training(tmp_path):
 def test_dann_runs_two_steps_on_the_fabricated_dataset(manual_dir, tfds_dir, tmp_path, model):
     office31.prepare(str(manual_dir), tfds_dir, ("amazon", "webcam"))
     workdir = str(tmp_path / "run")
-    spec = f"experiments/office31/dann.py:task=A2W,{model},steps=2"
+    spec = f"experiments/office31/da.py:method=dann,task=A2W,{model},steps=2"
     overrides = ["--config.batch_size=8", "--config.eval_batch_size=32"]
     overrides += ["--config.log_every=1", "--config.eval_every=2", "--config.checkpoint_every=0"]
     main.run(["train", "--config", spec, "--workdir", workdir, *overrides])

@@ -28,16 +28,14 @@ from xmodal_jax.train import trainer, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKDIR = "gs://xmodal-test-bucket/runs/digits"
-CONFIG = f"""
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
-from digits_common import base_config
+CONFIG = """
+from experiments.digits.digits_common import base_config
 
 
 def get_config(arg=None):
     c = base_config("direction=m2u")
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 4, 2
-    c.evals = {{"target": {{**c.evals.target, "split": "test[:256]"}}}}
+    c.evals = {"target": {**c.evals.target, "split": "test[:256]"}}
     c.best_metric = "eval/target/accuracy"
     return c
 """

@@ -28,9 +28,7 @@ N = 10  # the kill comes after the checkpoint of step N; both runs end at 2N
 # The digits source-only recipe, tracking the best target accuracy; on 8 devices with FSDP
 # over 2 of them, so the checkpoint holds sharded arrays.
 CONFIG = f"""
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "experiments", "digits")!r})
-from digits_common import base_config
+from experiments.digits.digits_common import base_config
 
 
 def get_config(devices="1"):

@@ -51,21 +51,64 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+# Config files that became one file with an argument: the old path names the new form.
+MOVED = {
+    f"experiments/office31/{method}.py": f"experiments/office31/da.py:method={method}"
+    for method in ("source_only", "dann", "dan", "jan", "cdan", "mcc")
+}
+
+
+def _package_root(directory: str) -> str | None:
+    """The folder above the outermost package holding `directory` (None if not in a package)."""
+    root = None
+    while os.path.isfile(os.path.join(directory, "__init__.py")):
+        root = directory = os.path.dirname(directory)
+    return root
+
+
+def exec_file(path: str, prefix: str) -> Any:
+    """Runs a Python file as a module. A file inside a package (`experiments/` is one) is run
+    under its dotted name with the package's parent importable, so it imports shared helpers by
+    module path (`from experiments.digits.digits_common import ...`); another file may import
+    modules beside it. Exceptions propagate; the import path is restored."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    root = _package_root(directory)
+    if root is not None:
+        name = os.path.relpath(path, root)[: -len(".py")].replace(os.sep, ".")
+    else:
+        name = prefix + os.path.basename(path)[: -len(".py")]
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    entry = root if root is not None else directory
+    sys.path.insert(0, entry)
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(entry)
+    return module
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        candidates = glob.glob("experiments/**/*.py", recursive=True)
+        if (old := os.path.relpath(os.path.abspath(path))) in MOVED:
+            new = MOVED[old]
+            raise UserError(
+                f"Config file {path!r} is now {new!r}; write --config {new}"
+                + (f",{arg}" if arg else "")
+                + "."
+            )
+        candidates = [
+            p
+            for p in glob.glob("experiments/**/*.py", recursive=True)
+            if not os.path.basename(p).startswith("_")
+        ]
         close = difflib.get_close_matches(path, candidates, n=3, cutoff=0.5)
         raise UserError(f"Config file {path!r} does not exist; closest: {close or candidates[:5]}.")
-    mod_spec = importlib.util.spec_from_file_location(
-        "xmodal_config_" + os.path.basename(path)[:-3], path
-    )
-    module = importlib.util.module_from_spec(mod_spec)
-    # Configs may import helpers that sit beside them (e.g. experiments/digits/digits_common.py).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
-        mod_spec.loader.exec_module(module)
+        module = exec_file(path, "xmodal_config_")
     except SyntaxError as e:
         raise UserError(
             f"Config file {path!r} has a syntax error at line {e.lineno}: {e.msg}; fix the file."
@@ -76,8 +119,6 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise UserError(
             f"Config file {path!r} fails to load: {_one_line(e)}; fix the file."
         ) from None
-    finally:
-        sys.path.pop(0)
     if not hasattr(module, "get_config"):
         raise UserError(f"Config file {path!r} defines no get_config(arg=None).")
     takes_arg = bool(inspect.signature(module.get_config).parameters)

@@ -6,15 +6,10 @@ seen/unseen splits, loss and step count, Adam. Each changes one thing; a trained
 shared by all heads of a run, so configs that train a tower run one split (`split=k`) per run.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quickstart  # noqa: E402
-
-from xmodal_jax.config import parse_arg  # noqa: E402
+from experiments import quickstart
+from xmodal_jax.config import parse_arg
 
 IMAGE_PP = quickstart.IMAGE_PP
 # Random crops and flips for a trained image tower (a locked one is cached instead).

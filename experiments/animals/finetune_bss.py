@@ -8,7 +8,7 @@ Measured: eval/test/accuracy 0.8865 (test loss 0.393; no regulariser: 0.8965 / 0
 8 min 20 s on 2 shared CPU cores (load 14-22). Within noise of plain fine-tuning; no gain here.
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

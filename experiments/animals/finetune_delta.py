@@ -17,7 +17,7 @@ Measured (seed 0, 2 shared CPU cores, load 14-22; no regulariser: 0.8965, test l
 Both within noise of plain fine-tuning (standard error about 0.007).
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 LAYERS = (
     "block6_project_conv",

@@ -9,7 +9,7 @@ Measured: eval/test/accuracy 0.8495 (test loss 0.485; everything from step 0: 0.
 seed 0, 5 min 25 s on 2 shared CPU cores (load 14-22).
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Measured: eval/test/accuracy 0.9045 (test loss 0.343; no regulariser: 0.8965 / 0
 about 0.007).
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ Measured: eval/test/accuracy 0.7720 (test loss 0.741; full fine-tuning 0.8965), 
 accuracy 0.80).
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

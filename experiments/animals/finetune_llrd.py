@@ -9,7 +9,7 @@ Measured: eval/test/accuracy 0.9135 (test loss 0.288; 0.1x backbone: 0.8965 / 0.
 5 min 21 s on 2 shared CPU cores (load 14-22); the best row of `FINETUNE.md`.
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ Measured: eval/test/accuracy 0.8965 (test loss 0.369, final train accuracy 0.948
 6 min 20 s on 2 shared CPU cores (load 14-22).
 """
 
-from finetune_common import base_config
+from experiments.animals.finetune_common import base_config
 
 
 def get_config(arg=None):

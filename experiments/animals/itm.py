@@ -11,8 +11,7 @@ hardest other prompt) and zero-shot accuracy when the class prompts are ranked b
 match the 7 training names carries over to new ones as the shared embedding space does.
 """
 
-from common import base_config
-
+from experiments.animals.common import base_config
 from xmodal_jax.models import fusion
 
 

@@ -7,7 +7,7 @@ One split per run (the trained text tower is shared by the heads of a run); trai
 the split's seen classes. Figures: the lit row of `experiments/tables/results/animals_zeroshot.md`.
 """
 
-from common import base_config, one_split
+from experiments.animals.common import base_config, one_split
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ and BatchNorm statistics) never sees an unseen-class image. MobileNetV2 forward 
 of `experiments/tables/results/animals_zeroshot.md`.
 """
 
-from common import AUGMENTED_PP, IMAGE_PP, base_config, one_split
+from experiments.animals.common import AUGMENTED_PP, IMAGE_PP, base_config, one_split
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@
 Figures: the siglip row of `experiments/tables/results/animals_zeroshot.md`.
 """
 
-from common import base_config
+from experiments.animals.common import base_config
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ unseen-class image. About 2 s per step of 64 on 2 CPU cores. Figures: the unlock
 `experiments/tables/results/animals_zeroshot.md`.
 """
 
-from common import AUGMENTED_PP, IMAGE_PP, base_config, one_split
+from experiments.animals.common import AUGMENTED_PP, IMAGE_PP, base_config, one_split
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ The comparison behind the quick start's choice of a locked text tower; one split
 with the quick start's per-split figure (`eval/zeroshot_unseen/split_k/accuracy`).
 """
 
-from common import base_config, one_split
+from experiments.animals.common import base_config, one_split
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ every BatchNorm's statistics are re-estimated on the (unlabelled) target trainin
 the source statistics. Results over seeds and both directions: experiments/digits/README.md.
 """
 
-from digits_common import DIRECTIONS, base_config, domain_data
+from experiments.digits.digits_common import DIRECTIONS, base_config, domain_data
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@
 Results over seeds and both directions: experiments/digits/README.md.
 """
 
-from digits_common import adaptation_config
+from experiments.digits.digits_common import adaptation_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Measured (final step, 2,000 steps of batch 64):
   UCI→MNIST target 29.5 ± 0.8 (source 98.3 ± 0.3). Full table: experiments/digits/README.md.
 """
 
-from digits_common import base_config
+from experiments.digits.digits_common import base_config
 
 
 def get_config(arg=None):

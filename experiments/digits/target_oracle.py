@@ -7,7 +7,7 @@ bound for adaptation, which sees no target labels).
 Results over seeds and both directions: experiments/digits/README.md.
 """
 
-from digits_common import DIRECTIONS, base_config, domain_data
+from experiments.digits.digits_common import DIRECTIONS, base_config, domain_data
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ Target accuracy on all target images at the final step (`last`), seeds 0, 1, 2: 
 20,000 steps of ResNet-50 at 224 px (a GPU job each). The reference column is TLlib's published
 ResNet-50 table. ResNet-50 starts from torchvision's ImageNet weights, as the reference does: put
 `resnet50-0676ba61.pth` in `~/.cache/torch/hub/checkpoints/` first (see
-experiments/office31/office31_common.py); a missing file fails each job with one error naming
+experiments/office31/da.py); a missing file fails each job with one error naming
 it.
 """
 
@@ -42,7 +42,8 @@ TABLE = Table(
     rows=[
         Row(
             NAMES[m],
-            f"experiments/office31/{m}.py",
+            "experiments/office31/da.py",
+            args=f"method={m}",
             reference=Reference(
                 TLLIB, {LABELS[t]: v for t, v in zip(TASKS, PUBLISHED[m], strict=True)}
             ),

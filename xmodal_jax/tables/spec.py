@@ -7,11 +7,11 @@ A table definition is a Python file (`experiments/tables/NAME.py`) that sets `TA
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from xmodal_jax import config as config_lib
 from xmodal_jax.errors import UserError
 
 RULES = {
@@ -165,9 +165,7 @@ def load(path: str) -> tuple[str, Table]:
     if not os.path.isfile(path):
         raise UserError(f"Table file {path!r} does not exist; tables live in experiments/tables/.")
     name = os.path.splitext(os.path.basename(path))[0]
-    mod_spec = importlib.util.spec_from_file_location(f"xmodal_table_{name}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    module = config_lib.exec_file(path, "xmodal_table_")
     table = getattr(module, "TABLE", None)
     if not isinstance(table, Table):
         raise UserError(f"{path} defines no TABLE = xmodal_jax.tables.Table(...).")

@@ -1,0 +1,1 @@
+"""Result tables: each file defines TABLE for `xmodal table`."""
