@@ -742,11 +742,11 @@ def test_tsne_writes_png(tmp_path):
 
 
 def test_a_distance_evaluator_tsne_points(tmp_path):
+    from xmodal_jax import evaluators
     from xmodal_jax.errors import UserError
-    from xmodal_jax.train import evaluators
 
     data = {"dataset": "digits_uci", "split": "test"}
-    make = lambda n: evaluators.EVALUATORS["a_distance"](
+    make = lambda n: evaluators.get("a_distance")(
         "a_distance", {"source": data, "target": data, "tsne_points": n}, None, None, 8
     )
     with pytest.raises(UserError, match="tsne_points=-1.*0 writes no t-SNE plot"):

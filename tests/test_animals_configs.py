@@ -10,8 +10,9 @@ import pytest
 from twotower_testing import TINY_IMAGE
 
 from xmodal_jax import config as config_lib
+from xmodal_jax import evaluators, tasks
 from xmodal_jax.models import fusion
-from xmodal_jax.train import evaluators, optim, tasks
+from xmodal_jax.train import optim
 
 ANIMALS = os.path.join(os.path.dirname(__file__), "..", "experiments", "animals")
 TINY_TEXT = {"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}

@@ -6,12 +6,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
 from xmodal_jax.objectives.adaptation import coral as coral_lib
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import optim, trainer
 
 
 def _config(method, **options):

@@ -9,10 +9,11 @@ import pytest
 from sklearn.linear_model import Ridge
 
 import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
+from xmodal_jax import evaluators, tasks
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
+from xmodal_jax.evaluators import classification as classification_evals
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import classification_evals, evaluators, tasks
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 

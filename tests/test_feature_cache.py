@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from twotower_testing import tiny_config
 
+from xmodal_jax import tasks
 from xmodal_jax.data import pipeline, preprocess
-from xmodal_jax.train import feature_cache, tasks
+from xmodal_jax.tasks import feature_cache
 
 UCI = {"name": "digits_uci", "split": "test", "pp": "value_range(0, 1, in_hi=16)"}
 

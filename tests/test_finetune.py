@@ -18,11 +18,12 @@ import optax
 import pytest
 
 from xmodal_jax import config as config_lib
-from xmodal_jax import pretrained
+from xmodal_jax import evaluators, pretrained, tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import zoo
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import evaluators, finetune, optim, tasks, trainer
+from xmodal_jax.tasks import finetune
+from xmodal_jax.train import optim, trainer
 from xmodal_jax.transfer import checkpoint_io
 from xmodal_jax.transfer import rules as rules_lib
 from xmodal_jax.tree_paths import flatten_with_paths

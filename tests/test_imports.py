@@ -11,7 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "xmodal_jax")
 LOWER = ("xmodal_jax.models", "xmodal_jax.data", "xmodal_jax.objectives")
-UPPER = ("xmodal_jax.train", "xmodal_jax.main", "xmodal_jax.tables", "xmodal_jax.bench")
+UPPER = ("xmodal_jax.train", "xmodal_jax.tasks", "xmodal_jax.evaluators", "xmodal_jax.main",
+         "xmodal_jax.tables", "xmodal_jax.bench")  # fmt: skip
 
 
 def _modules() -> dict[str, str]:
@@ -55,7 +56,8 @@ GRAPH = {name: _module_level_imports(name) for name in MODULES}
 
 def test_the_graph_is_read():
     assert len(GRAPH) > 50
-    assert "xmodal_jax.train.classification_evals" in GRAPH["xmodal_jax.train.evaluators"]
+    assert "xmodal_jax.tasks" in GRAPH["xmodal_jax.tasks.classification"]
+    assert "xmodal_jax.evaluators.zeroshot" in GRAPH["xmodal_jax.evaluators.gzsl"]
 
 
 def test_no_import_cycle():
@@ -119,3 +121,19 @@ def test_configs_of_two_folders_each_get_their_own_helper(tmp_path):
     assert (a.common.VALUE, b.common.VALUE, loose.helper.VALUE) == (1, 2, 3)
     assert (a.__name__, loose.__name__) == ("exps.a.cfg", "x_cfg")
     assert str(tmp_path) not in sys.path  # the import path is restored
+
+
+@pytest.mark.parametrize(
+    "package, never",
+    [
+        ("xmodal_jax.tasks", ("xmodal_jax.train", "xmodal_jax.evaluators")),
+        ("xmodal_jax.evaluators", ("xmodal_jax.tasks", "xmodal_jax.train.trainer")),
+    ],
+)
+def test_tasks_and_evaluators_stay_apart_from_the_loop(package, never):
+    """Tasks and evaluators are found through their registries; neither imports the trainer,
+    and evaluators are handed a task object instead of importing task modules."""
+    for name, deps in GRAPH.items():
+        if name == package or name.startswith(package + "."):
+            bad = sorted(d for d in deps if d.startswith(never))
+            assert not bad, f"{name} imports {bad}"

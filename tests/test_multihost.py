@@ -349,8 +349,8 @@ def _target_eval() -> dict:
 
     import xmodal_jax.data  # noqa: F401  (registers the embedded datasets)
     from xmodal_jax import config as config_lib
+    from xmodal_jax import evaluators, tasks
     from xmodal_jax.parallel import mesh as mesh_lib
-    from xmodal_jax.train import evaluators, tasks
 
     config = config_lib.load(CONFIG)
     mesh = mesh_lib.make_mesh(config.mesh)

@@ -12,7 +12,7 @@ from test_animals_configs import tiny
 from twotower_testing import tiny_config, train_steps
 
 from xmodal_jax import config as config_lib
-from xmodal_jax.train import tasks
+from xmodal_jax import tasks
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 

@@ -18,9 +18,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import xla_flags
 
+from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import checkpoint, optim, tasks, trainer
+from xmodal_jax.train import checkpoint, optim, trainer
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

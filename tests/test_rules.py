@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from xmodal_jax import models, tree_paths
+from xmodal_jax import models, tasks, tree_paths
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import optim, trainer
 from xmodal_jax.transfer import rules
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import optim, trainer
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xmodal_jax import tasks
 from xmodal_jax.config import parse_arg
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, tasks, trainer
+from xmodal_jax.train import optim, trainer
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from twotower_testing import losses, read_metrics, tiny_config, train_steps
 
+from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
-from xmodal_jax.train import class_contrastive as cc
-from xmodal_jax.train import tasks, trainer
-from xmodal_jax.train.two_tower_heads import make_heads
+from xmodal_jax.objectives import class_contrastive as cc
+from xmodal_jax.tasks.two_tower_heads import make_heads
+from xmodal_jax.train import trainer
 
 NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 

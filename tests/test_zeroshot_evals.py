@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from xmodal_jax import evaluators
 from xmodal_jax.errors import UserError
-from xmodal_jax.train import evaluators, plots
-from xmodal_jax.train.two_tower_heads import Head
+from xmodal_jax.tasks.two_tower_heads import Head
+from xmodal_jax.train import plots
 
 NAMES = ("a", "b", "c", "d")
 EYE = np.eye(4, dtype=np.float32)
@@ -40,7 +41,7 @@ class FakeTask:
 
 
 def build(kind, task, **cfg):
-    return evaluators.EVALUATORS[kind]("ev", {"type": kind, **cfg}, task, None, 8)
+    return evaluators.get(kind)("ev", {"type": kind, **cfg}, task, None, 8)
 
 
 # Test images: label -> embedding (the classifier rows are the unit vectors e_c).

@@ -76,8 +76,9 @@ def train_steps(c: ml_collections.ConfigDict, steps: int = 2):
     """`(task, (params, model_state) before, after)` of `steps` trainer steps of config `c`."""
     import jax
 
+    from xmodal_jax import tasks
     from xmodal_jax.parallel import mesh as mesh_lib
-    from xmodal_jax.train import optim, tasks, trainer
+    from xmodal_jax.train import optim, trainer
 
     mesh = mesh_lib.make_mesh(c.mesh)
     task = tasks.build(c)

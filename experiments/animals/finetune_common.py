@@ -3,7 +3,7 @@
 ImageNet MobileNetV2 (`pretrained.load('mobilenet-v2-imagenet')`, torchvision's weights) gets a
 new 10-class head (`params/head/` re-initialised, the 1000-class head dropped) and is fine-tuned
 on 10% of the training labels: `data.per_class = 80` of the 800 training images of each class,
-a fixed subset drawn with `data.subset_seed = 0` (`xmodal_jax.train.finetune.stratified_subset`;
+a fixed subset drawn with `data.subset_seed = 0` (`xmodal_jax.tasks.finetune.stratified_subset`;
 a split slice such as `train[:10%]` would follow the builder's order, which is not stratified
 per slice). Images are inverted to dark-on-light as in the quick start, at 64 px rather than
 the quick start's 112 px so that a run takes a few minutes on 2 CPU cores (a train step at 112

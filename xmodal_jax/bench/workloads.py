@@ -20,9 +20,9 @@ import numpy as np
 from xmodal_jax.bench import measure
 from xmodal_jax.models import zoo
 from xmodal_jax.objectives import contrastive
+from xmodal_jax.tasks.classification import Classification
+from xmodal_jax.tasks.domain_adaptation import DomainAdaptation
 from xmodal_jax.train import optim, trainer
-from xmodal_jax.train.domain_adaptation import DomainAdaptation
-from xmodal_jax.train.tasks import Classification
 
 # Full sizes: ViT-B/16 + CLIP text (Radford et al. 2021, Table 20), ResNet-50 at 224 px,
 # MobileNetV2 at 96 px. Batches are the CPU defaults (`--batch` scales them for accelerators).

@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` resumes from the latest complete checkpoint in `workdir`
 if there is one. What is trained (model, input, loss) comes from the task
-(`xmodal_jax.train.tasks`); how each parameter is optimised from `xmodal_jax.transfer.rules`;
+(`xmodal_jax.tasks`); how each parameter is optimised from `xmodal_jax.transfer.rules`;
 where each array lives from `xmodal_jax.parallel.sharding`.
 
 Resuming is bit-exact on the same topology: the state holds the step and the base key of the
@@ -45,11 +45,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from xmodal_jax import config as config_lib
-from xmodal_jax import provenance
+from xmodal_jax import evaluators, provenance, tasks
 from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import checkpoint, evaluators, metrics, optim, plots, tasks, workdir_lock
+from xmodal_jax.train import checkpoint, metrics, optim, plots, workdir_lock
 from xmodal_jax.transfer import rules
 
 WALL_CLOCK_KEYS = ("train/steps_per_sec", "train/examples_per_sec", "train/flops_per_sec")

@@ -1,11 +1,13 @@
-"""Evaluators: `config.evals` maps a name to `{type, dataset, split, pp, ...}`; `type` picks
-the evaluator class from `EVALUATORS` (classification_evals, adaptation_evals, zeroshot_evals).
-Here: building them, when each is due, running them, and their one-line summaries.
+"""Evaluators: `config.evals` maps a name to `{type, dataset, split, pp, ...}`; `type` picks an
+evaluator class from `EVALUATORS`, one module per kind: classification (and few-shot),
+adaptation (A-distance, AdaBN), zeroshot, gzsl, retrieval, itm. Here: building them, when each
+is due, running them, and their one-line summaries.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,27 +16,40 @@ import ml_collections
 from jax.sharding import Mesh
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.train import adaptation_evals, classification_evals, zeroshot_evals
 
+# Every evaluator by its `type`, as "module:class"; a module is imported only when a config
+# uses one of its evaluators. A new evaluator: its module, and one line here.
 EVALUATORS = {
-    "classification": classification_evals.Classification,
-    "fewshot": classification_evals.FewShot,
-    "a_distance": adaptation_evals.ADistance,
-    "adabn_classification": adaptation_evals.AdaBNClassification,
-    **zeroshot_evals.EVALUATORS,  # zero-shot, generalised zero-shot, retrieval, ITM
+    "classification": "xmodal_jax.evaluators.classification:Classification",
+    "fewshot": "xmodal_jax.evaluators.classification:FewShot",
+    "a_distance": "xmodal_jax.evaluators.adaptation:ADistance",
+    "adabn_classification": "xmodal_jax.evaluators.adaptation:AdaBNClassification",
+    "zeroshot": "xmodal_jax.evaluators.zeroshot:ZeroShot",
+    "zeroshot_unseen": "xmodal_jax.evaluators.zeroshot:ZeroShotUnseen",
+    "zeroshot_control": "xmodal_jax.evaluators.zeroshot:ZeroShotControl",
+    "gzsl": "xmodal_jax.evaluators.gzsl:GeneralizedZeroShot",
+    "retrieval": "xmodal_jax.evaluators.retrieval:Retrieval",
+    "itm": "xmodal_jax.evaluators.itm:ImageTextMatching",
 }
+
+
+def get(kind: str, where: str = "config.evals") -> type:
+    """The evaluator class registered as `kind`."""
+    if kind not in EVALUATORS:
+        close = difflib.get_close_matches(kind, EVALUATORS, n=3)
+        raise UserError(f"{where}.type={kind!r} unknown; closest: {close}; the types: "
+                        f"{sorted(EVALUATORS)}.")  # fmt: skip
+    module, cls = EVALUATORS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_all(config: ml_collections.ConfigDict, task, mesh: Mesh) -> dict[str, Any]:
     """Evaluator objects for every entry of `config.evals`."""
     out = {}
     for name, cfg in config.evals.items():
-        kind = cfg.get("type", "classification")
-        if kind not in EVALUATORS:
-            close = difflib.get_close_matches(kind, EVALUATORS, n=3)
-            raise UserError(f"config.evals.{name}.type={kind!r} unknown; closest: {close}.")
+        evaluator = get(cfg.get("type", "classification"), f"config.evals.{name}")
         batch_size = cfg.get("batch_size", config.get("eval_batch_size", config.batch_size))
-        out[name] = EVALUATORS[kind](name, cfg, task, mesh, batch_size)
+        out[name] = evaluator(name, cfg, task, mesh, batch_size)
     return out
 
 

@@ -26,7 +26,8 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
 from xmodal_jax.objectives.adaptation import dann, grl
 from xmodal_jax.objectives.classification import softmax_xent
-from xmodal_jax.train.tasks import Classification, Variables
+from xmodal_jax.tasks import Variables
+from xmodal_jax.tasks.classification import Classification
 
 WARMUPS = {
     "none": lambda progress: 1.0,

@@ -1,5 +1,5 @@
-"""Evaluators of the two-tower task: zero-shot (seen, unseen, permuted-names control),
-generalised zero-shot with calibrated stacking, image-text retrieval and image-text matching.
+"""Zero-shot evaluators of the two-tower task (seen, unseen, permuted-names control), and the
+base class of its other evaluators (`gzsl`, `retrieval`, `itm`: modules of their own here).
 
 Each evaluator scores every head of its kind (`heads`: `main`, `control` or `calibration`; see
 `two_tower.make_heads`) and reports the mean over them plus one value per split, e.g.
@@ -30,7 +30,6 @@ from jax.sharding import Mesh
 
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
-from xmodal_jax.evaluation import retrieval as retrieval_lib
 from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.train import plots
 
@@ -69,11 +68,11 @@ def class_subset(task, head, classes: str | Sequence[str], where: str) -> np.nda
     return np.asarray([index[n] for n in classes])
 
 
-def _split_key(head) -> str:
+def split_key(head) -> str:
     return f"split_{head.split}" if head.unseen else head.name
 
 
-class _TwoTowerEval:
+class TwoTowerEvaluator:
     """Shared set-up: checks the task, resolves the data config and the heads to score."""
 
     roles: tuple[str, ...] = ("main",)
@@ -112,7 +111,7 @@ class _TwoTowerEval:
         return out
 
 
-class ZeroShot(_TwoTowerEval):
+class ZeroShot(TwoTowerEvaluator):
     """Zero-shot accuracy among `classes` (`seen`, `unseen`, `all` or a list of names): test
     images of those classes, each head's classifier from the class names x templates.
     `score='itm'` ranks the classes by the fused head's match score instead of the cosine."""
@@ -152,7 +151,7 @@ class ZeroShot(_TwoTowerEval):
             else:
                 scores = zs.zeroshot_logits(images["emb"][i][rows], classifier[i][classes])
             pred = classes[np.argmax(scores, axis=1)]
-            out[_split_key(head)] = {"accuracy": float(np.mean(pred == images["label"][rows]))}
+            out[split_key(head)] = {"accuracy": float(np.mean(pred == images["label"][rows]))}
         return out
 
     def run(self, variables) -> dict[str, float]:
@@ -225,163 +224,3 @@ def plot_splits(
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
-
-
-class GeneralizedZeroShot(_TwoTowerEval):
-    """Generalised zero-shot with calibrated stacking: test images of all classes, predictions
-    over all class names, a penalty gamma subtracted from seen-class scores.
-
-    gamma is chosen per split on `val_split` (a part of the *training* split held out of
-    training, e.g. `train[90%:]` when `data.split='train[:90%]'`), using only images of the
-    split's seen classes and the split's calibration head, trained without
-    `config.heads.calibration_holdout` of those seen classes (the pseudo-unseen ones): gamma
-    maximises the harmonic mean of pseudo-seen and pseudo-unseen accuracy
-    (`evaluation.zeroshot.choose_calibration`). Test images never choose anything. Reports
-    `seen`, `unseen`, `harmonic_mean` (per-class mean accuracies, mean over splits), `gamma`, and
-    `harmonic_mean_uncalibrated` (gamma = 0)."""
-
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
-        if "val_split" not in cfg:
-            raise UserError(
-                f"config.evals.{name} needs val_split: a part of the training split that "
-                "training does not see (e.g. data.split='train[:90%]', val_split='train[90%:]')."
-            )
-        if cfg["val_split"] == task.data["split"]:
-            raise UserError(
-                f"config.evals.{name}.val_split equals data.split; hold it out of training."
-            )
-        self.val_cfg = {**self.data_cfg, "split": cfg["val_split"]}
-        self.calibration = {}
-        for i, h in enumerate(task.heads):
-            if h.role == "calibration":
-                self.calibration[h.split] = (i, h)
-        missing = [h.name for _, h in self.heads if h.split not in self.calibration]
-        if missing:
-            raise UserError(
-                f"config.evals.{name}: no calibration head for {missing}; set "
-                "config.heads.calibration_holdout (e.g. 2)."
-            )
-
-    def run(self, variables) -> dict[str, float]:
-        test, val = self._images(variables), self._images(variables, self.val_cfg)
-        classifier, _ = self.task.class_embeddings(variables, self.templates)
-        per_head = {}
-        for i, head in self.heads:
-            j, calib = self.calibration[head.split]
-            rows = np.isin(val["label"], head.train_classes)
-            val_scores = zs.zeroshot_logits(val["emb"][j][rows], classifier[j])
-            gamma = zs.choose_calibration(
-                val_scores, val["label"][rows], calib.train_classes, calib.pseudo_unseen
-            )
-            scores = zs.zeroshot_logits(test["emb"][i], classifier[i])
-            args = (scores, test["label"], head.train_classes, head.unseen)
-            calibrated = zs.gzsl_metrics(*args, gamma=gamma)
-            plain = zs.gzsl_metrics(*args, gamma=0.0)
-            per_head[_split_key(head)] = {
-                "seen": calibrated["seen_accuracy"],
-                "unseen": calibrated["unseen_accuracy"],
-                "harmonic_mean": calibrated["harmonic_mean"],
-                "gamma": gamma,
-                "harmonic_mean_uncalibrated": plain["harmonic_mean"],
-            }
-        return self._mean_and_splits(per_head)
-
-
-def _field(example: Mapping[str, Any], path: str) -> Any:
-    value = example
-    for part in path.split("/"):
-        if not isinstance(value, Mapping) or part not in value:
-            raise UserError(
-                f"Example has no field {path!r} (at {part!r}); its fields: {sorted(example)}."
-            )
-        value = value[part]
-    return value
-
-
-class Retrieval(_TwoTowerEval):
-    """Image<->text retrieval R@1/5/10 (`ks`) of head 0 on a split with captions: every image
-    against every caption of `text_key` (e.g. `captions/text`), at most `max_captions` each."""
-
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
-        self.text_key = cfg.get("text_key", "captions/text")
-        self.max_captions = int(cfg.get("max_captions", 5))
-        self.ks = tuple(cfg.get("ks", (1, 5, 10)))
-
-    def _captions(self) -> tuple[list[str], np.ndarray]:
-        src = pipeline.source(
-            self.data_cfg["name"], self.data_cfg["split"], self.data_cfg.get("data_dir")
-        )
-        texts, owner = [], []
-        for i in range(len(src)):
-            caps = np.atleast_1d(_field(src[i], self.text_key))[: self.max_captions]
-            for c in caps:
-                texts.append(c.decode() if isinstance(c, bytes) else str(c))
-                owner.append(i)
-        return texts, np.asarray(owner)
-
-    def run(self, variables) -> dict[str, float]:
-        images = self._images(variables)
-        texts, owner = self._captions()
-        text_emb = self.task.text_embeddings(variables, texts)
-        out = {}
-        for i, head in self.heads:
-            sim = images["emb"][i] @ text_emb[i].T
-            out[_split_key(head)] = retrieval_lib.retrieval_metrics(sim, owner, self.ks)
-        return self._mean_and_splits(out)
-
-
-class ImageTextMatching(_TwoTowerEval):
-    """ITM accuracy of the fused head on class-named data: every test image of `classes`
-    (default `seen`) with its own class prompt (a match) and with the most similar other class
-    prompt under the head's contrastive similarity (a hard non-match); accuracy of
-    `score > 0` over both."""
-
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
-        if not task.class_names or not task.fusion_opts["name"]:
-            raise UserError(
-                f"config.evals.{name}: ITM evaluation needs data.text='class_names' and a fused "
-                "head (config.model.fusion.name)."
-            )
-        self.classes = cfg.get("classes", "seen")
-        for _, head in self.heads:
-            class_subset(task, head, self.classes, f"config.evals.{name}")
-
-    def run(self, variables) -> dict[str, float]:
-        images = self._images(variables)
-        classifier, text_feats = self.task.class_embeddings(variables, self.templates)
-        per_head = {}
-        for i, head in self.heads:
-            classes = class_subset(self.task, head, self.classes, f"config.evals.{self.name}")
-            rows = np.isin(images["label"], classes)
-            labels = images["label"][rows]
-            sims = zs.zeroshot_logits(images["emb"][i][rows], classifier[i][classes])
-            position = {int(c): k for k, c in enumerate(classes)}
-            own = np.asarray([position[int(y)] for y in labels])
-            n = np.arange(len(labels))
-            sims[n, own] = -np.inf
-            hard = np.argmax(sims, axis=1)
-            scores = self.task.match_scores(
-                variables, images["feats"][rows], text_feats[i, classes], head=i
-            )
-            correct = np.concatenate([scores[n, own] > 0, scores[n, hard] <= 0])
-            per_head[_split_key(head)] = {"accuracy": float(np.mean(correct))}
-        return self._mean_and_splits(per_head)
-
-
-EVALUATORS: dict[str, type] = {
-    "zeroshot": ZeroShot,
-    "zeroshot_unseen": ZeroShotUnseen,
-    "zeroshot_control": ZeroShotControl,
-    "gzsl": GeneralizedZeroShot,
-    "retrieval": Retrieval,
-    "itm": ImageTextMatching,
-}
-
-
-__all__: Sequence[str] = [
-    *(c.__name__ for c in EVALUATORS.values()),
-    "plot_splits",
-]

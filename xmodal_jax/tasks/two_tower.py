@@ -67,11 +67,14 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.models import fusion, zoo
 from xmodal_jax.objectives import contrastive, itm
+from xmodal_jax.objectives.class_contrastive import (
+    clamp_projected,
+    class_clip_loss,
+    class_siglip_loss,
+)
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import feature_cache
-from xmodal_jax.train.class_contrastive import clamp_projected, class_clip_loss, class_siglip_loss
-from xmodal_jax.train.tasks import Variables
-from xmodal_jax.train.two_tower_heads import Head, HeadModule, make_heads, vmapped_heads
+from xmodal_jax.tasks import Variables, feature_cache
+from xmodal_jax.tasks.two_tower_heads import Head, HeadModule, make_heads, vmapped_heads
 from xmodal_jax.transfer import rules as rules_lib
 
 LOSSES = ("clip", "siglip")

@@ -1,17 +1,9 @@
-"""Tasks: what a training config trains. A task owns its model, input and loss; the trainer
-only sees `init`, `loss`, `predict` and `train_iterator`.
-
-`config.task` picks one by name: `classification` (here) or the module
-`xmodal_jax/train/<name>.py` that defines `Task`, so a new task is one new file.
-"""
+"""Supervised classification, the task the others build on (domain adaptation, fine-tuning)."""
 
 from __future__ import annotations
 
-import difflib
-import importlib
-from typing import Any, Protocol
+from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import ml_collections
@@ -21,12 +13,9 @@ from xmodal_jax import config as config_lib
 from xmodal_jax import models
 from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline
-from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.classification import softmax_xent
+from xmodal_jax.tasks import Variables
 from xmodal_jax.transfer import surgery
-
-Variables = dict[str, Any]
-Metrics = dict[str, jax.Array]
 
 # `config.pretrained`: a `pretrained.load` name or path, and the surgery applied when its
 # variables are merged into the model (regexes over `params/...` paths; the new head is fresh).
@@ -36,20 +25,6 @@ PRETRAINED_DEFAULTS = {"name": None, "reinit": ("^params/head/",), "skip": ("^pa
 def pretrained_options(cfg: Any) -> dict[str, Any]:
     """`config.pretrained` over `PRETRAINED_DEFAULTS`; unknown keys are an error."""
     return config_lib.options(cfg, PRETRAINED_DEFAULTS, "config.pretrained")
-
-
-class Task(Protocol):
-    model: nn.Module
-
-    def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator: ...
-
-    def init(self, rng: jax.Array, batch: dict) -> Variables: ...
-
-    def loss(
-        self, params: Any, model_state: Variables, batch: dict, rng: jax.Array, progress: jax.Array
-    ) -> tuple[jax.Array, tuple[Variables, Metrics]]: ...
-
-    def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]: ...
 
 
 class Classification:
@@ -116,25 +91,3 @@ class Classification:
 
     def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
         return self.model.apply(variables, batch["image"], train=False)
-
-
-# Every task by its `config.task` name, as "module:class"; a task's module is imported only when
-# a config names it. A new task: its module, and one line here.
-TASKS = {
-    "classification": "xmodal_jax.train.tasks:Classification",
-    "domain_adaptation": "xmodal_jax.train.domain_adaptation:DomainAdaptation",
-    "finetune": "xmodal_jax.train.finetune:FineTune",
-    "two_tower": "xmodal_jax.train.two_tower:TwoTower",
-}
-
-
-def build(config: ml_collections.ConfigDict) -> Task:
-    """The task `config.task` names (default `classification`), built from `config`."""
-    name = config.get("task", "classification")
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=3)
-        raise UserError(
-            f"config.task={name!r} unknown; closest: {close}; the tasks: {sorted(TASKS)}."
-        )
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config)

@@ -3,11 +3,11 @@
 `config.task = 'finetune'`. Supervised classification (`Classification`) whose model starts from
 pretrained weights and whose loss is `cross-entropy + regulariser`:
 
-* `config.pretrained` (read by `Classification`, `tasks.PRETRAINED_DEFAULTS`): `name` (a
-  `pretrained.load` name or path), `reinit` (regexes of the model's variables it initialises
-  itself, default the new `params/head/`), `skip` (regexes of checkpoint entries dropped, default
-  the old `params/head/`). The loaded variables go through `transfer.surgery.merge`, so any
-  other mismatch is one error listing every culprit.
+* `config.pretrained` (read by `Classification`; `tasks.classification.PRETRAINED_DEFAULTS`):
+  `name` (a `pretrained.load` name or path), `reinit` (regexes of the model's variables it
+  initialises itself, default the new `params/head/`), `skip` (regexes of checkpoint entries
+  dropped, default the old `params/head/`). The loaded variables go through
+  `transfer.surgery.merge`, so any other mismatch is one error listing every culprit.
 * `config.regularizer`: `name` in `none`, `l1`, `l2`, `l2sp`, `delta`, `bss` and its options
   (`objectives.regularizers.REGULARIZERS` lists them with their defaults and the inputs each
   reads). `l2sp` and `delta` pull towards the starting
@@ -43,7 +43,8 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import regularizers
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.objectives.regularizers import RegularizerInputs, delta
-from xmodal_jax.train.tasks import Classification, Variables
+from xmodal_jax.tasks import Variables
+from xmodal_jax.tasks.classification import Classification
 from xmodal_jax.transfer import checkpoint_io
 from xmodal_jax.tree_paths import flatten_with_paths, map_with_paths
 

@@ -21,9 +21,9 @@ from jax.sharding import Mesh
 from xmodal_jax.analysis import a_distance, tsne
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
+from xmodal_jax.evaluators import classification
 from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import classification_evals
 
 
 def _local_batches(data_cfg: dict, batch_size: int):
@@ -78,7 +78,7 @@ class ADistance:
         return [path]
 
 
-class AdaBNClassification(classification_evals.Classification):
+class AdaBNClassification(classification.Classification):
     """Accuracy after re-estimating every BatchNorm's statistics on the `adapt` split."""
 
     def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
