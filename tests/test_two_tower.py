@@ -204,7 +204,7 @@ def test_itm_loss_sees_only_the_heads_own_classes(tfds_dir):
     feats = r.normal(size=(12, task.image_width)).astype(np.float32)
     texts = jnp.asarray(r.normal(size=(1, 12, task.text_width)), jnp.float32)
     sim = jnp.asarray(r.normal(size=(1, 12, 12)), jnp.float32)
-    mask = jnp.asarray(task._class_mask())
+    mask = jnp.asarray(task.texts.class_mask())
 
     @jax.jit
     def itm_loss(f):

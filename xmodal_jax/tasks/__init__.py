@@ -15,6 +15,7 @@ import flax.linen as nn
 import grain
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from xmodal_jax.errors import UserError
 
@@ -23,6 +24,8 @@ Metrics = dict[str, jax.Array]
 
 
 class Task(Protocol):
+    """Built as `Task(config, mesh)` (see `build`)."""
+
     model: nn.Module
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator: ...
@@ -46,8 +49,10 @@ TASKS = {
 }
 
 
-def build(config: ml_collections.ConfigDict) -> Task:
-    """The task `config.task` names (default `classification`), built from `config`."""
+def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Task:
+    """The task `config.task` names (default `classification`), built from `config`; `mesh` is
+    the trainer's device mesh (a task whose loss is sharded over it uses it; None: the task
+    builds `config.mesh` itself when it needs one, as when a test builds a task alone)."""
     name = config.get("task", "classification")
     if name not in TASKS:
         close = difflib.get_close_matches(name, TASKS, n=3)
@@ -55,4 +60,4 @@ def build(config: ml_collections.ConfigDict) -> Task:
             f"config.task={name!r} unknown; closest: {close}; the tasks: {sorted(TASKS)}."
         )
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return getattr(importlib.import_module(module), cls)(config, mesh)

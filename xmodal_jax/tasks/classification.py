@@ -8,6 +8,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from xmodal_jax import config as config_lib
 from xmodal_jax import models
@@ -34,7 +35,8 @@ class Classification:
     `pretrained` (`PRETRAINED_DEFAULTS`: weights merged into the model at initialisation).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+        del mesh  # the loss is per example; the trainer shards the batch
         self.config = config
         self.model = models.build(config.model)
         self.pretrained_opts = pretrained_options(config.get("pretrained"))

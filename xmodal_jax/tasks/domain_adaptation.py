@@ -20,6 +20,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
@@ -36,8 +37,8 @@ WARMUPS = {
 
 
 class DomainAdaptation(Classification):
-    def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+        super().__init__(config, mesh)
         opts = dict(config.get("adaptation", {}) or {})
         method = opts.pop("method", None)
         if method is None:

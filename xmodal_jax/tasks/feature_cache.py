@@ -22,11 +22,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import numpy as np
 import tqdm
 
 from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.errors import UserError
 
 CACHE_ENV = "XMODAL_CACHE"
 FORMAT = 1  # bump when the file layout changes
@@ -207,3 +209,46 @@ def tower_outputs(
         return arrays
 
     return (cache or FeatureCache()).get_or_compute(description, compute)
+
+
+class _ArraySource:
+    """Random-access source over in-memory arrays (cached tower outputs and labels)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+        self.n = len(next(iter(self.arrays.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def train_iterator(
+    fields: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    where: str,
+    add: Callable[[grain.MapDataset], grain.MapDataset] | None = None,
+) -> grain.DatasetIterator:
+    """Training batches of cached features (`fields`: arrays with one row per example), shuffled
+    with `seed` and repeated; this process's share of each global batch. `add` maps the
+    shuffled examples first (e.g. drawing a caption per row)."""
+    if batch_size % process_count:
+        raise UserError(
+            f"batch_size={batch_size} is not divisible by the {process_count} processes."
+        )
+    n = len(next(iter(fields.values())))
+    if n < batch_size:
+        raise UserError(f"{where} has {n} examples, fewer than the batch.")
+    ds = grain.MapDataset.source(_ArraySource(fields)).shuffle(seed=seed).repeat()
+    if add is not None:
+        ds = add(ds)
+    local = batch_size // process_count
+    return iter(
+        ds.batch(local, drop_remainder=True)[process_index::process_count].to_iter_dataset()
+    )

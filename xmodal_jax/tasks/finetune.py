@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from xmodal_jax import config as config_lib
 from xmodal_jax.data import pipeline, preprocess
@@ -90,8 +91,8 @@ def _module_output(intermediates: Mapping[str, Any], path: str) -> jax.Array:
 class FineTune(Classification):
     """Classification from a pretrained start, plus `config.regularizer` (module doc)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+        super().__init__(config, mesh)
         self.reg_name, self.reg = regularizer_options(config.get("regularizer"))
         self.reg_spec = regularizers.get_regularizer(self.reg_name)
         data = _as_dict(config.data)

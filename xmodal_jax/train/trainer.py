@@ -330,7 +330,7 @@ class _Setup:
 
 
 def _build(config: ml_collections.ConfigDict, mesh) -> _Setup:
-    task = tasks.build(config)
+    task = tasks.build(config, mesh)
     tx, lr_fn = optim.build(config)
     evals = evaluators.build_all(config, task, mesh)
     train_iter = task.train_iterator(jax.process_index(), jax.process_count())
