@@ -1,5 +1,6 @@
-"""Markdown tables of `xmodal bench --json` results (BENCHMARKS.md) and of test-run timing
-records (`pytest --timing-record`, tests/conftest.py; the README's figure for `make test-slow`).
+"""Markdown tables of `xmodal bench --json` results (BENCHMARKS.md), of test-run timing
+records (`pytest --timing-record`, tests/conftest.py; the README's figure for `make test-slow`)
+and of the towers' parameter counts (`benchmarks/tower_params.py`; the README's table).
 
     .venv/bin/python benchmarks/tables.py benchmarks/results/*.json          # print them
     .venv/bin/python benchmarks/tables.py --write benchmarks/results/*.json  # NAME.md beside each
@@ -108,11 +109,27 @@ def test_run(r: dict) -> str:
     )
 
 
+def tower_params(r: dict) -> str:
+    """The parameter counts of `benchmarks/tower_params.py`'s record, one row per tower."""
+    v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
+    lines = [
+        f"*`{r['command']}` ({r['date']}; jax {v['jax']}, flax {v['flax']}, commit {commit})*",
+        "",
+        "| tower | parameters (no head) |",
+        "|---|---:|",
+    ]
+    lines += [f"| `{name}` | {n / 1e6:,.2f} M |" for name, n in sorted(r["params"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def tables(r: dict) -> str:
     """The run's line (command, machine, load, ceilings), its step table (workloads other than
-    the pipeline), pipeline figures and ablation tables; for a test-run record, its line."""
+    the pipeline), pipeline figures and ablation tables; for a test-run record, its line; for a
+    tower-parameter record, its table."""
     if r.get("kind") == "test_run":
         return test_run(r)
+    if r.get("kind") == "tower_params":
+        return tower_params(r)
     parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
@@ -138,8 +155,8 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
-        if r.get("kind") == "test_run":
-            print(test_run(r))
+        if r.get("kind") in ("test_run", "tower_params"):
+            print(tables(r))
             continue
         print(f"### {path}\n\n{header(r)}\n")
         if any(k != "pipeline" for k in r["workloads"]):
