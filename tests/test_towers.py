@@ -2,6 +2,9 @@
 scanned == unscanned, bf16 ~ f32, depthwise 'conv' == 'shift', logical axes, pooling maths
 against float64 numpy references."""
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,8 @@ from jax_testing import jit_apply
 
 from xmodal_jax.models import axes, layers, zoo
 from xmodal_jax.transfer import checkpoint_io, surgery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny versions of each family, so forward passes stay cheap.
 TINY_VIT = dict(width=32, depth=2, num_heads=4, mlp_dim=48, patch_size=8, image_size=32)
@@ -88,7 +93,7 @@ PUBLISHED = {
 
 
 def test_parameter_counts_of_every_name():
-    counts = {}
+    counts, bodies = {}, {}
     for name in zoo.names():
         count, overrides = PUBLISHED.get(name, (None, {}))
         if not name.startswith(("resnet", "mobilenet")):
@@ -100,7 +105,12 @@ def test_parameter_counts_of_every_name():
         counts[name] = layers.count_params(variables)
         if count is not None:
             assert counts[name] == count, name
+        # without what the published count adds to the default build (a head, BERT's pooler)
+        added = {k: v for k, v in variables["params"].items() if k in ("head", "pooler")}
+        bodies[name] = counts[name] - layers.count_params({"params": added})
     print(counts)
+    with open(os.path.join(ROOT, "benchmarks", "results", "tower_params.json")) as f:
+        assert json.load(f)["params"] == bodies  # the README's table (make tables renders it)
     assert counts["vit_ti16"] < counts["vit_s16"] < counts["vit_b16"] < counts["vit_l16"]
     assert counts["resnet18"] < counts["resnet34"] < counts["resnet50"]
 
