@@ -47,7 +47,14 @@ def test_a_workdir_of_an_earlier_version_resumes_where_it_stopped(tmp_path, tfds
         expected = json.load(f)
     got = [{k: v for k, v in r.items() if k not in trainer.WALL_CLOCK_KEYS} for r in rows[3:]]
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    # The summation order of XLA:CPU's kernels depends on the thread count and the XLA flags
+    # (a test worker has one core and fewer optimisations than the run that made the fixture):
+    # observed up to 3e-4 relative after six steps. A wrong restore or input position moves
+    # the loss by more than 4% (the batch-to-batch spread of steps 1-6).
     for g, e in zip(got, expected, strict=True):
-        for key, value in e.items():  # other CPUs may round differently in the last bits
-            np.testing.assert_allclose(g[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        for key in ("train/loss", "train/grad_norm", "train/lr", "eval/target/loss"):
+            if key in e:
+                np.testing.assert_allclose(g[key], e[key], rtol=1e-2, err_msg=key)
+        if "eval/target/accuracy" in e:  # 128 images: within two flipped predictions
+            assert abs(g["eval/target/accuracy"] - e["eval/target/accuracy"]) <= 2 / 128
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]

@@ -12,7 +12,8 @@ from xmodal_jax.objectives import adaptation
 from xmodal_jax.objectives.adaptation import coral as coral_lib
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import optim
+from xmodal_jax.train import step as step_lib
 
 
 def _config(method, **options):
@@ -41,11 +42,11 @@ def test_every_method_trains(method):
     tx, lr_fn = optim.build(config)
     mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
     batch = mesh_lib.global_batch(_batch(), mesh)
-    init_fn, _ = trainer.init_state(config, task, tx, mesh, batch)
+    init_fn, _ = step_lib.init_state(config, task, tx, mesh, batch)
     state = init_fn(batch)
     params = state.params
     assert ("discriminator" in params) == (task.discriminator is not None)
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, 10))
+    step = jax.jit(step_lib.make_train_step(task, tx, lr_fn, 10))
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["train/loss"]))
     assert any(k.startswith("train/adapt/") for k in metrics)

@@ -24,6 +24,7 @@ from xmodal_jax.models import zoo
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.tasks import finetune
 from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import step as step_lib
 from xmodal_jax.transfer import checkpoint_io
 from xmodal_jax.transfer import rules as rules_lib
 from xmodal_jax.tree_paths import flatten_with_paths
@@ -260,7 +261,7 @@ def test_start_is_the_pretrained_weights_and_stays_constant(tiny_ckpt, tfds_dir)
             np.testing.assert_array_equal(value, loaded[path], err_msg=path)
     assert set(task.start_params) == {p for p in loaded if not p.startswith("head/")}
 
-    state = trainer.TrainState(
+    state = step_lib.TrainState(
         jnp.int32(0),
         params,
         variables,
@@ -271,7 +272,7 @@ def test_start_is_the_pretrained_weights_and_stays_constant(tiny_ckpt, tfds_dir)
     # copy of the starting point.
     n_params = sum(x.size for x in jax.tree.leaves(params))
     assert 0 <= sum(x.size for x in jax.tree.leaves(state.opt_state)) - n_params < 100
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, c.total_steps))
+    step = jax.jit(step_lib.make_train_step(task, tx, lr_fn, c.total_steps))
     alpha, beta = c.regularizer.alpha, c.regularizer.beta
     for _ in range(3):
         before = {p: f64(v) for p, v in flatten_with_paths(state.params).items()}

@@ -22,6 +22,7 @@ from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import checkpoint, optim, trainer
+from xmodal_jax.train import step as step_lib
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +204,7 @@ def _state_on(mesh_shape):
     batch = mesh_lib.global_batch(
         {"image": rng.random((16, 28, 28, 1), np.float32), "label": np.zeros(16, np.int32)}, mesh
     )
-    init_fn, abstract = trainer.init_state(config, task, tx, mesh, batch)
+    init_fn, abstract = step_lib.init_state(config, task, tx, mesh, batch)
     return init_fn, abstract, batch
 
 
@@ -235,7 +236,7 @@ def test_restore_onto_another_mesh_and_skip_incomplete(tmp_path, capsys):
     other.model.bottleneck = 64
     task, (tx, _) = tasks.build(other), optim.build(other)
     mesh = mesh_lib.make_mesh({"data": 8})
-    _, abstract64 = trainer.init_state(other, task, tx, mesh, batch8)
+    _, abstract64 = step_lib.init_state(other, task, tx, mesh, batch8)
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
     with pytest.raises(
         UserError,

@@ -17,7 +17,8 @@ import pytest
 from xmodal_jax import models, tasks, tree_paths
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import optim
+from xmodal_jax.train import step as step_lib
 from xmodal_jax.transfer import rules
 
 
@@ -196,7 +197,7 @@ def _train_uncached(config, batches, accum):
         _VARIABLES[layout] = jax.device_get(nn.unbox(variables))
     variables = dict(_VARIABLES[layout])
     params = variables.pop("params")
-    first = trainer.TrainState(
+    first = step_lib.TrainState(
         jnp.int32(0),
         params,
         variables,
@@ -204,7 +205,7 @@ def _train_uncached(config, batches, accum):
         jax.random.key_data(jax.random.key(1)),
     )
     state = first
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps, accum))
+    step = jax.jit(step_lib.make_train_step(task, tx, lr_fn, config.total_steps, accum))
     losses = []
     for b in batches:
         state, m = step(state, b)

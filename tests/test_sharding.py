@@ -13,7 +13,8 @@ from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import optim
+from xmodal_jax.train import step as step_lib
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 
@@ -82,12 +83,12 @@ def _train(model_name, mesh_name):
         task = tasks.build(config)
         tx, lr_fn = optim.build(config)
         batches = [mesh_lib.global_batch(b, mesh) for b in _batches()]
-        init_fn, abstract = trainer.init_state(config, task, tx, mesh, batches[0])
+        init_fn, abstract = step_lib.init_state(config, task, tx, mesh, batches[0])
         if model_name not in _INITIAL:
             with jax.threefry_partitionable(False):  # same kind of values, compiles 4x faster
                 _INITIAL[model_name] = jax.device_get(init_fn(batches[0]))
         state = jax.device_put(_INITIAL[model_name], jax.tree.map(lambda x: x.sharding, abstract))
-        step = trainer.compile_train_step(config, task, tx, lr_fn, abstract, mesh, batches[0])
+        step = step_lib.compile_train_step(config, task, tx, lr_fn, abstract, mesh, batches[0])
         losses = []
         for b in batches:
             state, m = step(state, b)
@@ -183,4 +184,4 @@ def test_flops_are_summed_over_devices():
     a = jax.device_put(np.ones((256, 512), np.float32), mesh_lib.batch_sharding(mesh))
     b = np.ones((512, 128), np.float32)
     compiled = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
-    assert trainer._flops(compiled) == pytest.approx(2 * 256 * 512 * 128, rel=0.05)
+    assert step_lib.flops(compiled) == pytest.approx(2 * 256 * 512 * 128, rel=0.05)

@@ -9,7 +9,8 @@ import pytest
 from xmodal_jax import tasks
 from xmodal_jax.config import parse_arg
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import optim
+from xmodal_jax.train import step as step_lib
 
 pytestmark = pytest.mark.mesh  # needs the 8 devices of XMODAL_TEST_DEVICES=8
 
@@ -33,9 +34,9 @@ def _run(mesh, batches):
     variables = nn.unbox(jax.jit(task.init)(rng, mesh_lib.global_batch(batches[0], mesh)))
     params = variables.pop("params")
     key_data = jax.random.key_data(rng)
-    state = trainer.TrainState(jnp.int32(0), params, variables, jax.jit(tx.init)(params), key_data)
+    state = step_lib.TrainState(jnp.int32(0), params, variables, jax.jit(tx.init)(params), key_data)
     state = jax.device_put(state, mesh_lib.replicated(mesh))
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, config.total_steps))
+    step = jax.jit(step_lib.make_train_step(task, tx, lr_fn, config.total_steps))
     losses = []
     for b in batches:
         state, m = step(state, mesh_lib.global_batch(b, mesh))

@@ -78,17 +78,18 @@ def train_steps(c: ml_collections.ConfigDict, steps: int = 2):
 
     from xmodal_jax import tasks
     from xmodal_jax.parallel import mesh as mesh_lib
-    from xmodal_jax.train import optim, trainer
+    from xmodal_jax.train import optim
+    from xmodal_jax.train import step as step_lib
 
     mesh = mesh_lib.make_mesh(c.mesh)
     task = tasks.build(c)
     tx, lr_fn = optim.build(c)
     it = task.train_iterator(0, 1)
     batch = mesh_lib.global_batch(next(it), mesh)
-    init_fn, abstract = trainer.init_state(c, task, tx, mesh, batch)
+    init_fn, abstract = step_lib.init_state(c, task, tx, mesh, batch)
     state = init_fn(batch)
     before = jax.device_get((state.params, state.model_state))
-    step = trainer.compile_train_step(c, task, tx, lr_fn, abstract, mesh, batch)
+    step = step_lib.compile_train_step(c, task, tx, lr_fn, abstract, mesh, batch)
     for _ in range(steps):
         state, _ = step(state, mesh_lib.global_batch(next(it), mesh))
     return task, before, jax.device_get((state.params, state.model_state))

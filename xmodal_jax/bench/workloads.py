@@ -1,6 +1,6 @@
 """The benchmarked train steps, built from our zoo, objectives, optimiser rules and trainer.
 
-Each workload is the trainer's own step (`trainer.make_train_step`) over a task: a CLIP-style
+Each workload is the trainer's own step (`step_lib.make_train_step`) over a task: a CLIP-style
 two-tower contrastive step, a ResNet-50 classifier step, a MobileNetV2 + DANN step on source and
 target batches. `sizes(name, small)` fixes the architecture and batch; the PyTorch references
 (`torch_ref`) read the same sizes so both sides compute the same thing.
@@ -22,7 +22,8 @@ from xmodal_jax.models import zoo
 from xmodal_jax.objectives import contrastive
 from xmodal_jax.tasks.classification import Classification
 from xmodal_jax.tasks.domain_adaptation import DomainAdaptation
-from xmodal_jax.train import optim, trainer
+from xmodal_jax.train import optim
+from xmodal_jax.train import step as step_lib
 
 # Full sizes: ViT-B/16 + CLIP text (Radford et al. 2021, Table 20), ResNet-50 at 224 px,
 # MobileNetV2 at 96 px. Batches are the CPU defaults (`--batch` scales them for accelerators).
@@ -190,14 +191,14 @@ def build(
     batch = jax.device_put(batch)
     variables = dict(jax.jit(lambda b: nn.unbox(task.init(jax.random.key(0), b)))(batch))
     params = variables.pop("params")
-    state = trainer.TrainState(
+    state = step_lib.TrainState(
         step=jnp.int32(0),
         params=params,
         model_state=variables,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(1)),
     )
-    step = trainer.make_train_step(task, tx, lr_fn, total=1000)
+    step = step_lib.make_train_step(task, tx, lr_fn, total=1000)
     jitted = jax.jit(step, donate_argnums=0 if donate else ())
     compiled = measure.compile_jit(jitted, state, batch)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,9 +1,8 @@
-"""The trainer: one jitted step over a device mesh, Orbax checkpoints, evaluators, logs.
+"""The training loop: the jitted step of `step` over a device mesh, checkpoints, evaluators, logs.
 
 `train_and_evaluate(config, workdir)` resumes from the latest complete checkpoint in `workdir`
-if there is one. What is trained (model, input, loss) comes from the task
-(`xmodal_jax.tasks`); how each parameter is optimised from `xmodal_jax.transfer.rules`;
-where each array lives from `xmodal_jax.parallel.sharding`.
+if there is one. What is trained (model, input, loss) comes from the task (`xmodal_jax.tasks`);
+how each parameter is optimised from `transfer.rules`; where each array lives from `sharding`.
 
 Resuming is bit-exact on the same topology: the state holds the step and the base key of the
 step randomness, the data iterator's position is saved beside it, and every logged value after
@@ -33,8 +32,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,20 +45,12 @@ from xmodal_jax import config as config_lib
 from xmodal_jax import evaluators, provenance, tasks
 from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.parallel import sharding
+from xmodal_jax.train import best as best_lib
 from xmodal_jax.train import checkpoint, metrics, optim, plots, workdir_lock
+from xmodal_jax.train import step as step_lib
 from xmodal_jax.transfer import rules
 
 WALL_CLOCK_KEYS = ("train/steps_per_sec", "train/examples_per_sec", "train/flops_per_sec")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    model_state: Any  # non-trained collections, e.g. batch_stats
-    opt_state: Any
-    rng: jax.Array  # key data of the base key; step s uses fold_in(key, s)
 
 
 class _Preemption:
@@ -99,108 +88,6 @@ def _peek(iterator):
     batch = next(iterator)
     iterator.set_state(state)
     return batch
-
-
-def _check_batch(config, mesh) -> int:
-    """The micro-batch count; the batch must split evenly over it and the batch axes."""
-    accum = int(config.get("grad_accum_steps", 1) or 1)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if accum < 1 or config.batch_size % (accum * shards):
-        raise UserError(
-            f"batch_size={config.batch_size} must be a multiple of grad_accum_steps={accum} x "
-            f"the {shards} batch shards (mesh data x fsdp); change one of them."
-        )
-    return accum
-
-
-def init_state(config, task, tx, mesh, sample_batch) -> tuple[Any, Any]:
-    """`(init_fn, abstract_state)`: a jitted `batch -> TrainState` placed on `mesh`, and the
-    state's shapes with their shardings (the restore target)."""
-    key = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-
-    def boxed_init(batch):
-        variables = dict(task.init(init_rng, batch))
-        params = variables.pop("params")
-        opt_state = tx.init(params)  # on annotated params, so moments keep the annotations
-        return TrainState(jnp.int32(0), params, variables, opt_state, jax.random.key_data(step_rng))
-
-    boxed = jax.eval_shape(boxed_init, sample_batch)
-    shardings = sharding.from_config(config, boxed, mesh)
-    init_fn = jax.jit(lambda b: nn.unbox(boxed_init(b)), out_shardings=shardings)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
-    )
-    return init_fn, abstract
-
-
-def _loss_and_grads(task, params, model_state, batch, rng, progress, accum: int):
-    """`task.loss` and its gradient; with `accum` > 1, averaged over that many micro-batches
-    (rows i, i + accum, ... of each device's shard) run one after the other."""
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-    if accum == 1:
-        return grad_fn(params, model_state, batch, rng, progress)
-    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
-
-    def micro(carry, inputs):
-        model_state, total = carry
-        i, mb = inputs
-        (loss, (model_state, aux)), g = grad_fn(
-            params, model_state, mb, jax.random.fold_in(rng, i), progress
-        )
-        return (model_state, jax.tree.map(jnp.add, total, g)), (loss, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (model_state, grads), (losses, aux) = jax.lax.scan(
-        micro, (model_state, zeros), (jnp.arange(accum), jax.tree.map(split, batch))
-    )
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    return (losses.mean(), (model_state, jax.tree.map(jnp.mean, aux))), grads
-
-
-def make_train_step(task, tx: optax.GradientTransformation, lr_fn, total: int, accum: int = 1):
-    """`(state, batch) -> (state, metrics)`: one optimiser step on the task's loss."""
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        progress = state.step / total
-        (loss, (model_state, aux)), grads = _loss_and_grads(
-            task, state.params, state.model_state, batch, rng, progress, accum
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
-        )
-        logs = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
-        return new_state, {f"train/{k}": v for k, v in {**logs, **aux}.items()}
-
-    return train_step
-
-
-def compile_train_step(config, task, tx, lr_fn, abstract, mesh, sample_batch):
-    """The train step jitted with the state's shardings, donated state, batch sharded over
-    (`data`, `fsdp`), compiled ahead of time for `sample_batch`'s shapes."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    step = make_train_step(task, tx, lr_fn, config.total_steps, _check_batch(config, mesh))
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=0,
-    )
-    return jitted.lower(abstract, sample_batch).compile()
-
-
-def _flops(compiled) -> float | None:
-    """FLOPs of one step summed over devices, from XLA's cost analysis (None if unknown)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) * jax.device_count() if flops and flops > 0 else None
 
 
 def _any_process(flag: bool) -> bool:
@@ -296,7 +183,7 @@ def train_and_evaluate(
     workdir = metrics.workdir_path(workdir)
     config_lib.check_values(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    _check_batch(config, mesh)
+    step_lib.check_batch(config, mesh)
     _check_best_metric(config)
     lock = workdir_lock.WorkdirLock(workdir, "xmodal train")
     _on_main(lambda: metrics.check_train_workdir(workdir))
@@ -335,7 +222,7 @@ def _build(config: ml_collections.ConfigDict, mesh) -> _Setup:
     evals = evaluators.build_all(config, task, mesh)
     train_iter = task.train_iterator(jax.process_index(), jax.process_count())
     sample = mesh_lib.global_batch(_peek(train_iter), mesh)
-    init_fn, abstract = init_state(config, task, tx, mesh, sample)
+    init_fn, abstract = step_lib.init_state(config, task, tx, mesh, sample)
     return _Setup(mesh, task, tx, lr_fn, evals, train_iter, sample, init_fn, abstract)
 
 
@@ -368,16 +255,16 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
             print(f"Resuming from the checkpoint of step {start} in {workdir}/checkpoints.")
     best = None
     if config.get("best_metric"):
-        best = checkpoint.BestCheckpointer(
+        best = best_lib.BestCheckpointer(
             workdir, config.best_metric, config.get("best_mode", "max")
         )
     writer = metrics.MetricWriter(workdir, active=is_main, resume_step=start)
 
     # ---------------------------------------------------------------- compile
-    train_step = compile_train_step(
+    train_step = step_lib.compile_train_step(
         config, setup.task, setup.tx, setup.lr_fn, abstract, mesh, setup.sample
     )
-    flops = _flops(train_step)
+    flops = step_lib.flops(train_step)
     if is_main:
         trained, count = rules.trainable_count(rules.from_config(config)[0], abstract.params)
         print(f"Training {trained:,} of {count:,} parameters on mesh {dict(mesh.shape)}.")
