@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax_testing import jit_apply
 
-from xmodal_jax.models import axes, layers, zoo
+from xmodal_jax.models import axes, layers, transformer, zoo
 from xmodal_jax.transfer import checkpoint_io, surgery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,7 +302,7 @@ def _np_layer_norm(x, p, eps=1e-6):
 def test_map_head_matches_numpy():
     rng = np.random.RandomState(0)
     x = rng.randn(2, 5, 8).astype(np.float32)
-    head = layers.MAPHead(num_heads=2, mlp_dim=12)
+    head = transformer.MAPHead(num_heads=2, mlp_dim=12)
     v = _init(head, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
     x64 = x.astype(np.float64)

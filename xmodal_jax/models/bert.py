@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import axes, layers
+from xmodal_jax.models import axes, layers, transformer
 
 
 class Bert(nn.Module):
@@ -84,8 +84,8 @@ class Bert(nn.Module):
             **kw,
         )
         mask = valid[:, None, None, :]
-        x = layers.LayerStack(
-            layers.TransformerBlock,
+        x = transformer.LayerStack(
+            transformer.TransformerBlock,
             block_kwargs,
             self.depth,
             self.scan_layers,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import axes, layers
+from xmodal_jax.models import axes, layers, transformer
 
 
 class CLIPText(nn.Module):
@@ -80,8 +80,8 @@ class CLIPText(nn.Module):
             deterministic=not train,
             **kw,
         )
-        x = layers.LayerStack(
-            layers.TransformerBlock,
+        x = transformer.LayerStack(
+            transformer.TransformerBlock,
             block_kwargs,
             self.depth,
             self.scan_layers,

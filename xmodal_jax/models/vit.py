@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xmodal_jax.models import axes, layers
+from xmodal_jax.models import axes, layers, transformer
 
 # width, depth, mlp_dim, heads: Table 1 of Dosovitskiy et al. (B, L) and Touvron et al. 2021
 # (Ti, S), as in big_vision `big_vision/models/vit.py` `decode_variant`.
@@ -93,7 +93,7 @@ class ViT(nn.Module):
             self.param_dtype,
         )
         if (h, w) != (grid, grid):
-            posemb = layers.resize_posemb(posemb, (h, w), prefix)
+            posemb = transformer.resize_posemb(posemb, (h, w), prefix)
         x = x + posemb.astype(self.dtype)
 
         if self.pre_norm:
@@ -110,8 +110,8 @@ class ViT(nn.Module):
             deterministic=not train,
             **kw,
         )
-        x = layers.LayerStack(
-            layers.TransformerBlock,
+        x = transformer.LayerStack(
+            transformer.TransformerBlock,
             block_kwargs,
             self.depth,
             self.scan_layers,
@@ -125,7 +125,7 @@ class ViT(nn.Module):
         elif self.pool == "gap":
             pooled = jnp.mean(x, axis=1)
         else:
-            pooled = layers.MAPHead(
+            pooled = transformer.MAPHead(
                 self.num_heads, mlp_dim, self.act, self.norm_eps, name="map_head", **kw
             )(x)
         if self.proj_dim:

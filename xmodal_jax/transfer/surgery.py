@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import layers
+from xmodal_jax.models import transformer
 from xmodal_jax.transfer import checkpoint_io
 
 POSEMB = r"(^|/)pos_embedding$"
@@ -94,7 +94,7 @@ def _resize_posemb(src: np.ndarray, tgt_shape: tuple[int, ...]) -> np.ndarray | 
     if ps is None or ps != pt:
         return None
     side = math.isqrt(tgt_shape[1] - pt)
-    return np.asarray(layers.resize_posemb(jnp.asarray(src), (side, side), pt))
+    return np.asarray(transformer.resize_posemb(jnp.asarray(src), (side, side), pt))
 
 
 def merge(
