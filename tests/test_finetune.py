@@ -25,7 +25,7 @@ from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.tasks import finetune
 from xmodal_jax.train import optim, trainer
 from xmodal_jax.train import step as step_lib
-from xmodal_jax.transfer import checkpoint_io
+from xmodal_jax.transfer import checkpoint_io, rule_plans
 from xmodal_jax.transfer import rules as rules_lib
 from xmodal_jax.tree_paths import flatten_with_paths
 
@@ -332,7 +332,7 @@ def test_bad_regularizer_config_is_one_clear_error(tiny_ckpt, tfds_dir):
 def _mobilenet_leaves():
     model = zoo.build("mobilenet_v2", num_classes=10)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    return [(p, x.shape) for p, x in rules_lib.named_leaves(abstract["params"])]
+    return [(p, x.shape) for p, x in rule_plans.named_leaves(abstract["params"])]
 
 
 def test_config_rules_on_mobilenet_v2(tfds_dir):
@@ -343,7 +343,7 @@ def test_config_rules_on_mobilenet_v2(tfds_dir):
         assert c.pretrained.name == "mobilenet-v2-imagenet" and c.data.per_class == 80
         assert c.evals.test.split == "test" and c.seed == 0
         r, _ = rules_lib.from_config(c)
-        plans[name] = dict(zip([p for p, _ in named], rules_lib.plan(r, named), strict=True))
+        plans[name] = dict(zip([p for p, _ in named], rule_plans.plan(r, named), strict=True))
     head, stem, top = "head/kernel", "stem_conv/kernel", "last_conv/kernel"
     lr = lambda name, p: float(plans[name][p].lr.max())
     assert lr("none", head) == 1.0 and lr("none", stem) == pytest.approx(0.1)

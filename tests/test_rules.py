@@ -19,7 +19,7 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import optim
 from xmodal_jax.train import step as step_lib
-from xmodal_jax.transfer import rules
+from xmodal_jax.transfer import rule_plans, rules
 
 
 def _config(**kw):
@@ -256,17 +256,17 @@ def test_presets_linear_probe_and_lit():
         {"img/enc/kernel": (3, 3), "txt/enc/kernel": (3, 3), "img_proj/kernel": (3, 2)}, 0
     )
     r, _ = rules.from_config(_config(transfer="lit"))
-    plans = rules.plan(r, [(p, x.shape) for p, x in rules.named_leaves(two_tower)])
+    plans = rule_plans.plan(r, [(p, x.shape) for p, x in rule_plans.named_leaves(two_tower)])
     frozen = [
-        p for (p, _), pl in zip(rules.named_leaves(two_tower), plans, strict=True) if pl.frozen
+        p for (p, _), pl in zip(rule_plans.named_leaves(two_tower), plans, strict=True) if pl.frozen
     ]
     assert frozen == ["img/enc/kernel"]  # `img_proj` is not inside the tower `img/`
     r, _ = rules.from_config(_config(transfer="locked_text", text_tower="txt"))
-    plans = rules.plan(r, [(p, x.shape) for p, x in rules.named_leaves(two_tower)])
+    plans = rule_plans.plan(r, [(p, x.shape) for p, x in rule_plans.named_leaves(two_tower)])
     assert [pl.frozen for pl in plans] == [False, False, True]
     r, _ = rules.from_config(_config(transfer="lit", image_tower="vision"))
     with pytest.raises(UserError, match=r"\['vision/\.\*'\] match no parameter"):
-        rules.plan(r, [(p, x.shape) for p, x in rules.named_leaves(two_tower)])
+        rule_plans.plan(r, [(p, x.shape) for p, x in rule_plans.named_leaves(two_tower)])
     with pytest.raises(UserError, match="unknown"):
         rules.from_config(_config(transfer="lit_probe"))
 
@@ -351,7 +351,7 @@ def test_layer_ids_resnet_and_two_towers():
         "stage4_block2_norm2/scale",
         "head/kernel",
     ]
-    ids, depth = rules.layer_ids(paths)
+    ids, depth = rule_plans.layer_ids(paths)
     assert ids == [("", 0), ("", 1), ("", 4), ("", 5)] and depth == {"": 4}
     paths = [
         "img/embedding/kernel",
@@ -362,7 +362,7 @@ def test_layer_ids_resnet_and_two_towers():
         "txt/norm/scale",
         "fusion/kernel",
     ]
-    ids, depth = rules.layer_ids(paths)
+    ids, depth = rule_plans.layer_ids(paths)
     assert depth == {"img/": 2, "txt/": 6}
     assert ids == [
         ("img/", 0),
@@ -374,7 +374,7 @@ def test_layer_ids_resnet_and_two_towers():
         None,
     ]
     with pytest.raises(UserError, match="no parameter is in a recognised layer"):
-        rules.llrd_scales(["Conv_0/kernel", "head/kernel"], 0.7)
+        rule_plans.llrd_scales(["Conv_0/kernel", "head/kernel"], 0.7)
 
 
 # ------------------------------------------------------------------ gradual unfreezing

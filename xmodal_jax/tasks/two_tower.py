@@ -83,6 +83,7 @@ from xmodal_jax.tasks.two_tower_towers import (
     build_tower,
     tower_apply,
 )
+from xmodal_jax.transfer import rule_plans
 from xmodal_jax.transfer import rules as rules_lib
 
 
@@ -498,7 +499,7 @@ class TwoTower:
         return out
 
     @functools.cached_property
-    def _rules(self) -> rules_lib.Rules:
+    def _rules(self) -> rule_plans.Rules:
         return rules_lib.from_config(self.config)[0]
 
     def _frozen_by_rules(self, params, name: str) -> bool:
@@ -507,8 +508,8 @@ class TwoTower:
         as a locked one does: BatchNorm statistics stay as loaded and dropout is off."""
         if name not in params:
             return False
-        plans = rules_lib.leaf_plans(self._rules, params)
-        paths = [p for p, _ in rules_lib.named_leaves(params)]
+        plans = rule_plans.leaf_plans(self._rules, params)
+        paths = [p for p, _ in rule_plans.named_leaves(params)]
         own = [
             plan.frozen for p, plan in zip(paths, plans, strict=True) if p.startswith(name + "/")
         ]
