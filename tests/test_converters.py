@@ -360,6 +360,15 @@ def test_hf_vit_classifier_matches_transformers(tmp_path):
     _close(out["logits"], logits)
 
 
+def test_hf_vit_without_config_json_asks_for_its_heads(tmp_path):
+    """Width 32 with 4 heads: 8-wide heads, which no width-based rule would give."""
+    model = _randomize(transformers.ViTModel(_vit_config(), add_pooling_layer=False))
+    model.save_pretrained(tmp_path / "hf_vit")
+    os.remove(tmp_path / "hf_vit" / "config.json")
+    with pytest.raises(torch_layout.ConversionError, match="heads of this ViT.*'vit_b16'"):
+        convert.load_foreign(str(tmp_path / "hf_vit"))
+
+
 def _vit_reference(tmp_path, **cfg):
     """HF ViT outputs and its weights under the hub's names (as `save_pretrained` writes)."""
     model = _randomize(transformers.ViTModel(_vit_config(**cfg), add_pooling_layer=False))
@@ -371,8 +380,9 @@ def _vit_reference(tmp_path, **cfg):
 
 
 def test_timm_vit_layout_matches_transformers(tmp_path):
-    # Width 128 / 2 heads: timm files carry no head count, ViTs use 64-wide heads.
-    sd, images, tokens = _vit_reference(tmp_path, hidden_size=128, num_attention_heads=2,
+    # timm's "tiny" size (width 192, 3 heads, not 64-wide ones); the head count is not in the
+    # tensors, so it comes from the model name in timm's config.json (or arch=...).
+    sd, images, tokens = _vit_reference(tmp_path, hidden_size=192, num_attention_heads=3,
                                         intermediate_size=96, layer_norm_eps=1e-6)  # fmt: skip
     timm = {
         "cls_token": sd["embeddings.cls_token"],
@@ -394,14 +404,24 @@ def test_timm_vit_layout_matches_transformers(tmp_path):
             timm[f"{t}.norm2.{leaf}"] = sd[f"{h}.layernorm_after.{leaf}"]
             timm[f"{t}.mlp.fc1.{leaf}"] = sd[f"{h}.intermediate.dense.{leaf}"]
             timm[f"{t}.mlp.fc2.{leaf}"] = sd[f"{h}.output.dense.{leaf}"]
-    path = tmp_path / "timm_vit.pth"
+    folder = tmp_path / "timm_vit"
+    folder.mkdir()
+    path = folder / "pytorch_model.bin"
     torch.save(
         {k: torch.from_numpy(v) for k, v in timm.items()},
         path,
         _use_new_zipfile_serialization=False,
     )
-    variables, meta = convert.load_foreign(str(path))
-    assert meta["source_format"] == "timm_vit"
+    # Without a name, never a guess (width // 64 would give 3 here by luck, 20 for ViT-H/14).
+    refused = torch_layout.ConversionError
+    with pytest.raises(refused, match=r"heads of this timm ViT \(width 192\).*--arch"):
+        convert.load_foreign(str(path))
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224"}))
+    with pytest.raises(refused, match=r"names 'vit_base_patch16_224' \(width 768\)"):
+        convert.load_foreign(str(folder))
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224.x"}))
+    variables, meta = convert.load_foreign(str(folder))
+    assert meta["source_format"] == "timm_vit" and meta["overrides"]["num_heads"] == 3
     _close(_forward(meta, variables, images)["features"], tokens)
 
 

@@ -196,7 +196,7 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
         sd = tl.StateDict(tensors, name, from_hf.resnet_prefix(set(tensors)) or "")
         conv = from_hf.convert_resnet(sd, config)
     elif fmt == "timm_vit":
-        conv = from_timm.convert_vit(tl.StateDict(tensors, name), hint)
+        conv = from_timm.convert_vit(tl.StateDict(tensors, name), hint, config)
     elif fmt == "big_vision_vit":
         conv = from_big_vision.convert_vit(tensors, name)
     elif fmt == "torchvision_resnet":

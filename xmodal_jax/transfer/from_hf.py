@@ -30,14 +30,16 @@ def _act(name: str) -> str:
     return _ACTS[name]
 
 
-def _heads(config: Config | None, hint: Config | None, key: str, what: str) -> int:
+def _heads(config: Config | None, hint: Config | None, key: str, what: str, example: str) -> int:
+    """The number of attention heads, from config.json or the named architecture; the tensors do
+    not say it, and a width-based guess would convert without error into a different model."""
     if config and key in config:
         return int(config[key])
     if hint and "num_heads" in hint:
         return int(hint["num_heads"])
     raise tl.ConversionError(
         f"The number of attention heads of this {what} checkpoint is not in its tensors: put its "
-        "config.json beside the weights file, or pass arch=<zoo name> (e.g. 'minilm_l6')."
+        f"config.json beside the weights file, or pass arch=<zoo name> (e.g. {example!r})."
     )
 
 
@@ -69,7 +71,7 @@ def bert_prefix(keys: set[str]) -> str | None:
 def convert_bert(
     sd: tl.StateDict, config: Config | None, hint: Config | None, pool: str | None
 ) -> Converted:
-    heads = _heads(config, hint, "num_attention_heads", "BERT")
+    heads = _heads(config, hint, "num_attention_heads", "BERT", "minilm_l6")
     word = sd("embeddings.word_embeddings.weight")
     pos = sd("embeddings.position_embeddings.weight")
     types = sd("embeddings.token_type_embeddings.weight")
@@ -245,7 +247,7 @@ def convert_vit(sd: tl.StateDict, config: Config | None, hint: Config | None) ->
     config = config or {}
     patch = sd("embeddings.patch_embeddings.projection.weight")
     width, _, p_size, _ = patch.shape
-    heads = int(config.get("num_attention_heads", (hint or {}).get("num_heads", width // 64)))
+    heads = _heads(config, hint, "num_attention_heads", "ViT", "vit_b16")
     p = {"params/embedding/kernel": patch.transpose(2, 3, 1, 0)}
     p["params/embedding/bias"] = sd("embeddings.patch_embeddings.projection.bias")
     p["params/cls"] = sd("embeddings.cls_token")

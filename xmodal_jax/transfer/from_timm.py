@@ -25,11 +25,50 @@ _UNSUPPORTED = (
 )
 
 
+# timm's ViT sizes (`vit_<size>_patch...` in timm/models/vision_transformer.py): (width, heads).
+# The head count is not in the tensors; a size whose width differs from the file's is refused.
+SIZES = {
+    "tiny": (192, 3),
+    "small": (384, 6),
+    "medium": (512, 8),
+    "base": (768, 12),
+    "large": (1024, 16),
+    "huge": (1280, 16),
+    "giant": (1408, 16),
+}
+
+
+def num_heads(width: int, hint: dict[str, Any] | None, config: dict[str, Any] | None) -> int:
+    """The number of attention heads: from `hint` (a zoo architecture), else from the timm model
+    name in a `config.json` beside the weights (`architecture`, as timm's hub folders hold it);
+    never guessed from the width."""
+    if hint and "num_heads" in hint:
+        return int(hint["num_heads"])
+    name = str((config or {}).get("architecture", ""))
+    size = name.split("_")[1] if name.startswith("vit_") and name.count("_") >= 2 else None
+    if size in SIZES:
+        size_width, heads = SIZES[size]
+        if size_width != width:
+            raise tl.ConversionError(
+                f"config.json names {name!r} (width {size_width}) but the weights are "
+                f"{width} wide; pass arch=<zoo name> with the right number of heads."
+            )
+        return heads
+    found = f" (config.json names {name!r}, not a timm ViT size)" if name else ""
+    raise tl.ConversionError(
+        f"The number of attention heads of this timm ViT (width {width}) is not in its tensors"
+        f"{found}: pass arch=<zoo name> (`xmodal convert SRC DST --arch vit_b16`), or put timm's "
+        "config.json (with `architecture`) beside the weights."
+    )
+
+
 def is_timm_vit(keys: set[str]) -> bool:
     return "patch_embed.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys
 
 
-def convert_vit(sd: tl.StateDict, hint: dict[str, Any] | None) -> Converted:
+def convert_vit(
+    sd: tl.StateDict, hint: dict[str, Any] | None, config: dict[str, Any] | None = None
+) -> Converted:
     found = [k for k in _UNSUPPORTED if sd.has(k)]
     if found or not sd.has("cls_token"):
         raise tl.ConversionError(
@@ -38,7 +77,7 @@ def convert_vit(sd: tl.StateDict, hint: dict[str, Any] | None) -> Converted:
         )
     patch = sd("patch_embed.proj.weight")
     width, _, p_size, _ = patch.shape
-    heads = int((hint or {}).get("num_heads", width // 64))  # ViT Ti/S/B/L use 64-wide heads
+    heads = num_heads(width, hint, config)
     p = {"params/embedding/kernel": patch.transpose(2, 3, 1, 0)}
     p["params/embedding/bias"] = sd("patch_embed.proj.bias")
     p["params/cls"] = sd("cls_token")
