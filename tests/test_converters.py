@@ -278,6 +278,48 @@ def test_hf_clip_matches_transformers(tmp_path, eos_token_id):
     _close(pair.text.encode_ids(ids), ref.text_embeds)
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_hf_clip_towers_alone_match_transformers(tmp_path, projection):
+    """`CLIPTextModel` / `CLIPVisionModel` folders (and their `...WithProjection` forms), each
+    converted alone: `pooled` is HF's pooled output, or its projected embedding."""
+    text = transformers.CLIPTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, projection_dim=20, eos_token_id=50,
+        bos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=20,
+    )  # fmt: skip
+    suffix = "WithProjection" if projection else ""
+    text_model = _randomize(getattr(transformers, f"CLIPTextModel{suffix}")(text))
+    vision_model = _randomize(getattr(transformers, f"CLIPVisionModel{suffix}")(vision))
+    text_model.save_pretrained(tmp_path / "text")
+    vision_model.save_pretrained(tmp_path / "vision")
+    ids = RNG.randint(3, 99, size=(3, 10)).astype(np.int64)
+    ids[ids == 50] = 51
+    ids[:, -1] = 50  # the end-of-text token
+    images = _images(2)
+    with torch.no_grad():
+        t_ref = text_model(input_ids=torch.from_numpy(ids))
+        v_ref = vision_model(pixel_values=_nchw(images))
+    t_ref = t_ref.text_embeds if projection else t_ref.pooler_output
+    v_ref = v_ref.image_embeds if projection else v_ref.pooler_output
+
+    variables, meta = convert.load_foreign(str(tmp_path / "text"))
+    assert meta["source_format"] == "hf_clip_text"
+    assert meta["overrides"]["proj_dim"] == (20 if projection else 0)
+    _close(_forward(meta, variables, ids.astype(np.int32))["pooled"], t_ref)
+    variables, meta = convert.load_foreign(str(tmp_path / "vision"))
+    assert meta["source_format"] == "hf_clip_vision"
+    assert meta["preprocess"]["mean"][0] == pytest.approx(0.48145466)  # CLIP's, not ImageNet's
+    _close(_forward(meta, variables, images)["pooled"], v_ref)
+
+    os.remove(tmp_path / "text" / "config.json")
+    with pytest.raises(torch_layout.ConversionError, match="CLIP text tower needs its config"):
+        convert.load_foreign(str(tmp_path / "text"))
+
+
 def _bytes_to_unicode():
     """GPT-2 / CLIP byte -> printable character table, written from its definition."""
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]

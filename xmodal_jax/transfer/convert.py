@@ -40,6 +40,8 @@ FORMATS = (
     "torchvision_mobilenet_v2",
     "hf_bert",
     "hf_clip",
+    "hf_clip_text",
+    "hf_clip_vision",
     "hf_vit",
     "hf_resnet",
     "timm_vit",
@@ -52,6 +54,8 @@ def detect_format(tensors: dict[str, np.ndarray]) -> str:
     keys = set(tensors)
     if from_hf.is_clip(keys):
         return "hf_clip"
+    if (tower := from_hf.is_clip_tower(keys)) is not None:
+        return "hf_clip_text" if tower == "text" else "hf_clip_vision"
     if from_hf.bert_prefix(keys) is not None:
         return "hf_bert"
     if from_hf.vit_prefix(keys) is not None:
@@ -187,6 +191,12 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
         sd = tl.StateDict(tensors, name, from_hf.bert_prefix(set(tensors)) or "")
         conv = from_hf.convert_bert(sd, config, hint, pool)
         conv.meta.update(extra)
+    elif fmt in ("hf_clip_text", "hf_clip_vision"):
+        kind = "text" if fmt == "hf_clip_text" else "image"
+        tensors = from_hf.clip_tower_names(tensors, kind)
+        conv = from_hf.convert_clip_tower(tl.StateDict(tensors, name), config, kind)
+        if kind == "text":
+            conv.meta.update(_clip_tokenizer(src))
     elif fmt == "hf_vit":
         tensors = from_hf.vit_hub_names(tensors)
         sd = tl.StateDict(tensors, name, from_hf.vit_prefix(set(tensors)) or "")
