@@ -7,7 +7,29 @@ from __future__ import annotations
 import importlib
 import os
 
-from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
+
+
+class _WholeObject(LocalFileOpener):
+    """A write that appears whole or not at all, as a GCS object does: into a temporary file,
+    renamed over the object when closed (a plain local write lets a reader see it half
+    written, e.g. an empty lease file while the heartbeat rewrites it)."""
+
+    def __init__(self, path, mode, **kwargs):
+        kwargs.pop("autocommit", None)
+        super().__init__(path, mode, autocommit=False, **kwargs)
+
+    def close(self):
+        if not self.closed:
+            self.commit()
+        super().close()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:
+            self.close()
+        else:  # an upload that failed leaves no object
+            self.f.close()
+            os.remove(self.temp)
 
 
 class FakeGCS(LocalFileSystem):
@@ -27,6 +49,13 @@ class FakeGCS(LocalFileSystem):
     def _unstrip(self, path: str) -> str:
         """A local name under `root` as gcsfs names objects: `bucket/key`, no protocol."""
         return os.path.relpath(path, self.root) if path.startswith(self.root + "/") else path
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "w" not in mode:
+            return super()._open(path, mode, block_size=block_size, **kwargs)
+        path = self._strip_protocol(path)
+        self.makedirs(self._parent(path), exist_ok=True)
+        return _WholeObject(path, mode, fs=self, **kwargs)
 
     def glob(self, path, **kwargs):
         return [self._unstrip(p) for p in super().glob(path, **kwargs)]
