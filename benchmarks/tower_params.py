@@ -27,8 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def body_count(variables) -> int:
     """Parameters outside the classification head (`params/head`), if the tower has one."""
     params = dict(variables.get("params", variables))
-    head = params.pop("head", None)
-    del head
+    params.pop("head", None)
     return layers.count_params({"params": params})
 
 

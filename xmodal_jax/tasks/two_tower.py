@@ -222,7 +222,7 @@ class TwoTower:
         self.image_cached = (
             self.image_tower.locked and self.image_opts["cache"] and not self.image_random
         )
-        self.text_cached = self.text_tower.locked and self.texts.cacheable_text()
+        self.text_cached = self.text_tower.locked and self.texts.cacheable_text
         self._cache = feature_cache.FeatureCache(config.get("cache_dir"))
         trainable = [t for t in (self.image_tower, self.text_tower) if not t.locked]
         if trainable and self.num_heads > 1:

@@ -41,16 +41,13 @@ class ClassNameTexts:
 
     mode = "class_names"
     text_axis = 0  # the heads' text input is per head: [H, C, Dt]
+    cacheable_text = True  # a locked text tower's outputs are cached: the prompts never change
 
     def __init__(self, data: dict[str, Any], heads_cfg: dict[str, Any]):
         self.class_names = list(
             data.get("class_names") or pipeline.class_names(data["name"], data.get("data_dir"))
         )
         self.heads = make_heads(self.class_names, heads_cfg)
-
-    def cacheable_text(self) -> bool:
-        """A locked text tower's outputs are cached: the class prompts never change."""
-        return True
 
     def class_mask(self) -> np.ndarray:
         """`[H, C]`: the classes each head trains on."""
@@ -108,15 +105,13 @@ class CaptionTexts:
 
     mode = "captions"
     text_axis = None  # the heads' text input is shared: [B, Dt]
-    class_names: list[str] = []
+    cacheable_text = False  # a new caption every step
 
     def __init__(self, data: dict[str, Any], heads_cfg: dict[str, Any]):
         if heads_cfg["unseen"]:
             raise UserError("config.heads needs data.text='class_names' (class splits).")
+        self.class_names: list[str] = []
         self.heads = [Head("all", 0, "main", (), (), ())]
-
-    def cacheable_text(self) -> bool:
-        return False
 
     def class_mask(self) -> None:
         return None
