@@ -12,6 +12,7 @@ from twotower_testing import losses, read_metrics, tiny_config, train_steps
 from xmodal_jax import tasks
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import class_contrastive as cc
+from xmodal_jax.tasks import two_tower_losses, two_tower_predict
 from xmodal_jax.tasks.two_tower_heads import make_heads
 from xmodal_jax.train import trainer
 
@@ -198,7 +199,7 @@ def test_itm_loss_sees_only_the_heads_own_classes(tfds_dir):
     task = tasks.build(c)
     batch = next(task.train_iterator(0, 1))
     variables = nn.unbox(task.init(jax.random.key(0), batch))
-    head_vars = task._head_vars(variables["params"], variables)
+    head_vars = two_tower_predict.head_variables(variables["params"], variables)
     r = np.random.default_rng(0)
     labels = jnp.asarray(np.arange(12) % 10)  # cat (2) and dog (4) are unseen by head 0
     feats = r.normal(size=(12, task.image_width)).astype(np.float32)
@@ -208,7 +209,8 @@ def test_itm_loss_sees_only_the_heads_own_classes(tfds_dir):
 
     @jax.jit
     def itm_loss(f):
-        return task._itm_loss(head_vars, f, texts, sim, labels, mask, jax.random.key(1))[0][0]
+        args = (head_vars, f, texts, sim, labels, mask, jax.random.key(1))
+        return two_tower_losses.itm_loss(task.head_module, task.fusion_opts, *args)[0][0]
 
     def loss(f):
         return float(itm_loss(jnp.asarray(f)))

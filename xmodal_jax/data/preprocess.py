@@ -186,6 +186,25 @@ def tokenize(
 
 
 @register
+def random_caption(key: str = "captions/text", out_key: str = "text") -> Op:
+    """One caption, uniformly at random, of the (nested, `/`-separated) field `key`; the
+    top-level field is dropped so that the examples batch (COCO: `captions/text`)."""
+    top, *rest = key.split("/")
+
+    def op(ex: Example, rng: np.random.Generator) -> Example:
+        if top not in ex:
+            raise UserError(f"random_caption: no field {top!r}; the example has {sorted(ex)}.")
+        value = ex.pop(top)
+        for part in rest:
+            value = value[part]
+        captions = np.atleast_1d(value)
+        ex[out_key] = captions[rng.integers(len(captions))]
+        return ex
+
+    return op
+
+
+@register
 def keep(*keys: str) -> Op:
     """Drops every key except `keys`."""
 

@@ -2,8 +2,9 @@
 
 A head is one experiment of a run: a projection of image (and text) features into the shared
 space, its own temperature, and the class subset it trains on. `make_heads` turns
-`config.heads` into the list of heads; `vmapped_heads` stacks their parameters on a leading
-axis so one jitted step trains them all.
+`config.heads` into the list of heads; `head_options` reads the projections and the logit
+parameters from `config.model`; `vmapped_heads` stacks the heads' parameters on a leading axis so
+one jitted step trains them all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmodal_jax import config as config_lib
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import axes, fusion
 from xmodal_jax.models.fusion import itm_head
@@ -93,6 +95,68 @@ def make_heads(class_names: Sequence[str], cfg: Mapping[str, Any]) -> list[Head]
                 Head(f"split_{k}/calibration", k, "calibration", kept, unseen, names, pseudo)
             )
     return mains + controls + calibs
+
+
+PROJ_DEFAULTS = {"kind": "linear", "hidden": 0, "norm": "none", "init_scale": 1.0}
+
+
+def head_options(
+    model: Mapping[str, Any],
+    *,
+    text_width: int,
+    image_cached: bool,
+    loss: Mapping[str, Any],
+    fusion_head: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """`HeadModule` keyword arguments from `config.model`: the projections into `embed_dim`
+    (0: the text tower's width, images projected into the text space), the loss's logit
+    parameters (`loss`: `config.model.loss` with its defaults filled in) and the fused ITM head,
+    if any (`fusion_head`: its name and module options, checked here)."""
+    image_proj = config_lib.options(
+        model.get("image_proj"), PROJ_DEFAULTS, "config.model.image_proj"
+    )
+    text_proj = config_lib.options(
+        model.get("text_proj"), {**PROJ_DEFAULTS, "kind": "none"}, "config.model.text_proj"
+    )
+    embed_dim = int(model.get("embed_dim") or 0)
+    if not embed_dim:
+        if text_proj["kind"] != "none":
+            raise UserError(
+                "config.model.embed_dim=0 projects images into the text tower's space; "
+                "set text_proj.kind='none' or give embed_dim."
+            )
+        embed_dim = text_width
+    elif text_proj["kind"] == "none" and embed_dim != text_width:
+        raise UserError(
+            f"config.model.embed_dim={embed_dim} but text_proj.kind='none' keeps the text "
+            f"tower's width {text_width}; set embed_dim to {text_width} or 0, or project."
+        )
+    if text_proj["norm"] != "none":
+        raise UserError("config.model.text_proj.norm: only the image projection standardises.")
+    if image_proj["norm"] == "standardize" and not image_cached:
+        raise UserError(
+            "config.model.image_proj.norm='standardize' takes its statistics from the cached "
+            "image features; lock the image tower with a deterministic data.pp, or use 'none'."
+        )
+    fusion_kw = None
+    if fusion_head:
+        opts = dict(fusion_head)
+        head_name = opts.pop("name")
+        try:
+            fusion_kw = {"out_dim": 256, **opts}
+            fusion.build(head_name, **fusion_kw)  # checks the name and the keys
+        except ValueError as e:
+            raise UserError(f"config.model.fusion: {e}") from None
+        fusion_kw["name"] = head_name
+    return dict(
+        out_dim=embed_dim,
+        image_proj=image_proj,
+        text_proj=text_proj,
+        loss=loss["name"],
+        log_scale_init=float(loss["log_scale_init"]),
+        bias_init=float(loss["bias_init"]),
+        fusion=fusion_kw,
+    )
 
 
 class Projection(nn.Module):
@@ -180,6 +244,28 @@ class HeadModule(nn.Module):
     def match(self, image_feats: jax.Array, text_feats: jax.Array) -> jax.Array:
         """ITM logits [B] of image-text pairs (row i with row i)."""
         return self.itm_head(image_feats, text_feats)["score"]
+
+
+def standardize_stats(
+    template: Any, feats: np.ndarray, labels: np.ndarray | None, heads: Sequence[Head]
+) -> Any:
+    """The `stats` collection of `vmapped_heads` (shaped like `template`): per head, the mean and
+    std of the training features (`feats` [N, D]) of the head's own classes."""
+    feats = feats.astype(np.float64)
+    means, stds = [], []
+    for h in heads:
+        rows = (
+            feats
+            if labels is None or not h.train_classes
+            else feats[np.isin(labels, h.train_classes)]
+        )
+        means.append(rows.mean(0))
+        stds.append(rows.std(0) + 1e-6)
+    mean = jnp.asarray(np.stack(means), jnp.float32)
+    std = jnp.asarray(np.stack(stds), jnp.float32)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: mean if p[-1].key == "mean" else std, nn.unbox(template)
+    )
 
 
 def vmapped_heads(num_heads: int, text_axis: int | None, **kwargs) -> nn.Module:

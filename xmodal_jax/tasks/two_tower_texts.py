@@ -4,7 +4,7 @@ and `captions` (a caption per image; each image is scored against the batch's ca
 owns what differs between the two: the heads it allows, which training rows are read, the
 fields of a batch, the text features of a step and how images pair with texts in the loss.
 The task holds the towers and heads and calls these; the loss itself is chosen once
-(`two_tower.LOSSES`)."""
+(`two_tower_losses.LOSSES`)."""
 
 from __future__ import annotations
 

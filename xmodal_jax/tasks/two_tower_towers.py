@@ -93,3 +93,11 @@ def tower_apply(tower: Tower, variables, inputs, *, train: bool = False, rng=Non
         return out, updates["batch_stats"]
     kwargs = {"train": train} if train else {}
     return tower.module.apply(variables, inputs, rngs=rngs, **kwargs), None
+
+
+def pooled_width(tower: Tower, dummy: np.ndarray) -> int:
+    """Width of the tower's `pooled` output on input like `dummy` (shapes only, no compute)."""
+    variables = tower.variables
+    if variables is None:
+        variables = jax.eval_shape(tower.module.init, jax.random.key(0), dummy)
+    return int(jax.eval_shape(tower.module.apply, variables, dummy)["pooled"].shape[-1])

@@ -237,6 +237,18 @@ def leaf_plans(rules: Rules, tree: Any) -> list[LeafPlan]:
     return _cached_plan(rules, named)
 
 
+def frozen_throughout(rules: Rules, tree: Any, prefix: str) -> bool:
+    """Whether `tree` has leaves under `prefix/` and the rules freeze all of them for the whole
+    run (`config.transfer='lit'`, a `None` schedule)."""
+    paths = [p for p, _ in named_leaves(tree)]
+    own = [
+        plan.frozen
+        for p, plan in zip(paths, leaf_plans(rules, tree), strict=True)
+        if p.startswith(prefix + "/")
+    ]
+    return bool(own) and all(own)
+
+
 @functools.lru_cache(maxsize=32)
 def _cached_plan(rules: Rules, named: tuple) -> list[LeafPlan]:
     return plan(rules, named)
