@@ -482,6 +482,47 @@ def test_a_row_can_report_a_column_under_its_own_key(tmp_path):
         spec_lib.check(Table("k", [Row("x", "a.py", metrics={"nope": "m"})], [col]))
 
 
+def test_a_row_averaged_over_argument_sets(tmp_path):
+    """A seed's value is the mean over its runs split=0..2; the split-0 column reads one run; a
+    seed with one run missing is missing, not averaged over the others."""
+    splits = ("split=0", "split=1", "split=2")
+    table = Table(
+        title="a",
+        rows=[Row("per split", "a.py", average_over=splits, column_args={"s0": "split=0"})],
+        columns=[Column("all", "eval/zs/accuracy"), Column("s0", "eval/zs/accuracy")],
+        seeds=(0, 1, 2),
+    )
+    jobs = jobs_lib.expand(table)
+    assert len(jobs) == 9 and {j.args for j in jobs} == {(("split", str(k)),) for k in range(3)}
+    acc = {(0, "0"): 0.2, (0, "1"): 0.5, (0, "2"): 0.8, (1, "0"): 0.3, (1, "1"): 0.3}
+    acc[1, "2"] = 0.6
+    for job in jobs:
+        key = (job.seed, dict(job.args)["split"])
+        if key in acc:  # seed 2 has no finished run but split 0's
+            _finish(job.workdir(str(tmp_path), "a"), {"step": 1, "eval/zs/accuracy": acc[key]})
+        elif dict(job.args)["split"] == "0":
+            _finish(job.workdir(str(tmp_path), "a"), {"step": 1, "eval/zs/accuracy": 0.9})
+    cells = aggregate.collect(table, "a", str(tmp_path), "last")
+    every, first = cells["per split", "all"], cells["per split", "s0"]
+    assert every.seeds == [0, 1] and every.values == pytest.approx([0.5, 0.4])
+    assert every.expected == 3 and [(s, st) for s, st, _ in every.missing] == [
+        (2, "not run"),
+        (2, "not run"),
+    ]
+    assert first.seeds == [0, 1, 2] and first.values == pytest.approx([0.2, 0.3, 0.9])
+    md = render.markdown(table, cells, "last", "last")
+    assert "mean over the runs split=0, split=1, split=2 (s0 reads split=0 only)" in md
+    assert "| per split | **45.0 ± 7.1** (2 of 3) | **46.7 ± 37.9** (3) |" in md
+    with pytest.raises(UserError, match="not among its average_over"):
+        spec_lib.check(
+            dataclasses.replace(table, rows=[Row("x", "a.py", column_args={"s0": "k=1"})])
+        )
+    with pytest.raises(UserError, match="both set"):
+        spec_lib.check(
+            dataclasses.replace(table, rows=[Row("x", "a.py", "split=1", average_over=splits)])
+        )
+
+
 def test_seeds_option_runs_only_those_seeds(tmp_path, monkeypatch):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)

@@ -73,26 +73,38 @@ def _cell_for_point(
     metric: tuple[str, bool],
     select_metric: str | None,
 ) -> tuple[Cell, list[float]]:
-    """The cell of one grid point, and the selection scores of its finished seeds."""
-    cell = Cell(expected=len(jobs), hparams=dict(jobs[0].grid_point))
-    scores = []
+    """The cell of one grid point, and the selection scores of its finished seeds. A seed with
+    several runs (a row's `average_over`) counts when all of them finished and reported; its
+    value and score are their means."""
+    by_seed: dict[int, list[tuple[jobs_lib.Job, str]]] = {}
     for job, wd in zip(jobs, workdirs, strict=True):
-        state = runs.status(wd)
-        if state != "done":
-            cell.missing.append((job.seed, "not run" if state == "missing" else state, wd))
+        by_seed.setdefault(job.seed, []).append((job, wd))
+    cell = Cell(expected=len(by_seed), hparams=dict(jobs[0].grid_point))
+    scores = []
+    for seed, seed_runs in by_seed.items():
+        values, seed_scores, steps, finished = [], [], [], True
+        for _, wd in seed_runs:
+            state = runs.status(wd)
+            if state != "done":
+                cell.missing.append((seed, "not run" if state == "missing" else state, wd))
+                finished = False
+                continue
+            summary, history = runs.get(wd)
+            selected = select.selected(rule, summary, history, [metric], select_metric)
+            value, score, step = selected[metric[0]]
+            values.append(value)
+            seed_scores.append(score)
+            steps.append(step)
+        if not finished:
             continue
-        summary, history = runs.get(wd)
-        value, score, step = select.selected(rule, summary, history, [metric], select_metric)[
-            metric[0]
-        ]
-        if value is None:
-            cell.not_reported.append(job.seed)
+        if any(v is None for v in values):
+            cell.not_reported.append(seed)
             continue
-        cell.values.append(float(value))
-        cell.seeds.append(job.seed)
-        cell.steps.append(step)
-        if score is not None:
-            scores.append(float(score))
+        cell.values.append(float(np.mean(values)))
+        cell.seeds.append(seed)
+        cell.steps.append(steps[0] if len(set(steps)) == 1 else None)
+        if all(s is not None for s in seed_scores):
+            scores.append(float(np.mean(seed_scores)))
     return cell, scores
 
 
@@ -115,7 +127,8 @@ def _best_point(
     if not table.fills(row, col):
         return Cell(expected=0)
     by_point: dict[tuple, list[jobs_lib.Job]] = {}
-    for job in jobs_lib.row_jobs(table, row, col.args):
+    only = row.column_args.get(col.label)
+    for job in jobs_lib.row_jobs(table, row, col.args, None if only is None else (only,)):
         by_point.setdefault(job.grid_point, []).append(job)
     best, best_score = None, None
     for point_jobs in by_point.values():

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
@@ -88,21 +89,29 @@ def grid_points(grid: dict[str, list[Any]]) -> list[tuple[tuple[str, str], ...]]
     return [tuple((k, value_text(v)) for k, v in zip(keys, combo, strict=True)) for combo in combos]
 
 
-def row_jobs(table: Table, row: Row, col_args: str) -> list[Job]:
-    """The jobs of one row under one column's arguments: every grid point and seed."""
-    args = tuple(sorted({**parse_args(row.args), **parse_args(col_args)}.items()))
+def row_jobs(
+    table: Table, row: Row, col_args: str, averaged: Sequence[str] | None = None
+) -> list[Job]:
+    """The jobs of one row under one column's arguments: every grid point, seed and argument set
+    of `averaged` (default: the row's `average_over`)."""
+    averaged = row.average_over if averaged is None else averaged
     row_overrides = tuple((k, value_text(v)) for k, v in row.overrides.items())
     return [
         Job(
             row=row.label,
             config=row.config,
-            args=args,
+            args=tuple(
+                sorted(
+                    {**parse_args(row.args), **parse_args(col_args), **parse_args(extra)}.items()
+                )
+            ),
             seed=int(seed),
             overrides=tuple(sorted(row_overrides + point)),
             grid_point=point,
         )
         for point in grid_points(dict(table.grid_of(row)))
         for seed in table.seeds_of(row)
+        for extra in (averaged or ("",))
     ]
 
 

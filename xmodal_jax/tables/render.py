@@ -121,6 +121,13 @@ def _legend(table: Table, rule_text: str) -> list[str]:
         if row.metrics:
             own = "; ".join(f"{label} = {m}" for label, m in row.metrics.items())
             lines.append(f"Row {row.label}: {own}.")
+    for row in table.rows:
+        if row.average_over:
+            own = "; ".join(f"{label} reads {a} only" for label, a in row.column_args.items())
+            lines.append(
+                f"Row {row.label}: a seed's value is the mean over the runs "
+                f"{', '.join(row.average_over)}" + (f" ({own})" if own else "") + "."
+            )
     if table.grid:
         lines.append(f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV.")
     for row in table.rows:

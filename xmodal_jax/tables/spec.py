@@ -54,7 +54,11 @@ class Row:
     `columns` lists the column labels the row fills (default all; the others show 'n/a' and run
     nothing), for a config whose numbers do not mean what a column means; `metrics` maps a
     column label to the key this row reports it under, when it differs from the column's;
-    `grid` replaces the table's grid for this row (a method's own trade-off values).
+    `grid` replaces the table's grid for this row (a method's own trade-off values);
+    `average_over` lists config-argument sets (e.g. `split=0` ... `split=4`) run for every seed,
+    a seed's value being the mean over them (a config that trains one split per run, reported
+    over all splits); `column_args` names, per column label, the one argument set of
+    `average_over` whose run alone fills that column (e.g. a split-0 column).
     """
 
     label: str
@@ -67,6 +71,8 @@ class Row:
     columns: Sequence[str] | None = None
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] | None = None
+    average_over: Sequence[str] = ()
+    column_args: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def metric(self, column: Column) -> str:
         return self.metrics.get(column.label, column.metric)
@@ -140,6 +146,17 @@ def check(table: Table, path: str = "table") -> None:
         if not set(row.metrics) <= labels:
             unknown = sorted(set(row.metrics) - labels)
             raise UserError(f"{path}: row {row.label!r} maps unknown columns {unknown}.")
+        if not set(row.column_args) <= labels:
+            unknown = sorted(set(row.column_args) - labels)
+            raise UserError(
+                f"{path}: row {row.label!r} gives arguments of unknown columns {unknown}."
+            )
+        bad = sorted(set(row.column_args.values()) - set(row.average_over))
+        if bad:
+            raise UserError(
+                f"{path}: row {row.label!r}: column_args {bad} are not among its average_over "
+                f"{list(row.average_over)}."
+            )
         if row.reference is not None:
             unknown = set(row.reference.values) - {c.label for c in table.columns}
             if unknown:
@@ -149,6 +166,10 @@ def check(table: Table, path: str = "table") -> None:
                 )
         for col in table.columns:
             clash = set(parse_args(row.args)) & set(parse_args(col.args))
+            for extra in row.average_over:
+                clash |= set(parse_args(extra)) & (
+                    set(parse_args(row.args)) | set(parse_args(col.args))
+                )
             if clash:
                 raise UserError(
                     f"{path}: row {row.label!r} and column {col.label!r} both set {sorted(clash)}."
