@@ -747,7 +747,7 @@ def test_a_distance_evaluator_tsne_points(tmp_path):
 
     data = {"dataset": "digits_uci", "split": "test"}
     make = lambda n: evaluators.get("a_distance")(
-        "a_distance", {"source": data, "target": data, "tsne_points": n}, None, None, 8
+        "a_distance", {"source": data, "target": data, "tsne_points": n}, {"predict": None}, None, 8
     )
     with pytest.raises(UserError, match="tsne_points=-1.*0 writes no t-SNE plot"):
         make(-1)

@@ -74,7 +74,7 @@ def test_animals_config_steps_and_evaluates(name, arg, tfds_dir, tmp_path, monke
         )
         assert np.isfinite(float(loss))
         batch = next(it)
-    evals = evaluators.build_all(c, task, None)  # every evaluator's config is valid
+    evals = evaluators.build_all(c, task.predict_fns(), None)  # every evaluator's config is valid
     if name == "itm":
         results = evaluators.run_all(evals, {"params": params, **variables})
         assert {"eval/itm/accuracy", "eval/zeroshot_unseen_itm/accuracy"} <= set(results)

@@ -156,3 +156,27 @@ def test_pretrained_config_with_unknown_keys_is_one_error():
     config.pretrained = {"name": None, "layers": 3}
     with pytest.raises(UserError, match=r"config.pretrained has unknown keys \['layers'\]"):
         tasks.build(config)
+
+
+def test_adabn_of_an_adapted_model_re_estimates_the_model_statistics_only():
+    """The task's `adapt_batch_norm` (what an `adabn_classification` evaluator is handed) runs
+    AdaBN on the classifier inside the adapted variables: its statistics are those AdaBN gives
+    the bare classifier, the parameters (the discriminator's too) are untouched."""
+    import flax.linen as nn
+
+    from xmodal_jax.objectives.adaptation import adabn
+
+    config = _config("dann")
+    config.model = {"name": "resnet18", "num_classes": 10, "width": 0.125, "stage_sizes": (1,) * 4}
+    task = tasks.build(config)
+    rng = np.random.default_rng(0)
+    dom = lambda: {"image": rng.random((4, 32, 32, 3), np.float32), "label": np.arange(4)}
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"source": dom(), "target": dom()}))
+    images = [rng.random((4, 32, 32, 3), np.float32) + 2.0 for _ in range(2)]
+    adapted = task.predict_fns()["adapt_batch_norm"](variables, images)
+    bare = {**variables, "params": variables["params"]["model"]}
+    want = adabn.adapt_batch_norm(task.model, bare, images, train=False)["batch_stats"]
+    assert adapted["params"] is variables["params"]
+    jax.tree.map(np.testing.assert_array_equal, adapted["batch_stats"], want)
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), want, variables["batch_stats"])
+    assert all(jax.tree.leaves(moved))

@@ -85,7 +85,9 @@ def test_classification_and_fewshot_evaluators_on_digits(tfds_dir):
     mesh = mesh_lib.make_mesh({"data": 8})  # eval batches sharded over 8 devices
 
     cfg = {"dataset": "digits_uci", "split": "test", "pp": PP}
-    clf = classification_evals.Classification("target", cfg, task, mesh, batch_size=64)
+    clf = classification_evals.Classification(
+        "target", cfg, task.predict_fns(), mesh, batch_size=64
+    )
     got = clf.run(variables)
     pred = test_out["logits"].argmax(1)
     per_class = [np.mean(pred[test_labels == c] == c) for c in range(10)]
@@ -97,7 +99,7 @@ def test_classification_and_fewshot_evaluators_on_digits(tfds_dir):
 
     shots, l2 = (1, 5), 2.0**10
     fewshot = classification_evals.FewShot(
-        "fewshot", {**cfg, "shots": shots, "seeds": 2}, task, mesh, 64
+        "fewshot", {**cfg, "shots": shots, "seeds": 2}, task.predict_fns(), mesh, 64
     )
     got = fewshot.run(variables)
     for k in shots:
@@ -124,9 +126,9 @@ def test_fewshot_errors(tfds_dir):
     mesh = mesh_lib.make_mesh({"data": 8})
     cfg = {"dataset": "digits_uci", "pp": PP, "shots": (200,)}
     with pytest.raises(UserError, match="fewer than 200 training examples"):
-        classification_evals.FewShot("fs", cfg, task, mesh, 64)._support_indices()
+        classification_evals.FewShot("fs", cfg, task.predict_fns(), mesh, 64)._support_indices()
     with pytest.raises(UserError, match="no 'dataset'"):
-        classification_evals.FewShot("fs", {"pp": PP}, task, mesh, 64)
+        classification_evals.FewShot("fs", {"pp": PP}, task.predict_fns(), mesh, 64)
 
 
 def test_each_evaluator_runs_at_its_own_interval_and_all_at_the_end():

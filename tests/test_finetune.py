@@ -381,7 +381,7 @@ def test_config_takes_two_steps_and_evaluates(name, tiny_ckpt, tfds_dir):
         )
         assert np.isfinite(float(loss)) and np.isfinite(float(metrics["regularizer"]))
         batch = next(it)
-    evals = evaluators.build_all(c, task, mesh_lib.make_mesh(c.mesh))
+    evals = evaluators.build_all(c, task.predict_fns(), mesh_lib.make_mesh(c.mesh))
     results = evaluators.run_all(evals, {"params": params, **variables})
     assert 0.0 <= results["eval/test/accuracy"] <= 1.0
 

@@ -355,7 +355,7 @@ def _target_eval() -> dict:
     config = config_lib.load(CONFIG)
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.build(config)
-    target = evaluators.build_all(config, task, mesh)["target"]
+    target = evaluators.build_all(config, task.predict_fns(), mesh)["target"]
     local = next(task.train_iterator(jax.process_index(), jax.process_count()))
     init = jax.jit(task.init, out_shardings=mesh_lib.replicated(mesh))
     variables = init(jax.random.key(0), mesh_lib.global_batch(local, mesh))

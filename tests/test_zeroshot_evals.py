@@ -1,10 +1,12 @@
-"""Two-tower evaluators on hand-made embeddings (a fake task), with answers worked out by hand."""
+"""Two-tower evaluators on hand-made embeddings (fake prediction functions), with answers worked
+out by hand."""
 
 import numpy as np
 import pytest
 
 from xmodal_jax import evaluators
 from xmodal_jax.errors import UserError
+from xmodal_jax.evaluation.zeroshot import ZeroShotSetup
 from xmodal_jax.tasks.two_tower_heads import Head
 from xmodal_jax.train import plots
 
@@ -14,15 +16,23 @@ PERM = EYE[[1, 0, 3, 2]]  # the control heads' classifier: class c named like cl
 
 
 class FakeTask:
-    """Just what the evaluators use; embeddings are fixed per split."""
-
-    class_names = list(NAMES)
-    templates = ("{}",)
-    data = {"name": "fake", "split": "train[:90%]", "pp": ""}
-    fusion_opts = {"name": "fake"}
+    """The prediction functions of a two-tower task (`predict_fns`); embeddings are fixed per
+    split."""
 
     def __init__(self, heads, images, classifier):
         self.heads, self.images, self.classifier = heads, images, classifier
+
+    def predict_fns(self, fused: bool = True) -> dict:
+        data = {"name": "fake", "split": "train[:90%]", "pp": ""}
+        fns = {
+            "image_embeddings": self.image_embeddings,
+            "class_embeddings": self.class_embeddings,
+            "text_embeddings": self.text_embeddings,
+            "zeroshot": ZeroShotSetup(NAMES, tuple(self.heads), data, ("{}",)),
+        }
+        if fused:
+            fns["match_scores"] = self.match_scores
+        return fns
 
     def image_embeddings(self, variables, data_cfg, *, batch_size, mesh=None):
         feats, labels = self.images[data_cfg["split"]]
@@ -40,8 +50,8 @@ class FakeTask:
         return feats @ text_feats.T - 0.5
 
 
-def build(kind, task, **cfg):
-    return evaluators.get(kind)("ev", {"type": kind, **cfg}, task, None, 8)
+def build(kind, task, fused=True, **cfg):
+    return evaluators.get(kind)("ev", {"type": kind, **cfg}, task.predict_fns(fused), None, 8)
 
 
 # Test images: label -> embedding (the classifier rows are the unit vectors e_c).
@@ -114,8 +124,8 @@ def test_bad_configs(task):
         build("gzsl", task)
     with pytest.raises(UserError, match="calibration"):
         build("gzsl", task, val_split="train[90%:]")
-    with pytest.raises(UserError, match="two_tower"):
-        build("zeroshot", object())
+    with pytest.raises(UserError, match="two_tower"):  # a classifier's prediction functions
+        evaluators.get("zeroshot")("ev", {"type": "zeroshot"}, {"predict": None}, None, 8)
 
 
 def gzsl_task(test=None):
@@ -175,3 +185,6 @@ def test_itm_accuracy_and_itm_ranking():
     assert build("itm", task).run({})["accuracy"] == pytest.approx(3 / 4)
     out = build("zeroshot", task, classes="seen", score="itm").run({})
     assert out["accuracy"] == pytest.approx(1.0)
+    for kind, cfg in (("itm", {}), ("zeroshot", {"score": "itm"})):  # no fused head
+        with pytest.raises(UserError, match="fused head"):
+            build(kind, task, fused=False, **cfg)

@@ -17,10 +17,25 @@ classes are held out of training as pseudo-unseen; gamma maximises H of pseudo-s
 pseudo-unseen validation images, and is then applied unchanged on the test split.
 """
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSetup:
+    """What zero-shot evaluators score: the dataset's class names (empty for caption data), the
+    heads (each with the classes it trains on, its unseen classes and the names it gives every
+    class), the training data config (the default evaluation data) and the prompt templates."""
+
+    class_names: tuple[str, ...]
+    heads: tuple[Any, ...]
+    data: Mapping[str, Any]
+    templates: tuple[str, ...]
+
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",

@@ -1,7 +1,10 @@
 """Evaluators: `config.evals` maps a name to `{type, dataset, split, pp, ...}`; `type` picks an
 evaluator class from `EVALUATORS`, one module per kind: classification (and few-shot),
-adaptation (A-distance, AdaBN), zeroshot, gzsl, retrieval, itm. Here: building them, when each
-is due, running them, and their one-line summaries.
+adaptation (A-distance, AdaBN), zeroshot, gzsl, retrieval, itm. An evaluator never sees the task:
+it is built as `Evaluator(name, cfg, fns, mesh, batch_size)`, `fns` being the task's named
+prediction functions (`Task.predict_fns()`: `predict` always; `adapt_batch_norm` for a
+classifier; the two-tower task's embedding functions and its `zeroshot` set-up). Here:
+building them, when each is due, running them, and their one-line summaries.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ def get(kind: str, where: str = "config.evals") -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_all(config: ml_collections.ConfigDict, task, mesh: Mesh) -> dict[str, Any]:
-    """Evaluator objects for every entry of `config.evals`."""
+def build_all(
+    config: ml_collections.ConfigDict, fns: Mapping[str, Any], mesh: Mesh
+) -> dict[str, Any]:
+    """Evaluator objects for every entry of `config.evals`, each handed the task's named
+    prediction functions `fns` (`Task.predict_fns()`; as big_vision's `predict_fns`)."""
     out = {}
     for name, cfg in config.evals.items():
         evaluator = get(cfg.get("type", "classification"), f"config.evals.{name}")
         batch_size = cfg.get("batch_size", config.get("eval_batch_size", config.batch_size))
-        out[name] = evaluator(name, cfg, task, mesh, batch_size)
+        out[name] = evaluator(name, cfg, fns, mesh, batch_size)
     return out
 
 

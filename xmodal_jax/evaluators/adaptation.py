@@ -22,7 +22,6 @@ from xmodal_jax.analysis import a_distance, tsne
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluators import classification
-from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
@@ -38,7 +37,9 @@ def _local_batches(data_cfg: dict, batch_size: int):
 class ADistance:
     """Proxy A-distance 2(1 - 2ε) of a domain classifier on the model's pooled features."""
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
         self.name, self.mesh, self.batch_size = name, mesh, batch_size
         self.source = pipeline.eval_data(cfg["source"], f"config.evals.{name}.source")
         self.target = pipeline.eval_data(cfg["target"], f"config.evals.{name}.target")
@@ -49,7 +50,7 @@ class ADistance:
                 f"config.evals.{name}.tsne_points={self.tsne_points}: use a count >= 0 "
                 "(0 writes no t-SNE plot)."
             )
-        self._pooled = jax.jit(lambda variables, batch: task.predict(variables, batch)["pooled"])
+        self._pooled = jax.jit(lambda variables, batch: fns["predict"](variables, batch)["pooled"])
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
     def _features(self, variables, data_cfg: dict) -> np.ndarray:
@@ -81,14 +82,21 @@ class ADistance:
 class AdaBNClassification(classification.Classification):
     """Accuracy after re-estimating every BatchNorm's statistics on the `adapt` split."""
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
-        super().__init__(name, cfg, task, mesh, batch_size)
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
+        super().__init__(name, cfg, fns, mesh, batch_size)
         self.adapt = pipeline.eval_data(cfg["adapt"], f"config.evals.{name}.adapt")
-        self.model = task.model
+        if "adapt_batch_norm" not in fns:
+            raise UserError(
+                f"config.evals.{name}.type='adabn_classification' re-estimates BatchNorm "
+                "statistics; use it with a classification, domain_adaptation or finetune task."
+            )
+        self.adapt_batch_norm = fns["adapt_batch_norm"]
 
     def run(self, variables) -> dict[str, float]:
         images = (
             local["image"][local["_mask"]] for local in _local_batches(self.adapt, self.batch_size)
         )
-        adapted = adabn.adapt_batch_norm(self.model, variables, images, train=False)
+        adapted = self.adapt_batch_norm(variables, images)
         return super().run(adapted)

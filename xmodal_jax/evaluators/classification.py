@@ -30,16 +30,19 @@ class Classification:
     `class_accuracy/<class>` is reported per class when `cfg.per_class` (default: at most 20
     classes)."""
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
         self.name, self.cfg, self.mesh, self.batch_size = name, cfg, mesh, batch_size
         self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}")
+        predict = fns["predict"]
         self.class_names = pipeline.class_names(self.data_cfg["name"], self.data_cfg["data_dir"])
         self.confusion: np.ndarray | None = None
         num_classes = len(self.class_names)
         self._per_class = cfg.get("per_class", num_classes <= 20)
 
         def step(variables, batch):
-            logits = task.predict(variables, batch)["logits"].astype(jnp.float32)
+            logits = predict(variables, batch)["logits"].astype(jnp.float32)
             labels, mask = batch["label"], batch["_mask"].astype(jnp.float32)
             top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
             pred = logits.argmax(-1)
@@ -138,7 +141,9 @@ class FewShot:
     `split`. Reports `<k>shot_accuracy`, the mean over `seeds` (default 1) draws. The labels
     of `train_split` are read once to draw the examples; slice big splits (`'train[:20000]'`)."""
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
         self.name, self.mesh, self.batch_size = name, mesh, batch_size
         self.shots = tuple(int(k) for k in cfg.get("shots", (1, 5, 10, 25)))
         self.l2_reg = float(cfg.get("l2_reg", 2.0**10))
@@ -151,7 +156,7 @@ class FewShot:
         rep = cfg.get("representation", "pooled")
 
         def features(variables, batch):
-            out = task.predict(variables, batch)
+            out = fns["predict"](variables, batch)
             if rep not in out:
                 raise UserError(
                     f"config.evals.{name}.representation={rep!r}: the model's outputs are "

@@ -22,20 +22,20 @@ class GeneralizedZeroShot(TwoTowerEvaluator):
     `seen`, `unseen`, `harmonic_mean` (per-class mean accuracies, mean over splits), `gamma`, and
     `harmonic_mean_uncalibrated` (gamma = 0)."""
 
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
+    def __init__(self, name, cfg, fns, mesh, batch_size):
+        super().__init__(name, cfg, fns, mesh, batch_size)
         if "val_split" not in cfg:
             raise UserError(
                 f"config.evals.{name} needs val_split: a part of the training split that "
                 "training does not see (e.g. data.split='train[:90%]', val_split='train[90%:]')."
             )
-        if cfg["val_split"] == task.data["split"]:
+        if cfg["val_split"] == self.setup.data["split"]:
             raise UserError(
                 f"config.evals.{name}.val_split equals data.split; hold it out of training."
             )
         self.val_cfg = {**self.data_cfg, "split": cfg["val_split"]}
         self.calibration = {}
-        for i, h in enumerate(task.heads):
+        for i, h in enumerate(self.setup.heads):
             if h.role == "calibration":
                 self.calibration[h.split] = (i, h)
         missing = [h.name for _, h in self.heads if h.split not in self.calibration]
@@ -47,7 +47,7 @@ class GeneralizedZeroShot(TwoTowerEvaluator):
 
     def run(self, variables) -> dict[str, float]:
         test, val = self._images(variables), self._images(variables, self.val_cfg)
-        classifier, _ = self.task.class_embeddings(variables, self.templates)
+        classifier, _ = self.fns["class_embeddings"](variables, self.templates)
         per_head = {}
         for i, head in self.heads:
             j, calib = self.calibration[head.split]

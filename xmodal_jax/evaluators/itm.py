@@ -15,23 +15,24 @@ class ImageTextMatching(TwoTowerEvaluator):
     prompt under the head's contrastive similarity (a hard non-match); accuracy of
     `score > 0` over both."""
 
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
-        if not task.class_names or not task.fusion_opts["name"]:
+    def __init__(self, name, cfg, fns, mesh, batch_size):
+        super().__init__(name, cfg, fns, mesh, batch_size)
+        if not self.setup.class_names or "match_scores" not in fns:
             raise UserError(
                 f"config.evals.{name}: ITM evaluation needs data.text='class_names' and a fused "
                 "head (config.model.fusion.name)."
             )
         self.classes = cfg.get("classes", "seen")
         for _, head in self.heads:
-            class_subset(task, head, self.classes, f"config.evals.{name}")
+            class_subset(self.setup.class_names, head, self.classes, f"config.evals.{name}")
 
     def run(self, variables) -> dict[str, float]:
         images = self._images(variables)
-        classifier, text_feats = self.task.class_embeddings(variables, self.templates)
+        classifier, text_feats = self.fns["class_embeddings"](variables, self.templates)
         per_head = {}
         for i, head in self.heads:
-            classes = class_subset(self.task, head, self.classes, f"config.evals.{self.name}")
+            where = f"config.evals.{self.name}"
+            classes = class_subset(self.setup.class_names, head, self.classes, where)
             rows = np.isin(images["label"], classes)
             labels = images["label"][rows]
             sims = zs.zeroshot_logits(images["emb"][i][rows], classifier[i][classes])
@@ -40,7 +41,7 @@ class ImageTextMatching(TwoTowerEvaluator):
             n = np.arange(len(labels))
             sims[n, own] = -np.inf
             hard = np.argmax(sims, axis=1)
-            scores = self.task.match_scores(
+            scores = self.fns["match_scores"](
                 variables, images["feats"][rows], text_feats[i, classes], head=i
             )
             correct = np.concatenate([scores[n, own] > 0, scores[n, hard] <= 0])

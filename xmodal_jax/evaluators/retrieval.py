@@ -28,8 +28,8 @@ class Retrieval(TwoTowerEvaluator):
     """Image<->text retrieval R@1/5/10 (`ks`) of head 0 on a split with captions: every image
     against every caption of `text_key` (e.g. `captions/text`), at most `max_captions` each."""
 
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
+    def __init__(self, name, cfg, fns, mesh, batch_size):
+        super().__init__(name, cfg, fns, mesh, batch_size)
         self.text_key = cfg.get("text_key", "captions/text")
         self.max_captions = int(cfg.get("max_captions", 5))
         self.ks = tuple(cfg.get("ks", (1, 5, 10)))
@@ -49,7 +49,7 @@ class Retrieval(TwoTowerEvaluator):
     def run(self, variables) -> dict[str, float]:
         images = self._images(variables)
         texts, owner = self._captions()
-        text_emb = self.task.text_embeddings(variables, texts)
+        text_emb = self.fns["text_embeddings"](variables, texts)
         out = {}
         for i, head in self.heads:
             sim = images["emb"][i] @ text_emb[i].T

@@ -34,13 +34,15 @@ from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.train import plots
 
 
-def class_subset(task, head, classes: str | Sequence[str], where: str) -> np.ndarray:
+def class_subset(
+    class_names: Sequence[str], head, classes: str | Sequence[str], where: str
+) -> np.ndarray:
     """Class indices of `classes` for `head`: 'seen' (the classes it trains on; for a
     calibration head also its pseudo-unseen ones), 'unseen', 'pseudo_unseen' (the seen classes a
     calibration head does not train on), 'all', or a list of names."""
     if isinstance(classes, str):
         if classes == "all":
-            return np.arange(len(task.class_names))
+            return np.arange(len(class_names))
         if classes == "pseudo_unseen":
             if not head.pseudo_unseen:
                 raise UserError(
@@ -61,10 +63,10 @@ def class_subset(task, head, classes: str | Sequence[str], where: str) -> np.nda
             f"{where}.classes={classes!r}: use 'seen', 'unseen', 'pseudo_unseen', 'all' or a "
             "list of class names."
         )
-    index = {n: i for i, n in enumerate(task.class_names)}
+    index = {n: i for i, n in enumerate(class_names)}
     bad = [n for n in classes if n not in index]
     if bad:
-        raise UserError(f"{where}.classes: unknown {bad}; use {task.class_names}.")
+        raise UserError(f"{where}.classes: unknown {bad}; use {list(class_names)}.")
     return np.asarray([index[n] for n in classes])
 
 
@@ -73,23 +75,29 @@ def split_key(head) -> str:
 
 
 class TwoTowerEvaluator:
-    """Shared set-up: checks the task, resolves the data config and the heads to score."""
+    """Shared set-up: checks the prediction functions, resolves the data config and the heads
+    to score. `fns` are a two-tower task's (`image_embeddings`, `class_embeddings`,
+    `text_embeddings`, `match_scores` with a fused head, and `zeroshot`: its
+    `evaluation.zeroshot.ZeroShotSetup`)."""
 
     roles: tuple[str, ...] = ("main",)
 
-    def __init__(self, name: str, cfg: Mapping[str, Any], task, mesh: Mesh, batch_size: int):
-        if not hasattr(task, "class_embeddings"):
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
+        if "zeroshot" not in fns:
             raise UserError(
                 f"config.evals.{name}.type={cfg.get('type')!r} evaluates a two-tower model; "
                 "set config.task='two_tower'."
             )
-        self.name, self.cfg, self.task, self.mesh = name, cfg, task, mesh
+        self.name, self.cfg, self.fns, self.mesh = name, cfg, fns, mesh
+        self.setup: zs.ZeroShotSetup = fns["zeroshot"]
         self.batch_size = batch_size
-        self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}", default=task.data)
-        self.templates = tuple(cfg.get("templates") or task.templates)
+        self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}", default=self.setup.data)
+        self.templates = tuple(cfg.get("templates") or self.setup.templates)
         roles = cfg.get("heads", self.roles)
         self.roles = (roles,) if isinstance(roles, str) else tuple(roles)
-        self.heads = [(i, h) for i, h in enumerate(task.heads) if h.role in self.roles]
+        self.heads = [(i, h) for i, h in enumerate(self.setup.heads) if h.role in self.roles]
         if not self.heads:
             raise UserError(
                 f"config.evals.{name}: the task has no {'/'.join(self.roles)} heads; "
@@ -97,7 +105,7 @@ class TwoTowerEvaluator:
             )
 
     def _images(self, variables, data_cfg=None) -> dict[str, np.ndarray]:
-        return self.task.image_embeddings(
+        return self.fns["image_embeddings"](
             variables, data_cfg or self.data_cfg, batch_size=self.batch_size, mesh=self.mesh
         )
 
@@ -118,21 +126,25 @@ class ZeroShot(TwoTowerEvaluator):
 
     default_classes = "all"
 
-    def __init__(self, name, cfg, task, mesh, batch_size):
-        super().__init__(name, cfg, task, mesh, batch_size)
+    def __init__(self, name, cfg, fns, mesh, batch_size):
+        super().__init__(name, cfg, fns, mesh, batch_size)
         self.classes = cfg.get("classes", self.default_classes)
         self.score = cfg.get("score", "cosine")
         if self.score not in ("cosine", "itm"):
             raise UserError(f"config.evals.{name}.score={self.score!r}: use 'cosine' or 'itm'.")
-        if not task.class_names:
+        if not self.setup.class_names:
             raise UserError(f"config.evals.{name}: zero-shot needs data.text='class_names'.")
+        if self.score == "itm" and "match_scores" not in fns:
+            raise UserError(
+                f"config.evals.{name}.score='itm' needs a fused head (config.model.fusion.name)."
+            )
         self.last: dict[str, float] = {}
         self.last_control: dict[str, float] = {}
         for _, head in self.heads:
             self._class_subset(head)  # fail early on bad class lists
 
     def _class_subset(self, head) -> np.ndarray:
-        return class_subset(self.task, head, self.classes, f"config.evals.{self.name}")
+        return class_subset(self.setup.class_names, head, self.classes, f"config.evals.{self.name}")
 
     def _accuracies(self, variables, heads, images, classifier, text_feats):
         out = {}
@@ -145,7 +157,7 @@ class ZeroShot(TwoTowerEvaluator):
                     f"has no example of classes {classes.tolist()}."
                 )
             if self.score == "itm":
-                scores = self.task.match_scores(
+                scores = self.fns["match_scores"](
                     variables, images["feats"][rows], text_feats[i, classes], head=i
                 )
             else:
@@ -156,10 +168,10 @@ class ZeroShot(TwoTowerEvaluator):
 
     def run(self, variables) -> dict[str, float]:
         images = self._images(variables)
-        classifier, text_feats = self.task.class_embeddings(variables, self.templates)
+        classifier, text_feats = self.fns["class_embeddings"](variables, self.templates)
         per_head = self._accuracies(variables, self.heads, images, classifier, text_feats)
         self.last = {k: v["accuracy"] for k, v in per_head.items()}
-        controls = [(i, h) for i, h in enumerate(self.task.heads) if h.role == "control"]
+        controls = [(i, h) for i, h in enumerate(self.setup.heads) if h.role == "control"]
         if "main" in self.roles and controls:  # kept for the plot's control line only
             found = self._accuracies(variables, controls, images, classifier, text_feats)
             self.last_control = {k: v["accuracy"] for k, v in found.items()}

@@ -1,5 +1,5 @@
 """Tasks: what a training config trains. A task owns its model, input and loss; the trainer
-only sees `init`, `loss`, `predict` and `train_iterator`.
+only sees `init`, `loss`, `train_iterator` and `predict_fns` (what the evaluators are handed).
 
 `config.task` picks one by name from `TASKS`, one module per task here: classification,
 domain_adaptation, finetune, two_tower. A new task is one new module and one line in `TASKS`.
@@ -37,6 +37,10 @@ class Task(Protocol):
     ) -> tuple[jax.Array, tuple[Variables, Metrics]]: ...
 
     def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]: ...
+
+    def predict_fns(self) -> dict[str, Any]:
+        """Named prediction functions for the evaluators (`predict` always)."""
+        ...
 
 
 # Every task by its `config.task` name, as "module:class"; a task's module is imported only when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import grain
@@ -14,6 +15,7 @@ from xmodal_jax import config as config_lib
 from xmodal_jax import models
 from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline
+from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.tasks import Variables
 from xmodal_jax.transfer import surgery
@@ -93,3 +95,10 @@ class Classification:
 
     def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
         return self.model.apply(variables, batch["image"], train=False)
+
+    def predict_fns(self) -> dict[str, Any]:
+        return {"predict": self.predict, "adapt_batch_norm": self.adapt_batch_norm}
+
+    def adapt_batch_norm(self, variables: Variables, images: Iterable[np.ndarray]) -> Variables:
+        """`variables` with every BatchNorm's statistics re-estimated on `images` (AdaBN)."""
+        return adabn.adapt_batch_norm(self.model, variables, images, train=False)

@@ -16,10 +16,13 @@ Config: `data.source` and `data.target` (each `name`, `split`, `pp`), `batch_siz
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from xmodal_jax.data import pipeline
@@ -122,3 +125,7 @@ class DomainAdaptation(Classification):
     def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
         variables = {**variables, "params": variables["params"]["model"]}
         return self.model.apply(variables, batch["image"], train=False)
+
+    def adapt_batch_norm(self, variables: Variables, images: Iterable[np.ndarray]) -> Variables:
+        inner = {**variables, "params": variables["params"]["model"]}
+        return {**super().adapt_batch_norm(inner, images), "params": variables["params"]}

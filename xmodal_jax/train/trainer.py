@@ -219,7 +219,7 @@ class _Setup:
 def _build(config: ml_collections.ConfigDict, mesh) -> _Setup:
     task = tasks.build(config, mesh)
     tx, lr_fn = optim.build(config)
-    evals = evaluators.build_all(config, task, mesh)
+    evals = evaluators.build_all(config, task.predict_fns(), mesh)
     train_iter = task.train_iterator(jax.process_index(), jax.process_count())
     sample = mesh_lib.global_batch(_peek(train_iter), mesh)
     init_fn, abstract = step_lib.init_state(config, task, tx, mesh, sample)
