@@ -21,7 +21,7 @@ from xmodal_jax.transfer import checkpoint_io, convert, torch_layout
 
 RNG = np.random.RandomState(0)
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=12, projection_size=24,
+            num_attention_heads=4, max_position_embeddings=24, projection_size=24,
             pad_token_id=1, bos_token_id=None, eos_token_id=1)  # fmt: skip
 # 3 heads of width 8: no width-based rule (width // 64, ...) would give it.
 VISION = dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=3,
@@ -42,7 +42,7 @@ def _siglip(folder):
 def _inputs(n_texts=3):
     """Token ids padded to the full context as SigLIP pads them (`</s>` = 1), and images in
     [0, 1] at the model's size (HF sees them normalised to [-1, 1])."""
-    ids = RNG.randint(2, 100, size=(n_texts, 12))
+    ids = RNG.randint(2, 100, size=(n_texts, 24))
     for row, end in enumerate((4, 11, 7)[:n_texts]):
         ids[row, end:] = 1
     images = RNG.uniform(0, 1, size=(2, 32, 32, 3)).astype(np.float32)
@@ -115,13 +115,13 @@ def _tokenizer_json(path):
 def test_siglip_tokenizer_json_pads_and_scores_as_transformers(tmp_path):
     model = _siglip(tmp_path / "hf")
     _tokenizer_json(tmp_path / "hf" / "tokenizer.json")
-    texts = ["A photo of a cat", "two dogs", " ".join(["the cat"] * 10)]  # the last is truncated
+    texts = ["A photo of a cat", "two dogs", " ".join(["the cat"] * 15)]  # the last is truncated
     hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"), pad_token="</s>"
     )
-    ids = hf_tok(texts, padding="max_length", max_length=12, truncation=True)["input_ids"]
+    ids = hf_tok(texts, padding="max_length", max_length=24, truncation=True)["input_ids"]
     ids = np.asarray(ids)
-    assert ids[0, 5:].tolist() == [1] * 7 and ids[2, -1] == 1  # padded; </s> kept on truncation
+    assert ids[0, 5:].tolist() == [1] * 19 and ids[2, -1] == 1  # padded; </s> kept on truncation
     _, images = _inputs()
     ref = _reference(model, ids, images)
 
@@ -311,8 +311,8 @@ def test_siglip_tokenizer_without_padding_says_what_to_add(tmp_path):
 
     _tokenizer_json(tmp_path / "tokenizer.json")
     text = (tmp_path / "tokenizer.json").read_text()
-    meta = from_siglip.tokenizer_meta(text, 12, None)
+    meta = from_siglip.tokenizer_meta(text, 24, None)
     assert meta["type"] == "unavailable" and '"padding"' in meta["reason"]
     padded = json.loads(text) | {"padding": {"pad_id": 0, "pad_token": "<pad>"}}
-    meta = from_siglip.tokenizer_meta(json.dumps(padded), 12, 1)
+    meta = from_siglip.tokenizer_meta(json.dumps(padded), 24, 1)
     assert meta["type"] == "tokenizer_json" and meta["pad_id"] == 0  # the file's own padding
