@@ -45,7 +45,9 @@ Config = dict[str, Any]
 # (hub files written by early transformers versions hold only the non-default values).
 _DEFAULTS = {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
              "pad_token_id": 1, "vision_use_head": True}  # fmt: skip
-# SigLIP's preprocessing: the whole image resized to the model's size (no crop), to [-1, 1].
+# SigLIP's preprocessing: the image resized to the model's size, values to [-1, 1]. A square
+# image is resized whole (crop_fraction 1); a non-square one is centre-cropped to a square where
+# SigLIP squashes it, and `VisionEncoder` resizes bilinearly where HF's processor uses bicubic.
 _PRE = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_fraction": 1.0}
 _MARKS = {
     "text": ("text_model.", ("embeddings.token_embedding.weight", "final_layer_norm.weight",
