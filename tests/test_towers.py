@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = dict(width=32, depth=2, num_heads=4, mlp_dim=48, patch_size=8, image_size=32)
 TINY_BERT = dict(vocab_size=50, max_len=16, width=32, depth=2, num_heads=4, mlp_dim=48)
 TINY_CLIP = dict(vocab_size=50, context_length=16, width=32, depth=2, num_heads=4, proj_dim=24)
+TINY_SIGLIP = {**TINY_CLIP, "mlp_dim": 48, "context_length": 12}
 TINY = {
     "resnet18": (dict(width=0.125, num_classes=5), "image"),
     "resnet50": (dict(width=0.125, stage_sizes=(1, 1, 1, 1), num_classes=5), "image"),
@@ -28,6 +29,7 @@ TINY = {
     "vit_s16": ({**TINY_VIT, "num_classes": 5}, "image"),
     "bert_base": ({**TINY_BERT, "num_classes": 5}, "text"),
     "clip_text_b": ({**TINY_CLIP, "num_classes": 5}, "text"),
+    "siglip_text_b": ({**TINY_SIGLIP, "num_classes": 5}, "text"),
 }
 
 
@@ -99,7 +101,7 @@ def test_parameter_counts_of_every_name():
         if not name.startswith(("resnet", "mobilenet")):
             overrides = {**overrides, "scan_layers": True}  # same count, faster to trace
         model = zoo.build(name, **overrides)
-        text = name.startswith(("bert", "minilm", "clip"))
+        text = name.startswith(("bert", "minilm", "clip", "siglip_text"))
         x = jnp.zeros((1, 8), jnp.int32) if text else jnp.zeros((1, 224, 224, 3))
         variables = jax.eval_shape(lambda m=model, x=x: m.init(jax.random.key(0), x))
         counts[name] = layers.count_params(variables)
@@ -292,6 +294,32 @@ def test_clip_text_eos_pooling():
     changed[0, 4] = 9
     out2 = jax.device_get(apply(v, changed))
     np.testing.assert_allclose(out2["features"][0, :4], out["features"][0, :4], atol=1e-6)
+
+
+def test_siglip_text_is_bidirectional_and_pools_by_position():
+    ids = _input("text", length=12)  # the full context_length: SigLIP pads, never trims
+    model = zoo.build("siglip_text_b", **{**TINY_SIGLIP, "proj_dim": 0})
+    v = _init(model, ids)
+    out = jit_apply(model, v, ids)
+    f = np.asarray(out["features"], np.float64)
+    np.testing.assert_allclose(out["pooled"], f[:, -1], atol=1e-6)  # the last position
+    for pool, ref in (("first", f[:, 0]), ("mean", f.mean(1)), ("max", f.max(1))):
+        other = zoo.build("siglip_text_b", **{**TINY_SIGLIP, "proj_dim": 0, "pool": pool})
+        np.testing.assert_allclose(jit_apply(other, v, ids)["pooled"], ref, atol=1e-5)
+    # no causal mask: changing the last token changes the first position's features
+    changed = ids.copy()
+    changed[0, -1] = 3 if ids[0, -1] != 3 else 4
+    out2 = jit_apply(model, v, changed)
+    assert np.abs(out2["features"][0, 0] - out["features"][0, 0]).max() > 1e-3
+    # the head has a bias: pooled = last @ kernel + bias
+    head = zoo.build("siglip_text_b", **TINY_SIGLIP)
+    vh = _init(head, ids)
+    outh = jit_apply(head, vh, ids)
+    proj = vh["params"]["proj"]
+    ref = np.asarray(outh["features"])[:, -1] @ np.asarray(proj["kernel"]) + proj["bias"]
+    np.testing.assert_allclose(outh["pooled"], ref, atol=1e-5)
+    with pytest.raises(ValueError, match="context_length=12"):
+        jit_apply(model, v, np.pad(ids, ((0, 0), (0, 1))))
 
 
 def _np_layer_norm(x, p, eps=1e-6):

@@ -35,7 +35,7 @@ import numpy as np
 
 from xmodal_jax.data import tokenizers
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import bert, clip_text, imagenet_classes, zoo
+from xmodal_jax.models import bert, clip_text, imagenet_classes, siglip_text, zoo
 from xmodal_jax.transfer import checkpoint_io, convert
 
 
@@ -118,8 +118,11 @@ class TextEncoder:
             chunk = ids[start : start + self.batch_size]
             n = len(chunk)
             # Drop all-padding columns (rounded to 16 to limit recompiles); masks make it exact.
+            # Towers that attend to their padding (SigLIP) get the ids as they are.
             used = int(np.max(np.nonzero(chunk.any(axis=0))[0], initial=0)) + 1
             length = min(ids.shape[1], -(-used // 16) * 16)
+            if getattr(self.module, "full_length_input", False):
+                length = ids.shape[1]
             batch = np.zeros((_bucket(n, self.batch_size), length), np.int32)
             batch[:n] = chunk[:, :length]
             out.append(np.asarray(self._pooled(self.variables, batch), np.float32)[:n])
@@ -220,6 +223,31 @@ class CLIPEncoders:
         return float(np.exp(self.logit_scale)) * zi @ self.text.encode(texts).T
 
 
+@dataclasses.dataclass
+class SigLIPEncoders(CLIPEncoders):
+    """The two towers of a SigLIP checkpoint, its learned temperature and bias: each image-text
+    pair is scored on its own, `sigmoid(logits)` being the probability that they match."""
+
+    logit_bias: float = 0.0
+
+    def logits_ids(self, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """`exp(logit_scale) * cos(image, text) + logit_bias`, `[N_images, N_texts]`, for token
+        ids padded as SigLIP's tokenizer pads them (to the tower's `context_length`)."""
+        zi = self.image.encode(images)
+        zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
+        zt = self.text.encode_ids(ids)
+        zt = zt / np.linalg.norm(zt, axis=-1, keepdims=True)
+        return float(np.exp(self.logit_scale)) * zi @ zt.T + self.logit_bias
+
+    def logits(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """`exp(logit_scale) * cos(image, text) + logit_bias`, `[N_images, N_texts]`."""
+        return self.logits_ids(images, self.text.tokenize(texts))
+
+    def probabilities(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """`sigmoid(logits)`: each pair's probability of matching, `[N_images, N_texts]`."""
+        return 1.0 / (1.0 + np.exp(-self.logits(images, texts)))
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -242,6 +270,10 @@ def _tokenizer(meta: dict[str, Any], module: nn.Module, max_len: int | None) -> 
     tok = meta.get("tokenizer")
     if not tok:
         return None
+    if tok["type"] == "unavailable":
+        return tokenizers.Unavailable(tok["reason"])
+    if tok["type"] == "tokenizer_json":
+        return tokenizers.JsonTokenizer(tok["json"], max_len or tok["max_len"], tok["pad_id"])
     if tok["type"] == "wordpiece":
         limit = max_len or min(int(tok.get("max_len", 512)), module.max_len)
         return tokenizers.wordpiece(
@@ -281,7 +313,7 @@ def _build(
         flat = surgery.stack_layers(checkpoint_io.flatten(variables))
         variables = checkpoint_io.unflatten(flat)
     variables = jax.tree.map(jnp.asarray, variables)
-    if isinstance(module, bert.Bert | clip_text.CLIPText):
+    if isinstance(module, bert.Bert | clip_text.CLIPText | siglip_text.SigLIPText):
         tok = _tokenizer(meta, module, options.pop("max_len", None))
         normalize = options.pop("normalize", meta.get("normalize", True))
         encoder = TextEncoder(module, variables, tok, normalize=normalize, name=name)
@@ -291,6 +323,7 @@ def _build(
             image_size=int(pre.get("image_size", 224)),
             mean=tuple(pre.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(pre.get("std", (0.229, 0.224, 0.225))),
+            crop_fraction=float(pre.get("crop_fraction", 0.875)),
             class_names=_class_names(meta, module),
         )
         for key in ("image_size", "crop_fraction", "batch_size"):
@@ -309,10 +342,16 @@ def _from_meta(
         image = _build(meta["image"], variables["image"], f"{name}:image", {})
         text = _build(meta["text"], variables["text"], f"{name}:text", dict(options))
         return CLIPEncoders(image, text, float(meta["logit_scale"]))
+    if meta.get("arch") == "siglip":
+        image = _build(meta["image"], variables["image"], f"{name}:image", {})
+        text = _build(meta["text"], variables["text"], f"{name}:text", dict(options))
+        return SigLIPEncoders(image, text, float(meta["logit_scale"]), float(meta["logit_bias"]))
     return _build(meta, variables, name, dict(options))
 
 
-def load(name_or_path: str, **options: Any) -> TextEncoder | VisionEncoder | CLIPEncoders:
+def load(
+    name_or_path: str, **options: Any
+) -> TextEncoder | VisionEncoder | CLIPEncoders | SigLIPEncoders:
     """A pretrained tower by asset name (`names()`) or from a weights file.
 
     A path may be a converted checkpoint (`convert(src, dst)` output) or foreign weights that

@@ -1,4 +1,5 @@
-"""Text tokenisers over HF `tokenizers`: WordPiece (BERT / MiniLM) from a vocab file."""
+"""Text tokenisers over HF `tokenizers`: WordPiece (BERT / MiniLM) from a vocab file, any
+`tokenizer.json` (SigLIP), and a stand-in that explains why a checkpoint has no tokenizer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+
+from xmodal_jax.errors import UserError
 
 
 class WordPieceTokenizer:
@@ -49,3 +52,31 @@ class WordPieceTokenizer:
 def wordpiece(vocab_file: str, max_len: int = 32, lowercase: bool = True) -> WordPieceTokenizer:
     """A cached tokenizer, so per-example preprocessing does not rebuild it."""
     return WordPieceTokenizer(vocab_file, max_len, lowercase)
+
+
+class JsonTokenizer:
+    """A `tokenizers` `tokenizer.json` applied as written (normaliser, model, special tokens),
+    truncated and right-padded with `pad_id` to exactly `max_len`."""
+
+    def __init__(self, tokenizer_json: str, max_len: int, pad_id: int):
+        tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        tok.enable_truncation(max_len)
+        tok.enable_padding(length=max_len, pad_id=pad_id, pad_token=tok.id_to_token(pad_id) or "")
+        self.max_len, self.pad_id, self._tok = max_len, pad_id, tok
+
+    def encode(self, texts: list[str] | str) -> np.ndarray:
+        """Token ids, int32 [N, max_len] (or [max_len] for one string)."""
+        single = isinstance(texts, str)
+        encs = self._tok.encode_batch([texts] if single else list(texts))
+        ids = np.asarray([e.ids for e in encs], np.int32)
+        return ids[0] if single else ids
+
+
+class Unavailable:
+    """Stands in for a tokenizer a checkpoint did not carry: `encode` raises `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def encode(self, texts: list[str] | str) -> np.ndarray:
+        raise UserError(self.reason)

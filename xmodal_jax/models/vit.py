@@ -4,7 +4,8 @@ pre-LN transformer, pooling by cls token, global average or multi-head attention
 The position table has a row for the cls token when `pool='cls'` (HF / timm / CLIP layout);
 inputs whose patch grid differs from `image_size // patch_size` get a bilinearly resized
 table. `pre_norm` (a LayerNorm before the encoder) and `proj_dim` (a bias-free projection of
-the pooled features) give the CLIP image tower.
+the pooled features) give the CLIP image tower; `proj_bias` gives that projection a bias (the
+image head of a big_vision two-tower model, e.g. LiT).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ViT(nn.Module):
     pre_norm: bool = False
     patch_bias: bool = True
     proj_dim: int = 0
+    proj_bias: bool = False
     dropout: float = 0.0
     attn_dropout: float = 0.0
     head_zeroinit: bool = True
@@ -130,7 +132,7 @@ class ViT(nn.Module):
             )(x)
         if self.proj_dim:
             pooled = layers.Dense(
-                self.proj_dim, (axes.EMBED, None), use_bias=False, name="proj", **kw
+                self.proj_dim, (axes.EMBED, None), use_bias=self.proj_bias, name="proj", **kw
             )(pooled)
 
         out = {"pooled": pooled, "features": x}

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import bert, clip_text, mobilenet_v2, resnet, vit
+from xmodal_jax.models import bert, clip_text, mobilenet_v2, resnet, siglip_text, vit
 
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
 
@@ -37,6 +37,12 @@ _register("minilm_l12", bert.Bert, width=384, depth=12, num_heads=12, mlp_dim=15
 # CLIP text towers: Radford et al. 2021, Table 20 (ViT-B/* and ViT-L/14 text encoders).
 _register("clip_text_b", clip_text.CLIPText, width=512, depth=12, num_heads=8, proj_dim=512)
 _register("clip_text_l", clip_text.CLIPText, width=768, depth=12, num_heads=12, proj_dim=768)
+# SigLIP text towers: the B, L and So400m text encoders of Zhai et al. 2023 (the HF
+# google/siglip-* configs: vocabulary 32000, 64 tokens).
+for _size, _width, _depth, _heads, _mlp in (("b", 768, 12, 12, 3072), ("l", 1024, 24, 16, 4096),
+                                            ("so400m", 1152, 27, 16, 4304)):  # fmt: skip
+    _register(f"siglip_text_{_size}", siglip_text.SigLIPText, width=_width, depth=_depth,
+              num_heads=_heads, mlp_dim=_mlp, proj_dim=_width)  # fmt: skip
 
 
 def names() -> list[str]:

@@ -6,10 +6,12 @@ every tensor against that tower's shapes, and writes `dst` (see `checkpoint_io`)
 architecture and preprocessing / tokenizer metadata that `pretrained.load(dst)` needs.
 
 Layouts: torchvision ResNet / MobileNetV2, HF BERT / MiniLM, HF CLIP (both towers, projections
-and logit scale), HF ViT, timm ViT, big_vision ViT `.npz`, HF ResNet. Files beside the weights
-are used when present: `config.json` (sizes), `vocab.txt` / `tokenizer_config.json` /
+and logit scale), HF ViT, timm ViT, big_vision ViT `.npz`, HF ResNet, HF SigLIP and big_vision
+two-tower (SigLIP / LiT) `.npz` (`from_siglip`: towers, temperature and bias). Files beside the
+weights are used when present: `config.json` (sizes), `vocab.txt` / `tokenizer_config.json` /
 `sentence_bert_config.json` / `1_Pooling/config.json` (BERT tokenizer and pooling),
-`vocab.json` + `merges.txt` (CLIP BPE), `preprocessor_config.json` (image mean / std / size).
+`vocab.json` + `merges.txt` (CLIP BPE), `tokenizer.json` (SigLIP), `preprocessor_config.json`
+(image mean / std / size).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from xmodal_jax.transfer import (
     checkpoint_io,
     from_big_vision,
     from_hf,
+    from_siglip,
     from_timm,
     from_torchvision,
     surgery,
@@ -46,12 +49,15 @@ FORMATS = (
     "hf_resnet",
     "timm_vit",
     "big_vision_vit",
+    *from_siglip.FORMATS,
 )
 
 
 def detect_format(tensors: dict[str, np.ndarray]) -> str:
     """The layout of a flat state dict (one of `FORMATS`), from its tensor names."""
     keys = set(tensors)
+    if (siglip := from_siglip.detect(tensors)) is not None:  # before CLIP: same text key names
+        return siglip
     if from_hf.is_clip(keys):
         return "hf_clip"
     if (tower := from_hf.is_clip_tower(keys)) is not None:
@@ -146,20 +152,63 @@ def _check(conv: Converted, source: str) -> dict[str, Any]:
 
 
 def _dummy_input(model: Any) -> jax.Array:
-    from xmodal_jax.models import bert, clip_text
+    from xmodal_jax.models import bert, clip_text, siglip_text
 
-    if isinstance(model, bert.Bert | clip_text.CLIPText):
+    if isinstance(model, bert.Bert | clip_text.CLIPText | siglip_text.SigLIPText):
         return jnp.ones((1, 4), jnp.int32)
     size = getattr(model, "image_size", 32)
     return jnp.zeros((1, size, size, 3), jnp.float32)
+
+
+def _siglip(
+    src: str, fmt: str, tensors: dict, config: Any, name: str, arch: str | None
+) -> tuple[dict, dict]:
+    """`(variables, metadata)` of a SigLIP / LiT checkpoint: one tower, or both with the
+    temperature and (SigLIP) the bias; a pair without a bias (LiT) is scored as CLIP is."""
+    if fmt in ("hf_siglip_text", "hf_siglip_vision"):
+        kind = "text" if fmt == "hf_siglip_text" else "image"
+        tensors = from_siglip.hf_tower_names(tensors, kind)
+        towers = {kind: from_siglip.convert_hf_tower(tl.StateDict(tensors, name), config, kind)}
+        pair = None
+    elif fmt == "hf_siglip":
+        image, text, scale, bias = from_siglip.convert_hf(tl.StateDict(tensors, name), config)
+        towers, pair = {"image": image, "text": text}, (scale, bias)
+    else:
+        image, text, scale, bias = from_siglip.convert_big_vision(tensors, name)
+        towers, pair = {"image": image, "text": text}, (scale, bias)
+    if "text" in towers:
+        text = towers["text"]
+        tok_json = _sidecar(src, "tokenizer.json")
+        pad_id = text.meta.pop("pad_id", None)
+        text.meta["tokenizer"] = from_siglip.tokenizer_meta(
+            _read(tok_json) if tok_json else None, text.overrides["context_length"], pad_id
+        )
+    if "image" in towers:
+        towers["image"].meta = _preprocess(src, towers["image"].meta)
+    if pair is None:
+        (conv,) = towers.values()
+        conv.arch = zoo.canonical(arch) if arch else conv.arch
+        meta = {"arch": conv.arch, "overrides": conv.overrides, "source_format": fmt, **conv.meta}
+        return _check(conv, name), meta
+    scale, bias = pair
+    variables: dict[str, Any] = {k: _check(c, name) for k, c in towers.items()}
+    variables["logit_scale"] = np.asarray(scale, np.float32)
+    arch_name = "clip" if bias is None else "siglip"
+    meta = {"arch": arch_name, "source_format": fmt, "logit_scale": scale}
+    if bias is not None:
+        variables["logit_bias"] = np.asarray(bias, np.float32)
+        meta["logit_bias"] = bias
+    for kind, c in towers.items():
+        meta[kind] = {"arch": c.arch, "overrides": c.overrides, **c.meta}
+    return variables, meta
 
 
 def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(variables, metadata)` of foreign weights `src`, validated against our tower.
 
     `arch` (a zoo name) supplies what the file cannot tell, such as the number of heads of a
-    BERT without config.json. For CLIP the variables are `{'image': ..., 'text': ...}` and the
-    metadata has one entry per tower plus `logit_scale`.
+    BERT without config.json. For CLIP (and LiT) the variables are `{'image': ..., 'text': ...}`
+    and the metadata has one entry per tower plus `logit_scale`; SigLIP adds `logit_bias`.
     """
     src = os.fspath(src)
     tensors = checkpoint_io.read_state_dict(src)
@@ -186,6 +235,8 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
         }
         return variables, meta
 
+    if fmt in from_siglip.FORMATS:
+        return _siglip(src, fmt, tensors, config, name, arch)
     if fmt == "hf_bert":
         pool, extra = _bert_extras(src)
         sd = tl.StateDict(tensors, name, from_hf.bert_prefix(set(tensors)) or "")

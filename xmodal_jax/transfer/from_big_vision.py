@@ -75,6 +75,33 @@ def _block(sd: tl.StateDict, src: str, index: int | None) -> dict[str, np.ndarra
     return out
 
 
+def encoder(sd: tl.StateDict, src: str, p: dict[str, np.ndarray]) -> int:
+    """big_vision `Encoder` `src/` (blocks, scanned or not, and `encoder_norm`) -> our
+    `params/encoder/layer_{i}` and `params/norm`; returns the depth."""
+    if sd.has(f"{src}/encoderblock/LayerNorm_0/scale"):  # scanned: a leading depth axis
+        depth = int(sd.tensors[f"{src}/encoderblock/LayerNorm_0/scale"].shape[0])
+        blocks = [(f"{src}/encoderblock", i) for i in range(depth)]
+    else:
+        depth = sd.count(f"{src}/encoderblock_{{}}/LayerNorm_0/scale")
+        blocks = [(f"{src}/encoderblock_{i}", None) for i in range(depth)]
+    for i, (block, index) in enumerate(blocks):
+        tl.put(p, f"params/encoder/layer_{i}", _block(sd, block, index))
+    p["params/norm/scale"] = sd(f"{src}/encoder_norm/scale")
+    p["params/norm/bias"] = sd(f"{src}/encoder_norm/bias")
+    return depth
+
+
+def map_head(sd: tl.StateDict, p: dict[str, np.ndarray]) -> bool:
+    """big_vision `MAPHead_0` (if there is one) -> our `params/map_head`."""
+    if not sd.has("MAPHead_0/probe"):
+        return False
+    p["params/map_head/probe"] = sd("MAPHead_0/probe")
+    head = _block(sd, "MAPHead_0", None)
+    head["norm/scale"], head["norm/bias"] = head.pop("norm1/scale"), head.pop("norm1/bias")
+    tl.put(p, "params/map_head", head)
+    return True
+
+
 def convert_vit(tensors: Mapping[str, np.ndarray], source: str) -> Converted:
     sd = tl.StateDict(strip_prefix(tensors), source)
     if any(k.startswith("pre_logits/") for k in sd.tensors):
@@ -100,25 +127,8 @@ def convert_vit(tensors: Mapping[str, np.ndarray], source: str) -> Converted:
             posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
     p["params/pos_embedding"] = posemb
 
-    scanned = sd.has("Transformer/encoderblock/LayerNorm_0/scale")
-    if scanned:
-        depth = int(sd.tensors["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
-        blocks = [("Transformer/encoderblock", i) for i in range(depth)]
-    else:
-        depth = sd.count("Transformer/encoderblock_{}/LayerNorm_0/scale")
-        blocks = [(f"Transformer/encoderblock_{i}", None) for i in range(depth)]
-    for i, (src, index) in enumerate(blocks):
-        tl.put(p, f"params/encoder/layer_{i}", _block(sd, src, index))
-    p["params/norm/scale"] = sd("Transformer/encoder_norm/scale")
-    p["params/norm/bias"] = sd("Transformer/encoder_norm/bias")
-
-    pool = "cls" if has_cls else "gap"
-    if sd.has("MAPHead_0/probe"):
-        pool = "map"
-        p["params/map_head/probe"] = sd("MAPHead_0/probe")
-        head = _block(sd, "MAPHead_0", None)
-        head["norm/scale"], head["norm/bias"] = head.pop("norm1/scale"), head.pop("norm1/bias")
-        tl.put(p, "params/map_head", head)
+    depth = encoder(sd, "Transformer", p)
+    pool = "map" if map_head(sd, p) else ("cls" if has_cls else "gap")
     num_classes = 0
     if sd.has("head/kernel"):
         p["params/head/kernel"], p["params/head/bias"] = sd("head/kernel"), sd("head/bias")
