@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import bert, clip_text, mobilenet_v2, resnet, vit
+from xmodal_jax.models import bert, clip_text, mobilenet_v2, modified_resnet, resnet, vit
 
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
 
@@ -37,6 +37,10 @@ _register("minilm_l12", bert.Bert, width=384, depth=12, num_heads=12, mlp_dim=15
 # CLIP text towers: Radford et al. 2021, Table 20 (ViT-B/* and ViT-L/14 text encoders).
 _register("clip_text_b", clip_text.CLIPText, width=512, depth=12, num_heads=8, proj_dim=512)
 _register("clip_text_l", clip_text.CLIPText, width=768, depth=12, num_heads=12, proj_dim=768)
+# CLIP's ModifiedResNet image towers (RN50 .. RN50x64); attention-pool heads: 32 * width / 64.
+for _size, _cfg in modified_resnet.VARIANTS.items():
+    _heads = _cfg["width"] // 2
+    _register(f"modified_resnet{_size}", modified_resnet.ModifiedResNet, num_heads=_heads, **_cfg)
 
 
 def names() -> list[str]:
