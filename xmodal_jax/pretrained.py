@@ -334,8 +334,8 @@ def load(name_or_path: str, **options: Any) -> TextEncoder | VisionEncoder | CLI
 
     A path may be a converted checkpoint (`convert(src, dst)` output) or foreign weights that
     `convert` understands (converted in memory). Options: `image_size`, `crop_fraction`,
-    `batch_size` (vision); `max_len`, `normalize` (text); `dtype`, `depthwise`, `scan_layers`,
-    `remat_policy` (passed to the tower).
+    `interpolation`, `batch_size` (vision); `max_len`, `normalize` (text); `dtype`, `depthwise`,
+    `scan_layers`, `remat_policy` (passed to the tower).
     """
     key = name_or_path.strip().lower().replace("_", "-")
     if key in ASSETS:
