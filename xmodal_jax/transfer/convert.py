@@ -8,10 +8,10 @@ architecture and preprocessing / tokenizer metadata that `pretrained.load(dst)` 
 Layouts: torchvision ResNet / MobileNetV2, HF BERT / MiniLM, HF CLIP (both towers, projections
 and logit scale), open_clip / OpenAI CLIP (ViT or ModifiedResNet image tower; its
 `open_clip_config.json` or an open_clip model name as `arch`), HF ViT, timm ViT, big_vision ViT
-`.npz`, HF ResNet. Files beside the weights
-are used when present: `config.json` (sizes), `vocab.txt` / `tokenizer_config.json` /
-`sentence_bert_config.json` / `1_Pooling/config.json` (BERT tokenizer and pooling),
-`vocab.json` + `merges.txt` (CLIP BPE), `preprocessor_config.json` (image mean / std / size).
+`.npz`, HF ResNet. Files beside the weights are used when present: `config.json` (sizes),
+`vocab.txt` / `tokenizer_config.json` / `sentence_bert_config.json` / `1_Pooling/config.json`
+(BERT tokenizer and pooling), `vocab.json` + `merges.txt` (CLIP BPE), `preprocessor_config.json`
+(image mean / std / size).
 """
 
 from __future__ import annotations
