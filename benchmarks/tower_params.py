@@ -33,7 +33,8 @@ def body_count(variables) -> int:
 
 def count(name: str) -> int:
     text = name.startswith(("bert", "minilm", "clip", "siglip_text"))
-    overrides = {} if name.startswith(("resnet", "mobilenet")) else {"scan_layers": True}
+    cnn = name.startswith(("resnet", "mobilenet", "modified_resnet"))
+    overrides = {} if cnn else {"scan_layers": True}
     model = zoo.build(name, **overrides)
     x = jnp.zeros((1, 8), jnp.int32) if text else jnp.zeros((1, 224, 224, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))

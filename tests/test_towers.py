@@ -22,6 +22,7 @@ TINY_VIT = dict(width=32, depth=2, num_heads=4, mlp_dim=48, patch_size=8, image_
 TINY_BERT = dict(vocab_size=50, max_len=16, width=32, depth=2, num_heads=4, mlp_dim=48)
 TINY_CLIP = dict(vocab_size=50, context_length=16, width=32, depth=2, num_heads=4, proj_dim=24)
 TINY_SIGLIP = {**TINY_CLIP, "mlp_dim": 48, "context_length": 12}
+TINY_RN = dict(width=8, stage_sizes=(1, 1, 1, 1), image_size=32, num_heads=4, proj_dim=16)
 TINY = {
     "resnet18": (dict(width=0.125, num_classes=5), "image"),
     "resnet50": (dict(width=0.125, stage_sizes=(1, 1, 1, 1), num_classes=5), "image"),
@@ -30,6 +31,7 @@ TINY = {
     "bert_base": ({**TINY_BERT, "num_classes": 5}, "text"),
     "clip_text_b": ({**TINY_CLIP, "num_classes": 5}, "text"),
     "siglip_text_b": ({**TINY_SIGLIP, "num_classes": 5}, "text"),
+    "modified_resnet50": ({**TINY_RN, "num_classes": 5}, "image"),
 }
 
 
@@ -80,7 +82,8 @@ def test_names_cover_the_required_set():
 
 
 # Published parameter counts (torchvision model docs; HF BertModel with pooler;
-# all-MiniLM-L6-v2; OpenAI CLIP ViT-B text tower incl. projection).
+# all-MiniLM-L6-v2; OpenAI CLIP ViT-B text tower incl. projection; the image towers of
+# open_clip's RN50 / RN101 / RN50x4, `create_model(name).visual`).
 PUBLISHED = {
     "resnet18": (11_689_512, dict(num_classes=1000)),
     "resnet34": (21_797_672, dict(num_classes=1000)),
@@ -91,6 +94,9 @@ PUBLISHED = {
     "vit_l16": (304_326_632, dict(num_classes=1000)),
     "bert_base": (109_482_240, dict(pool="pooler")),
     "minilm_l6": (22_713_216, dict(pool="pooler")),
+    "modified_resnet50": (38_316_896, {}),
+    "modified_resnet101": (56_259_936, {}),
+    "modified_resnet50x4": (87_137_080, {}),
 }
 
 
@@ -98,7 +104,7 @@ def test_parameter_counts_of_every_name():
     counts, bodies = {}, {}
     for name in zoo.names():
         count, overrides = PUBLISHED.get(name, (None, {}))
-        if not name.startswith(("resnet", "mobilenet")):
+        if not name.startswith(("resnet", "mobilenet", "modified_resnet")):
             overrides = {**overrides, "scan_layers": True}  # same count, faster to trace
         model = zoo.build(name, **overrides)
         text = name.startswith(("bert", "minilm", "clip", "siglip_text"))
@@ -126,7 +132,8 @@ def test_forward_outputs_and_logical_axes(name):
     out = jit_apply(model, variables, x)
     assert out["logits"].shape == (2, 5)
     assert out["pooled"].ndim == 2 and out["pooled"].shape[0] == 2
-    assert out["features"].ndim == (4 if name.startswith(("resnet", "mobilenet")) else 3)
+    conv = name.startswith(("resnet", "mobilenet", "modified_resnet"))
+    assert out["features"].ndim == (4 if conv else 3)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(out))
     # every parameter is boxed with logical names from axes.ALL, one per dimension
     boxed = _boxed(model, x)["params"]

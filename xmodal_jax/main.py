@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("convert", help="convert a foreign checkpoint for pretrained.load")
     p.add_argument("src", help="a .pth / .bin / .safetensors / .npz file or an HF folder")
     p.add_argument("dst", help="the .safetensors file to write")
-    p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred")
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="architecture name when it cannot be inferred (a zoo name; for open_clip weights "
+        "without open_clip_config.json, open_clip's model name: ViT-B-32, RN50, ...)",
+    )
     for verb, text in (
         ("table", "run a table's jobs and write it (xmodal table --help)"),
         ("bench", "measure step throughput and MFU (xmodal bench --help)"),

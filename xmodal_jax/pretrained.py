@@ -95,6 +95,7 @@ class TextEncoder:
     normalize: bool = True  # L2-normalise the pooled embedding
     name: str = ""
     batch_size: int = 64
+    no_tokenizer_fix: str = ""  # how to supply the tokenizer, when the checkpoint has none
 
     def __post_init__(self):
         self._pooled = jax.jit(lambda v, ids: self.module.apply(v, ids)["pooled"])
@@ -102,9 +103,10 @@ class TextEncoder:
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
         """Token ids int32 `[N, L]` from the tower's own tokenizer."""
         if self.tokenizer is None:
+            fix = self.no_tokenizer_fix or "tokenize yourself and call encode_ids(ids)"
             raise UserError(
                 f"{self.name or 'This text tower'} has no tokenizer (its checkpoint carried no "
-                "vocabulary); tokenize yourself and call encode_ids(ids)."
+                f"vocabulary). Fix: {fix}."
             )
         return self.tokenizer.encode([texts] if isinstance(texts, str) else list(texts))
 
@@ -140,9 +142,11 @@ class TextEncoder:
 class VisionEncoder:
     """An image tower with its preprocessing: `encode(images)`, `classify(images)`.
 
-    Preprocessing: shorter side resized (bilinear, anti-aliased) to `image_size / crop_fraction`,
-    centre crop `image_size` (224 / 0.875 = 256 is the usual ImageNet evaluation), scaled to
-    [0, 1], normalised by `mean` / `std`, NHWC float32.
+    Preprocessing: shorter side resized (`interpolation` 'bilinear' or 'bicubic', anti-aliased)
+    to `image_size / crop_fraction`, centre crop `image_size` (224 / 0.875 = 256 is the usual
+    ImageNet evaluation; CLIP crops at 1.0), scaled to [0, 1], normalised by `mean` / `std`,
+    NHWC float32. Sizes and offsets are rounded as torchvision's `Resize(int)` and `CenterCrop`
+    round them (the longer side truncated, the crop offset rounded).
     """
 
     module: nn.Module
@@ -151,6 +155,7 @@ class VisionEncoder:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     crop_fraction: float = 0.875
+    interpolation: str = "bilinear"  # 'bilinear' | 'bicubic' (Keys, a = -0.5, as PIL)
     class_names: list[str] | None = None
     name: str = ""
     batch_size: int = 32
@@ -175,10 +180,18 @@ class VisionEncoder:
         )
         n, h, w, _ = x.shape
         short = max(1, round(self.image_size / self.crop_fraction))
-        scale = short / min(h, w)
-        nh, nw = max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale))
-        x = np.asarray(jax.image.resize(jnp.asarray(x), (n, nh, nw, 3), "bilinear", antialias=True))
-        top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
+        nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        nh, nw = max(self.image_size, nh), max(self.image_size, nw)
+        method = {"bilinear": "bilinear", "bicubic": "bicubic"}.get(self.interpolation)
+        if method is None:
+            raise UserError(
+                f"Unknown interpolation {self.interpolation!r}; choose 'bilinear' or 'bicubic'."
+            )
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (n, nh, nw, 3), method, antialias=True))
+        if method == "bicubic":  # cubic overshoot at edges, clipped as an 8-bit image is (PIL)
+            x = np.clip(x, 0.0, 1.0)
+        top = int(round((nh - self.image_size) / 2))
+        left = int(round((nw - self.image_size) / 2))
         x = x[:, top : top + self.image_size, left : left + self.image_size]
         return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(
             np.float32
@@ -316,7 +329,10 @@ def _build(
     if isinstance(module, bert.Bert | clip_text.CLIPText | siglip_text.SigLIPText):
         tok = _tokenizer(meta, module, options.pop("max_len", None))
         normalize = options.pop("normalize", meta.get("normalize", True))
-        encoder = TextEncoder(module, variables, tok, normalize=normalize, name=name)
+        fix = meta.get("no_tokenizer_fix", "")
+        encoder = TextEncoder(
+            module, variables, tok, normalize=normalize, name=name, no_tokenizer_fix=fix
+        )
     else:
         pre = meta.get("preprocess", {})
         kwargs = dict(
@@ -326,7 +342,8 @@ def _build(
             crop_fraction=float(pre.get("crop_fraction", 0.875)),
             class_names=_class_names(meta, module),
         )
-        for key in ("image_size", "crop_fraction", "batch_size"):
+        kwargs.update({k: pre[k] for k in ("crop_fraction", "interpolation") if k in pre})
+        for key in ("image_size", "crop_fraction", "interpolation", "batch_size"):
             if key in options:
                 kwargs[key] = options.pop(key)
         encoder = VisionEncoder(module, variables, name=name, **kwargs)
@@ -356,8 +373,8 @@ def load(
 
     A path may be a converted checkpoint (`convert(src, dst)` output) or foreign weights that
     `convert` understands (converted in memory). Options: `image_size`, `crop_fraction`,
-    `batch_size` (vision); `max_len`, `normalize` (text); `dtype`, `depthwise`, `scan_layers`,
-    `remat_policy` (passed to the tower).
+    `interpolation`, `batch_size` (vision); `max_len`, `normalize` (text); `dtype`, `depthwise`,
+    `scan_layers`, `remat_policy` (passed to the tower).
     """
     key = name_or_path.strip().lower().replace("_", "-")
     if key in ASSETS:

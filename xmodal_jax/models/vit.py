@@ -1,7 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2021): patch embedding, learned position embeddings,
 pre-LN transformer, pooling by cls token, global average or multi-head attention (MAP).
 
-The position table has a row for the cls token when `pool='cls'` (HF / timm / CLIP layout);
+The position table has a row for the cls token when there is one (`pool='cls'`, or
+`cls_token=True`: open_clip keeps it also when it pools by the patch tokens' mean);
 inputs whose patch grid differs from `image_size // patch_size` get a bilinearly resized
 table. `pre_norm` (a LayerNorm before the encoder) and `proj_dim` (a bias-free projection of
 the pooled features) give the CLIP image tower; `proj_bias` gives that projection a bias (the
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax.errors import UserError
 from xmodal_jax.models import axes, layers, transformer
 
 # width, depth, mlp_dim, heads: Table 1 of Dosovitskiy et al. (B, L) and Touvron et al. 2021
@@ -30,7 +32,7 @@ VARIANTS = {
 
 class ViT(nn.Module):
     """ViT tower: `{'pooled': [B, D], 'features': [B, N, D], 'logits'?}` (features after the
-    final norm, prefix token included)."""
+    final norm unless `norm_after_pool`, prefix token included)."""
 
     num_classes: int = 0
     patch_size: int = 16
@@ -40,6 +42,8 @@ class ViT(nn.Module):
     mlp_dim: int | None = None  # default 4 * width
     num_heads: int = 12
     pool: str = "cls"  # 'cls' | 'gap' | 'map'
+    cls_token: bool | None = None  # prepend a cls token; default: only when pool='cls'
+    norm_after_pool: bool = False  # final LayerNorm on the pooled vector, not on every token
     act: str = "gelu"
     norm_eps: float = 1e-6
     pre_norm: bool = False
@@ -74,7 +78,9 @@ class ViT(nn.Module):
         b, h, w, _ = x.shape
         x = x.reshape(b, h * w, d)
 
-        prefix = 1 if self.pool == "cls" else 0
+        prefix = int(self.pool == "cls" if self.cls_token is None else self.cls_token)
+        if self.pool == "cls" and not prefix:
+            raise UserError("pool='cls' needs the cls token; set cls_token=True (or None).")
         if prefix:
             cls = layers.param(
                 self,
@@ -120,16 +126,20 @@ class ViT(nn.Module):
             self.remat_policy,
             name="encoder",
         )(x)
-        x = layers.layer_norm(self.norm_eps, name="norm", **kw)(x)
+        norm = layers.layer_norm(self.norm_eps, name="norm", **kw)
+        if not self.norm_after_pool:
+            x = norm(x)
 
         if self.pool == "cls":
             pooled = x[:, 0]
-        elif self.pool == "gap":
-            pooled = jnp.mean(x, axis=1)
+        elif self.pool == "gap":  # the patch tokens' mean (a cls token is left out)
+            pooled = jnp.mean(x[:, prefix:], axis=1)
         else:
             pooled = transformer.MAPHead(
                 self.num_heads, mlp_dim, self.act, self.norm_eps, name="map_head", **kw
             )(x)
+        if self.norm_after_pool:
+            pooled = norm(pooled)
         if self.proj_dim:
             pooled = layers.Dense(
                 self.proj_dim, (axes.EMBED, None), use_bias=self.proj_bias, name="proj", **kw

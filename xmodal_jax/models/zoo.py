@@ -14,7 +14,15 @@ from typing import Any
 import flax.linen as nn
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import bert, clip_text, mobilenet_v2, resnet, siglip_text, vit
+from xmodal_jax.models import (
+    bert,
+    clip_text,
+    mobilenet_v2,
+    modified_resnet,
+    resnet,
+    siglip_text,
+    vit,
+)
 
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
 
@@ -43,6 +51,10 @@ for _size, _width, _depth, _heads, _mlp in (("b", 768, 12, 12, 3072), ("l", 1024
                                             ("so400m", 1152, 27, 16, 4304)):  # fmt: skip
     _register(f"siglip_text_{_size}", siglip_text.SigLIPText, width=_width, depth=_depth,
               num_heads=_heads, mlp_dim=_mlp, proj_dim=_width)  # fmt: skip
+# CLIP's ModifiedResNet image towers (RN50 .. RN50x64); attention-pool heads: 32 * width / 64.
+for _size, _cfg in modified_resnet.VARIANTS.items():
+    _heads = _cfg["width"] // 2
+    _register(f"modified_resnet{_size}", modified_resnet.ModifiedResNet, num_heads=_heads, **_cfg)
 
 
 def names() -> list[str]:

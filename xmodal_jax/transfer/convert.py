@@ -6,11 +6,13 @@ every tensor against that tower's shapes, and writes `dst` (see `checkpoint_io`)
 architecture and preprocessing / tokenizer metadata that `pretrained.load(dst)` needs.
 
 Layouts: torchvision ResNet / MobileNetV2, HF BERT / MiniLM, HF CLIP (both towers, projections
-and logit scale), HF ViT, timm ViT, big_vision ViT `.npz`, HF ResNet, HF SigLIP and big_vision
-two-tower (SigLIP / LiT) `.npz` (`from_siglip`: towers, temperature and bias). Files beside the
-weights are used when present: `config.json` (sizes), `vocab.txt` / `tokenizer_config.json` /
-`sentence_bert_config.json` / `1_Pooling/config.json` (BERT tokenizer and pooling),
-`vocab.json` + `merges.txt` (CLIP BPE), `tokenizer.json` (SigLIP), `preprocessor_config.json`
+and logit scale), open_clip / OpenAI CLIP (ViT or ModifiedResNet image tower; its
+`open_clip_config.json` or an open_clip model name as `arch`), HF ViT, timm ViT, big_vision ViT
+`.npz`, HF ResNet, HF SigLIP and big_vision two-tower (SigLIP / LiT) `.npz` (`from_siglip`:
+towers, temperature and bias). Files beside the weights are used when present: `config.json`
+(sizes), `vocab.txt` / `tokenizer_config.json` / `sentence_bert_config.json` /
+`1_Pooling/config.json` (BERT tokenizer and pooling), `vocab.json` + `merges.txt` (CLIP BPE),
+`tokenizer.json` (SigLIP), `preprocessor_config.json`
 (image mean / std / size).
 """
 
@@ -30,6 +32,7 @@ from xmodal_jax.transfer import (
     checkpoint_io,
     from_big_vision,
     from_hf,
+    from_open_clip,
     from_siglip,
     from_timm,
     from_torchvision,
@@ -45,6 +48,7 @@ FORMATS = (
     "hf_clip",
     "hf_clip_text",
     "hf_clip_vision",
+    "open_clip",
     "hf_vit",
     "hf_resnet",
     "timm_vit",
@@ -58,6 +62,8 @@ def detect_format(tensors: dict[str, np.ndarray]) -> str:
     keys = set(tensors)
     if (siglip := from_siglip.detect(tensors)) is not None:  # before CLIP: same text key names
         return siglip
+    if from_open_clip.is_open_clip(keys):
+        return "open_clip"
     if from_hf.is_clip(keys):
         return "hf_clip"
     if (tower := from_hf.is_clip_tower(keys)) is not None:
@@ -160,6 +166,29 @@ def _dummy_input(model: Any) -> jax.Array:
     return jnp.zeros((1, size, size, 3), jnp.float32)
 
 
+def _clip_pair(
+    image: Converted, text: Converted, scale: float, bias: float | None, fmt: str, name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Variables and metadata of a two-tower checkpoint: CLIP (and LiT), or SigLIP when it has
+    a learned `bias`."""
+    variables = {
+        "image": _check(image, name),
+        "text": _check(text, name),
+        "logit_scale": np.asarray(scale, np.float32),
+    }
+    meta = {
+        "arch": "clip" if bias is None else "siglip",
+        "source_format": fmt,
+        "logit_scale": scale,
+        "image": {"arch": image.arch, "overrides": image.overrides, **image.meta},
+        "text": {"arch": text.arch, "overrides": text.overrides, **text.meta},
+    }
+    if bias is not None:
+        variables["logit_bias"] = np.asarray(bias, np.float32)
+        meta["logit_bias"] = bias
+    return variables, meta
+
+
 def _siglip(
     src: str, fmt: str, tensors: dict, config: Any, name: str, arch: str | None
 ) -> tuple[dict, dict]:
@@ -190,50 +219,36 @@ def _siglip(
         conv.arch = zoo.canonical(arch) if arch else conv.arch
         meta = {"arch": conv.arch, "overrides": conv.overrides, "source_format": fmt, **conv.meta}
         return _check(conv, name), meta
-    scale, bias = pair
-    variables: dict[str, Any] = {k: _check(c, name) for k, c in towers.items()}
-    variables["logit_scale"] = np.asarray(scale, np.float32)
-    arch_name = "clip" if bias is None else "siglip"
-    meta = {"arch": arch_name, "source_format": fmt, "logit_scale": scale}
-    if bias is not None:
-        variables["logit_bias"] = np.asarray(bias, np.float32)
-        meta["logit_bias"] = bias
-    for kind, c in towers.items():
-        meta[kind] = {"arch": c.arch, "overrides": c.overrides, **c.meta}
-    return variables, meta
+    return _clip_pair(towers["image"], towers["text"], *pair, fmt, name)
 
 
 def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(variables, metadata)` of foreign weights `src`, validated against our tower.
 
-    `arch` (a zoo name) supplies what the file cannot tell, such as the number of heads of a
-    BERT without config.json. For CLIP (and LiT) the variables are `{'image': ..., 'text': ...}`
-    and the metadata has one entry per tower plus `logit_scale`; SigLIP adds `logit_bias`.
+    `arch` (a zoo name; for open_clip weights an open_clip model name such as `ViT-B-32`)
+    supplies what the file cannot tell, such as the number of heads of a BERT without
+    config.json. For CLIP (and LiT) the variables are `{'image': ..., 'text': ...}` and the
+    metadata has one entry per tower plus `logit_scale`; SigLIP adds `logit_bias`.
     """
     src = os.fspath(src)
-    tensors = checkpoint_io.read_state_dict(src)
+    tensors = checkpoint_io.read_state_dict(from_open_clip.hub_weights(src) or src)
     fmt = detect_format(tensors)
     config = _json(src, "config.json")
-    hint = zoo.spec(arch)[1] if arch else None
     name = os.path.basename(src.rstrip("/"))
 
+    if fmt == "open_clip":
+        model_cfg, pre_cfg, where = from_open_clip.read_config(src, arch)
+        sd = tl.StateDict(tensors, name)
+        image, text, scale = from_open_clip.convert_clip(sd, model_cfg, pre_cfg, where)
+        vocab = text.overrides["vocab_size"]
+        text.meta.update(from_open_clip.tokenizer_meta(src, model_cfg.get("text_cfg") or {}, vocab))
+        return _clip_pair(image, text, scale, None, fmt, name)
+    hint = zoo.spec(arch)[1] if arch else None
     if fmt == "hf_clip":
         image, text, scale = from_hf.convert_clip(tl.StateDict(tensors, name), config)
         text.meta.update(_clip_tokenizer(src))
         image.meta = _preprocess(src, image.meta)
-        variables = {
-            "image": _check(image, name),
-            "text": _check(text, name),
-            "logit_scale": np.asarray(scale, np.float32),
-        }
-        meta = {
-            "arch": "clip",
-            "source_format": fmt,
-            "logit_scale": scale,
-            "image": {"arch": image.arch, "overrides": image.overrides, **image.meta},
-            "text": {"arch": text.arch, "overrides": text.overrides, **text.meta},
-        }
-        return variables, meta
+        return _clip_pair(image, text, scale, None, fmt, name)
 
     if fmt in from_siglip.FORMATS:
         return _siglip(src, fmt, tensors, config, name, arch)
@@ -274,7 +289,8 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
 
 def convert(src: str, dst: str, arch: str | None = None) -> None:
     """Convert foreign weights `src` into a checkpoint `dst` (`.safetensors`) that
-    `xmodal_jax.pretrained.load(dst)` reads back. `arch` is an optional zoo name."""
+    `xmodal_jax.pretrained.load(dst)` reads back. `arch` is an optional zoo name (an open_clip
+    model name for open_clip weights)."""
     if not os.fspath(dst).endswith(".safetensors"):
         raise UserError(f"Destination {dst!r} must end in .safetensors (the converted format).")
     variables, meta = load_foreign(src, arch)
