@@ -29,7 +29,13 @@ from xmodal_jax import main as cli
 from xmodal_jax import pretrained
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import zoo
-from xmodal_jax.transfer import checkpoint_io, convert, from_open_clip
+from xmodal_jax.transfer import (
+    checkpoint_io,
+    convert,
+    from_open_clip,
+    open_clip_configs,
+    open_clip_tokenizer,
+)
 from xmodal_jax.transfer.torch_layout import ConversionError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +61,7 @@ def oracle(tmp_path_factory):
 
 @pytest.fixture
 def tiny_rn_name(monkeypatch):
-    monkeypatch.setitem(from_open_clip.MODEL_CONFIGS, "Tiny-RN", copy.deepcopy(TINY_RN))
+    monkeypatch.setitem(open_clip_configs.MODEL_CONFIGS, "Tiny-RN", copy.deepcopy(TINY_RN))
     return "Tiny-RN"
 
 
@@ -146,8 +152,8 @@ def test_tokenizer_equals_open_clip(tmp_path, oracle):
 
 
 def test_without_a_vocabulary_load_says_how_to_supply_one(tmp_path, oracle, monkeypatch):
-    vocab, merges = from_open_clip.bpe_from_merges(_package_bpe())
-    monkeypatch.setattr(from_open_clip, "_package_file", lambda *parts: None)
+    vocab, merges = open_clip_tokenizer.bpe_from_merges(_package_bpe())
+    monkeypatch.setattr(open_clip_configs, "package_file", lambda *parts: None)
     dst = tmp_path / "clip.safetensors"
     convert.convert(str(oracle["dir"] / "vit_cls"), str(dst))
     text = pretrained.load(str(dst)).text
@@ -169,7 +175,7 @@ def test_without_a_vocabulary_load_says_how_to_supply_one(tmp_path, oracle, monk
 def _package_bpe() -> str:
     import gzip
 
-    with gzip.open(from_open_clip._package_file("bpe_simple_vocab_16e6.txt.gz"), "rt") as f:
+    with gzip.open(open_clip_configs.package_file("bpe_simple_vocab_16e6.txt.gz"), "rt") as f:
         return f.read()
 
 
@@ -214,7 +220,7 @@ def test_missing_or_wrong_information_is_one_clear_error(tmp_path, oracle, tiny_
     with pytest.raises(ConversionError, match="Unknown open_clip model name 'RN51'"):
         convert.convert(bare, dst, "RN51")
     with pytest.raises(ConversionError, match=r"text_cfg\.width = 64, the tensors have 48"):
-        from_open_clip.MODEL_CONFIGS[tiny_rn_name]["text_cfg"]["width"] = 64
+        open_clip_configs.MODEL_CONFIGS[tiny_rn_name]["text_cfg"]["width"] = 64
         convert.convert(bare, dst, tiny_rn_name)
     # an option our towers do not have
     folder = tmp_path / "attn_pool"
@@ -234,10 +240,10 @@ def test_named_configs_are_open_clips(oracle):
     """The model configs known without open_clip are open_clip's own (`-quickgelu` too)."""
     drop_none = lambda d: {k: v for k, v in d.items() if v is not None}
     configs = oracle["model_configs"]
-    assert set(from_open_clip.MODEL_CONFIGS) <= set(configs)
-    for name in from_open_clip.MODEL_CONFIGS:
+    assert set(open_clip_configs.MODEL_CONFIGS) <= set(configs)
+    for name in open_clip_configs.MODEL_CONFIGS:
         for variant in (name, f"{name}-quickgelu") if f"{name}-quickgelu" in configs else (name,):
-            ours, ref = from_open_clip._named_config(variant), configs[variant]
+            ours, ref = open_clip_configs.named_config(variant), configs[variant]
             assert bool(ours.pop("quick_gelu")) == bool(ref.pop("quick_gelu", False)), variant
             assert ours.keys() == ref.keys(), variant
             for key in ours:

@@ -395,17 +395,3 @@ class TwoTower(TwoTowerPredictions):
         head_vars = head_variables(params, state)
         zi = self.heads_module.apply(head_vars, feats, method="embed_image")
         return {"image_feats": feats, "image_emb": contrastive.l2_normalize(zi)}
-
-    def predict_fns(self) -> dict[str, Any]:
-        fns = {
-            "predict": self.predict,
-            "image_embeddings": self.image_embeddings,
-            "class_embeddings": self.class_embeddings,
-            "text_embeddings": self.text_embeddings,
-            "zeroshot": zs.ZeroShotSetup(
-                tuple(self.class_names), tuple(self.heads), self.data, self.templates
-            ),
-        }
-        if self.fusion_opts["name"]:
-            fns["match_scores"] = self.match_scores
-        return fns

@@ -42,6 +42,21 @@ def head_variables(params: Any, model_state: Mapping[str, Any]) -> Variables:
 class TwoTowerPredictions:
     """Prediction helpers of `TwoTower` for evaluators (see the module docstring)."""
 
+    def predict_fns(self) -> dict[str, Any]:
+        """What the evaluators are handed (`Task.predict_fns`)."""
+        fns = {
+            "predict": self.predict,
+            "image_embeddings": self.image_embeddings,
+            "class_embeddings": self.class_embeddings,
+            "text_embeddings": self.text_embeddings,
+            "zeroshot": zs.ZeroShotSetup(
+                tuple(self.class_names), tuple(self.heads), self.data, self.templates
+            ),
+        }
+        if self.fusion_opts["name"]:
+            fns["match_scores"] = self.match_scores
+        return fns
+
     # -------------------------------------------------------------- text tower
 
     @functools.cached_property

@@ -32,10 +32,13 @@ from xmodal_jax.transfer import (
     checkpoint_io,
     from_big_vision,
     from_hf,
+    from_hf_clip,
     from_open_clip,
     from_siglip,
     from_timm,
     from_torchvision,
+    open_clip_configs,
+    open_clip_tokenizer,
     surgery,
 )
 from xmodal_jax.transfer import torch_layout as tl
@@ -64,9 +67,9 @@ def detect_format(tensors: dict[str, np.ndarray]) -> str:
         return siglip
     if from_open_clip.is_open_clip(keys):
         return "open_clip"
-    if from_hf.is_clip(keys):
+    if from_hf_clip.is_clip(keys):
         return "hf_clip"
-    if (tower := from_hf.is_clip_tower(keys)) is not None:
+    if (tower := from_hf_clip.is_clip_tower(keys)) is not None:
         return "hf_clip_text" if tower == "text" else "hf_clip_vision"
     if from_hf.bert_prefix(keys) is not None:
         return "hf_bert"
@@ -231,21 +234,23 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
     metadata has one entry per tower plus `logit_scale`; SigLIP adds `logit_bias`.
     """
     src = os.fspath(src)
-    tensors = checkpoint_io.read_state_dict(from_open_clip.hub_weights(src) or src)
+    tensors = checkpoint_io.read_state_dict(open_clip_configs.hub_weights(src) or src)
     fmt = detect_format(tensors)
     config = _json(src, "config.json")
     name = os.path.basename(src.rstrip("/"))
 
     if fmt == "open_clip":
-        model_cfg, pre_cfg, where = from_open_clip.read_config(src, arch)
+        model_cfg, pre_cfg, where = open_clip_configs.read_config(src, arch)
         sd = tl.StateDict(tensors, name)
         image, text, scale = from_open_clip.convert_clip(sd, model_cfg, pre_cfg, where)
         vocab = text.overrides["vocab_size"]
-        text.meta.update(from_open_clip.tokenizer_meta(src, model_cfg.get("text_cfg") or {}, vocab))
+        text.meta.update(
+            open_clip_tokenizer.tokenizer_meta(src, model_cfg.get("text_cfg") or {}, vocab)
+        )
         return _clip_pair(image, text, scale, None, fmt, name)
     hint = zoo.spec(arch)[1] if arch else None
     if fmt == "hf_clip":
-        image, text, scale = from_hf.convert_clip(tl.StateDict(tensors, name), config)
+        image, text, scale = from_hf_clip.convert_clip(tl.StateDict(tensors, name), config)
         text.meta.update(_clip_tokenizer(src))
         image.meta = _preprocess(src, image.meta)
         return _clip_pair(image, text, scale, None, fmt, name)
@@ -259,8 +264,8 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
         conv.meta.update(extra)
     elif fmt in ("hf_clip_text", "hf_clip_vision"):
         kind = "text" if fmt == "hf_clip_text" else "image"
-        tensors = from_hf.clip_tower_names(tensors, kind)
-        conv = from_hf.convert_clip_tower(tl.StateDict(tensors, name), config, kind)
+        tensors = from_hf_clip.clip_tower_names(tensors, kind)
+        conv = from_hf_clip.convert_clip_tower(tl.StateDict(tensors, name), config, kind)
         if kind == "text":
             conv.meta.update(_clip_tokenizer(src))
     elif fmt == "hf_vit":

@@ -12,7 +12,8 @@ folder (`model_cfg` and `preprocess_cfg`), or the open_clip model name given as 
 (`ViT-B-32`, `RN50`, `ViT-L-14-quickgelu`: a name known here, or any config of an installed
 open_clip package, read as a file). Keys the config omits take open_clip's own defaults
 (`CLIPVisionCfg`, `CLIPTextCfg`, `PreprocessCfg`). Without a config the conversion stops: the
-number of heads is not in the tensors, and a guess would convert into a different model.
+number of heads is not in the tensors, and a guess would convert into a different model
+(`open_clip_configs` finds the config, `open_clip_tokenizer` the vocabulary).
 
 The tokenizer: open_clip's CLIP BPE (49,408 tokens) is written into the converted checkpoint,
 read from, in order, `vocab.json` + `merges.txt` beside the weights (hub folders hold them),
@@ -24,66 +25,15 @@ written without one and its metadata says how to supply token ids (`no_tokenizer
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
-import os
 from typing import Any
 
 import numpy as np
 
+from xmodal_jax.transfer import open_clip_configs as configs
 from xmodal_jax.transfer import torch_layout as tl
 from xmodal_jax.transfer.converted import Converted, closest_arch
-
-Config = dict[str, Any]
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-BPE_VOCAB_SIZE = 49408  # 256 bytes, 256 bytes ending a word, 48,894 merges, 2 special tokens
-
-# Model configs of the common open_clip names (open_clip `model_configs/*.json`; Radford et al.
-# 2021, Tables 19-20). `NAME-quickgelu` is NAME with quick-GELU (OpenAI-trained weights).
-_RN = lambda layers, width, size: dict(image_size=size, layers=list(layers), width=width)
-_VIT = lambda width, layers, patch, size=224, **kw: dict(
-    image_size=size, layers=layers, width=width, patch_size=patch, **kw
-)
-_TEXT = lambda width, heads, layers=12: dict(
-    context_length=77, vocab_size=BPE_VOCAB_SIZE, width=width, heads=heads, layers=layers
-)
-MODEL_CONFIGS: dict[str, Config] = {
-    "RN50": dict(embed_dim=1024, vision_cfg=_RN((3, 4, 6, 3), 64, 224), text_cfg=_TEXT(512, 8)),
-    "RN101": dict(embed_dim=512, vision_cfg=_RN((3, 4, 23, 3), 64, 224), text_cfg=_TEXT(512, 8)),
-    "RN50x4": dict(embed_dim=640, vision_cfg=_RN((4, 6, 10, 6), 80, 288), text_cfg=_TEXT(640, 10)),
-    "RN50x16": dict(embed_dim=768, vision_cfg=_RN((6, 8, 18, 8), 96, 384), text_cfg=_TEXT(768, 12)),
-    "RN50x64": dict(
-        embed_dim=1024, vision_cfg=_RN((3, 15, 36, 10), 128, 448), text_cfg=_TEXT(1024, 16)
-    ),
-    "ViT-B-32": dict(embed_dim=512, vision_cfg=_VIT(768, 12, 32), text_cfg=_TEXT(512, 8)),
-    "ViT-B-16": dict(embed_dim=512, vision_cfg=_VIT(768, 12, 16), text_cfg=_TEXT(512, 8)),
-    "ViT-B-16-plus-240": dict(
-        embed_dim=640, vision_cfg=_VIT(896, 12, 16, 240), text_cfg=_TEXT(640, 10)
-    ),
-    "ViT-L-14": dict(embed_dim=768, vision_cfg=_VIT(1024, 24, 14), text_cfg=_TEXT(768, 12)),
-    "ViT-L-14-336": dict(
-        embed_dim=768, vision_cfg=_VIT(1024, 24, 14, 336), text_cfg=_TEXT(768, 12)
-    ),
-    "ViT-H-14": dict(
-        embed_dim=1024,
-        vision_cfg=_VIT(1280, 32, 14, head_width=80),
-        text_cfg=_TEXT(1024, 16, 24),
-    ),
-    "ViT-g-14": dict(
-        embed_dim=1024,
-        vision_cfg=_VIT(1408, 40, 14, head_width=88, mlp_ratio=4.3637),
-        text_cfg=_TEXT(1024, 16, 24),
-    ),
-    "ViT-bigG-14": dict(
-        embed_dim=1280,
-        vision_cfg=_VIT(1664, 48, 14, head_width=104, mlp_ratio=4.9231),
-        text_cfg=_TEXT(1280, 20, 32),
-    ),
-}
+from xmodal_jax.transfer.from_hf_clip import OPENAI_MEAN, OPENAI_STD
+from xmodal_jax.transfer.open_clip_configs import Config
 
 # Options of open_clip towers that these towers do not have (unset, False or 'default' is fine).
 _CUSTOM_BLOCK = ("ls_init_value", "act_kwargs", "block_type", "qk_norm", "scaled_cosine_attn",
@@ -96,81 +46,6 @@ def is_open_clip(keys: set[str]) -> bool:
     """An open_clip / OpenAI CLIP state dict: `visual.*`, a CLIP text tower, `logit_scale`."""
     text = "token_embedding.weight" in keys or "text.token_embedding.weight" in keys
     return "visual.conv1.weight" in keys and "logit_scale" in keys and text
-
-
-def _folder(src: str) -> str:
-    return src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-
-
-def _beside(src: str, name: str) -> str | None:
-    path = os.path.join(_folder(src), name)
-    return path if os.path.isfile(path) else None
-
-
-def hub_weights(src: str) -> str | None:
-    """The open_clip weights file of a hub folder (`open_clip_config.json` beside
-    `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`), None for anything else.
-    Hub folders often also hold the Hugging Face `transformers` form of the same model."""
-    if not (os.path.isdir(src) and _beside(src, HUB_CONFIG)):
-        return None
-    return next((p for p in (_beside(src, n) for n in HUB_WEIGHTS) if p), None)
-
-
-def _package_file(*parts: str) -> str | None:
-    """A file of the installed open_clip package, found without importing it."""
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, *parts)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _named_config(arch: str) -> Config | None:
-    name, quick = arch.strip(), False
-    if name.lower().endswith("-quickgelu"):
-        name, quick = name[: -len("-quickgelu")], True
-    found = {k.lower(): v for k, v in MODEL_CONFIGS.items()}.get(name.lower())
-    if found is None:
-        for candidate in (arch.strip(), name):
-            path = _package_file("model_configs", f"{candidate}.json")
-            if path:
-                with open(path) as f:
-                    found = json.load(f)
-                break
-    if found is None:
-        return None
-    return {**found, "quick_gelu": bool(found.get("quick_gelu")) or quick}
-
-
-def read_config(src: str, arch: str | None) -> tuple[Config, Config, str]:
-    """`(model_cfg, preprocess_cfg, where)`: from `open_clip_config.json` beside the weights,
-    else from the open_clip model name `arch`; `where` names the source for error messages."""
-    path = _beside(src, HUB_CONFIG)
-    if path:
-        with open(path) as f:
-            cfg = json.load(f)
-        if "model_cfg" not in cfg:
-            raise tl.ConversionError(
-                f"{path} has no 'model_cfg'; an open_clip_config.json holds model_cfg and "
-                "preprocess_cfg (as open_clip's hub repositories do)."
-            )
-        return cfg["model_cfg"], cfg.get("preprocess_cfg") or {}, path
-    if arch:
-        cfg = _named_config(arch)
-        if cfg is None:
-            raise tl.ConversionError(
-                f"Unknown open_clip model name {arch!r}: known here are "
-                f"{', '.join(MODEL_CONFIGS)} (each also as NAME-quickgelu); other names need "
-                "the open_clip package installed (its model_configs/NAME.json is read) or the "
-                "model's open_clip_config.json beside the weights."
-            )
-        return cfg, {}, f"open_clip model {arch!r}"
-    raise tl.ConversionError(
-        f"{src}: an open_clip checkpoint does not say its number of attention heads or its "
-        "activation. Fix: put its open_clip_config.json beside the weights, or pass the open_clip "
-        "model name (--arch ViT-B-32, RN50, ...; NAME-quickgelu for OpenAI-trained weights)."
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +219,9 @@ def _text(sd: tl.StateDict, tc: Config, act: str, where: str) -> Converted:
         t["params/token_embedding/embedding"].shape[0],
         t["params/pos_embedding"].shape[0],
     )
-    _agree(where, "text_cfg.vocab_size", int(tc.get("vocab_size", BPE_VOCAB_SIZE)), int(vocab))
+    _agree(
+        where, "text_cfg.vocab_size", int(tc.get("vocab_size", configs.BPE_VOCAB_SIZE)), int(vocab)
+    )
     _agree(where, "text_cfg.context_length", int(tc.get("context_length", 77)), int(context))
     over = dict(
         vocab_size=int(vocab),
@@ -420,89 +297,3 @@ def convert_clip(
     sd.ignore([r"^(input_resolution|context_length|vocab_size)$", r"attn_mask$"])
     sd.finish()
     return image, text, float(scale.reshape(-1)[0])
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _byte_symbols() -> list[str]:
-    """CLIP's (GPT-2's) printable stand-in for each byte, in vocabulary order: the bytes that
-    print as themselves ('!'..'~', '¡'..'¬', '®'..'ÿ') first, then the others mapped to
-    chr(256 + n) in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in set(printable)]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
-def bpe_from_merges(text: str) -> tuple[str, str]:
-    """`(vocab.json, merges.txt)` texts from open_clip's `bpe_simple_vocab_16e6.txt` (a version
-    line, then merges by rank). The vocabulary is the 256 byte symbols, the same ending a word
-    (`</w>`), one token per merge, then `<|startoftext|>` and `<|endoftext|>`; open_clip keeps
-    the first 49,408 - 514 merges of the file."""
-    n_merges = BPE_VOCAB_SIZE - 2 * 256 - 2
-    merges = text.split("\n")[1 : 1 + n_merges]
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def _hub_tokenizer(src: str) -> tuple[str, str] | None:
-    vocab, merges = _beside(src, "vocab.json"), _beside(src, "merges.txt")
-    if vocab and merges:
-        return _read(vocab), _read(merges)
-    path = _beside(src, "tokenizer.json")
-    if path:
-        model = json.loads(_read(path)).get("model") or {}
-        if model.get("type") == "BPE":
-            lines = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-            return json.dumps(model["vocab"], ensure_ascii=False), "\n".join(
-                ["#version: 0.2", *lines]
-            )
-    return None
-
-
-NO_BPE_FIX = (
-    "convert the open_clip weights again with open_clip installed (`pip install --no-deps "
-    "open-clip-torch`: its BPE vocabulary file is read, the package is not imported), or with "
-    "the vocab.json and merges.txt of a CLIP tokenizer beside them; or tokenize with open_clip "
-    "and call encode_ids(ids)"
-)
-
-
-def tokenizer_meta(src: str, text_cfg: Config, vocab_size: int) -> dict[str, Any]:
-    """Tokenizer metadata for the text tower: `{'tokenizer': ...}`, or `{'no_tokenizer_fix':
-    ...}` saying how to supply token ids when no tokenizer can be carried."""
-    if text_cfg.get("hf_tokenizer_name"):
-        return {
-            "no_tokenizer_fix": f"tokenize with the Hugging Face tokenizer "
-            f"{text_cfg['hf_tokenizer_name']!r} as open_clip does and call encode_ids(ids)"
-        }
-    found = _hub_tokenizer(src)
-    if found is not None:
-        n = len(json.loads(found[0]))
-        if n != vocab_size:
-            raise tl.ConversionError(
-                f"{src}: the tokenizer files beside the weights have {n} tokens, the text tower "
-                f"{vocab_size}; remove the tokenizer files that do not belong to these weights."
-            )
-    elif vocab_size != BPE_VOCAB_SIZE:
-        return {
-            "no_tokenizer_fix": f"this text tower has {vocab_size} tokens, not the "
-            f"{BPE_VOCAB_SIZE} of open_clip's CLIP BPE: put its own vocab.json and merges.txt "
-            "beside the weights and convert again, or call encode_ids(ids)"
-        }
-    elif path := _package_file("bpe_simple_vocab_16e6.txt.gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            found = bpe_from_merges(f.read())
-    else:
-        return {"no_tokenizer_fix": NO_BPE_FIX}
-    vocab, merges = found
-    return {"tokenizer": {"type": "clip_bpe", "vocab": vocab, "merges": merges}}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_jax.transfer import from_big_vision, from_hf
+from xmodal_jax.transfer import from_big_vision, from_hf, from_hf_clip
 from xmodal_jax.transfer import torch_layout as tl
 from xmodal_jax.transfer.converted import Converted, closest_arch
 
@@ -93,7 +93,7 @@ def _hf_text(sd: tl.StateDict, tc: Config) -> Converted:
     t = {"params/token_embedding/embedding": sd("text_model.embeddings.token_embedding.weight")}
     t["params/pos_embedding"] = sd("text_model.embeddings.position_embedding.weight")
     # The encoder layers are named as CLIP's.
-    depth = from_hf._clip_encoder(sd, t, "text_model.encoder", "params/encoder", heads)
+    depth = from_hf_clip.encoder(sd, t, "text_model.encoder", "params/encoder", heads)
     tl.put(t, "params/norm", tl.layer_norm(sd, "text_model.final_layer_norm"))
     tl.put(t, "params/proj", tl.linear(sd, "text_model.head"))
     vocab, width = t["params/token_embedding/embedding"].shape
@@ -105,7 +105,7 @@ def _hf_text(sd: tl.StateDict, tc: Config) -> Converted:
         num_heads=heads,
         mlp_dim=int(t["params/encoder/layer_0/mlp/fc1/kernel"].shape[1]),
         proj_dim=int(t["params/proj/kernel"].shape[1]),
-        act=from_hf._act(_get(tc, "hidden_act")),
+        act=from_hf.act(_get(tc, "hidden_act")),
         norm_eps=float(_get(tc, "layer_norm_eps")),
         pool="last",
     )
@@ -125,7 +125,7 @@ def _hf_vision(sd: tl.StateDict, vc: Config) -> Converted:
     v = {"params/embedding/kernel": patch.transpose(2, 3, 1, 0)}
     v["params/embedding/bias"] = sd("vision_model.embeddings.patch_embedding.bias")
     v["params/pos_embedding"] = sd("vision_model.embeddings.position_embedding.weight")[None]
-    depth = from_hf._clip_encoder(sd, v, "vision_model.encoder", "params/encoder", heads)
+    depth = from_hf_clip.encoder(sd, v, "vision_model.encoder", "params/encoder", heads)
     tl.put(v, "params/norm", tl.layer_norm(sd, "vision_model.post_layernorm"))
     pool = "gap"  # without the head, SiglipForImageClassification averages the patch tokens
     if sd.has("vision_model.head.probe"):
@@ -157,7 +157,7 @@ def _hf_vision(sd: tl.StateDict, vc: Config) -> Converted:
         num_heads=heads,
         mlp_dim=int(v["params/encoder/layer_0/mlp/fc1/kernel"].shape[1]),
         pool=pool,
-        act=from_hf._act(_get(vc, "hidden_act")),
+        act=from_hf.act(_get(vc, "hidden_act")),
         norm_eps=float(_get(vc, "layer_norm_eps")),
     )
     pre = {"image_size": over["image_size"], **_PRE}
