@@ -1,6 +1,6 @@
 """The package's import rules, read from the source (nothing is imported): no import cycle
 between modules, and the lower layers (models, data, objectives) never import the training
-code above them."""
+code above them; and no module is over 400 lines."""
 
 import ast
 import os
@@ -137,3 +137,14 @@ def test_tasks_and_evaluators_stay_apart_from_the_loop(package, never):
         if name == package or name.startswith(package + "."):
             bad = sorted(d for d in deps if d.startswith(never))
             assert not bad, f"{name} imports {bad}"
+
+
+def test_no_module_of_the_package_is_over_400_lines():
+    """A module a reader can hold in their head: past 400 lines, split it by what it does."""
+    long = {}
+    for name, path in MODULES.items():
+        with open(path) as f:
+            n = sum(1 for _ in f)
+        if n > 400:
+            long[name] = n
+    assert not long, f"split these modules: {long}"
