@@ -133,3 +133,32 @@ def test_unknown_workload_is_one_clear_error(capsys):
         main.run(["bench", "--small", "--workloads", "vit_b16"])
     assert main.main(["bench", "--workloads", "clip,nope"]) == 2
     assert "choose from" in capsys.readouterr().err
+
+
+def test_a_backend_flag_is_added_to_the_users_own_xla_flags(monkeypatch):
+    from xmodal_jax.bench import backends
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    env = backends.env_for("xnnpack")
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_cpu_use_xnnpack=true"
+    assert backends.env_for("default")["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert backends.env_for("onednn")["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+
+
+@pytest.mark.slow
+def test_cpu_backends_ablation_runs_each_backend_and_compares_first_updates():
+    """Each backend in its own process (the small ResNet-50 step): every one runs, and its first
+    parameter update is the default backend's to float32 rounding."""
+    import argparse
+
+    from xmodal_jax.bench import backends
+
+    args = argparse.Namespace(small=True, batch=None, steps=2, rounds=1)
+    out = backends.ablation(args, workloads=("resnet50",))
+    row = out["resnet50"]
+    assert set(row) == set(backends.BACKENDS)
+    for name, cell in row.items():
+        assert "error" not in cell, (name, cell)
+        assert cell["step_s"] > 0 and 0 <= cell["update_max_abs_diff_rel"] < 1e-4, (name, cell)
+    assert row["default"]["update_max_abs_diff_rel"] == 0.0

@@ -2,7 +2,8 @@
 
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
-grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference).
+grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
+`cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def run(name: str, args, peaks: dict) -> dict[str, Any]:
     """Runs the ablation `name` (one of `names.ABLATIONS`)."""
     if name == "depthwise":
         return depthwise_ablation(args)
+    if name == "cpu_backends":
+        from xmodal_jax.bench import backends
+
+        return backends.ablation(args)
     variants = {
         "scan_remat": {
             "unrolled": {},

@@ -2,4 +2,4 @@
 parses its arguments (and answers `--help`) from these before it imports JAX."""
 
 STEPS = ("clip", "resnet50", "mnv2_dann")  # train steps, defined in `workloads`
-ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise")  # defined in `ablations`
+ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise", "cpu_backends")  # `ablations`

@@ -58,14 +58,19 @@ def print_workload(name: str, r: dict) -> None:
             continue
         print(
             f"    {kind}: first step {t['compile_s']:.1f} s | step {1e3 * t['step_s']:.1f} ms | "
-            f"{t['examples_per_s']:.1f} ex/s | ours is {t['speedup']:.2f}x faster"
+            f"{t['examples_per_s']:.1f} ex/s | speed ours / {kind}: {t['speedup']:.2f} "
+            f"({'ours faster' if t['speedup'] > 1 else 'ours slower'})"
         )
 
 
 def print_ablation(name: str, r: dict) -> None:
     print(f"[ablation {name}]")
     for k, v in r.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v and all(isinstance(vv, dict) for vv in v.values()):
+            print(f"    {k}:")
+            for kk, vv in v.items():
+                print(f"      {kk}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in vv.items()))
+        elif isinstance(v, dict):
             cells = ", ".join(
                 f"{kk} {_gb(vv) if kk == 'peak_bytes' else _fmt(vv)}" for kk, vv in v.items()
             )
