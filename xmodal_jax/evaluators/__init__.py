@@ -1,7 +1,7 @@
 """Evaluators: `config.evals` maps a name to `{type, dataset, split, pp, ...}`; `type` picks an
 evaluator class from `EVALUATORS`, one module per kind: classification (and few-shot),
-adaptation (A-distance, AdaBN), zeroshot, gzsl, retrieval, itm. An evaluator never sees the task:
-it is built as `Evaluator(name, cfg, fns, mesh, batch_size)`, `fns` being the task's named
+adaptation (A-distance, AdaBN), zeroshot, gzsl, retrieval, itm, conse. An evaluator never sees
+the task: it is built as `Evaluator(name, cfg, fns, mesh, batch_size)`, `fns` being the task's named
 prediction functions (`Task.predict_fns()`: `predict` always; `adapt_batch_norm` for a
 classifier; the two-tower task's embedding functions and its `zeroshot` set-up). Here:
 building them, when each is due, running them, and their one-line summaries.
@@ -33,6 +33,7 @@ EVALUATORS = {
     "gzsl": "xmodal_jax.evaluators.gzsl:GeneralizedZeroShot",
     "retrieval": "xmodal_jax.evaluators.retrieval:Retrieval",
     "itm": "xmodal_jax.evaluators.itm:ImageTextMatching",
+    "conse": "xmodal_jax.evaluators.conse:ConSE",
 }
 
 

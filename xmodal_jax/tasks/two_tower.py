@@ -128,7 +128,7 @@ class TwoTower(TwoTowerPredictions):
         image_pp = self.data.get("pp", "")
         self.image_random = feature_cache.uses_randomness(image_pp, example)
         dummy_image = preprocess.compose(image_pp)(dict(example))[self.image_opts["input_key"]]
-        dummy_image = np.asarray(dummy_image)[None]
+        self.dummy_image = dummy_image = np.asarray(dummy_image)[None]
         self.image_tower = build_tower("image", self.image_opts, config.seed, dummy_image)
         dummy_text = np.zeros((1, self.text_opts["max_len"]), np.int32)
         self.text_tower = build_tower("text", self.text_opts, config.seed + 1, dummy_text)

@@ -20,7 +20,7 @@ from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.objectives import contrastive
-from xmodal_jax.tasks import Variables
+from xmodal_jax.tasks import Variables, feature_cache
 
 
 def tower_variables(variables: Variables, name: str) -> Variables:
@@ -55,6 +55,12 @@ class TwoTowerPredictions:
         }
         if self.fusion_opts["name"]:
             fns["match_scores"] = self.match_scores
+        if self.text_tower.locked:
+            fns["text_features"] = self.text_tower_features
+        if self.image_tower.locked and "logits" in jax.eval_shape(
+            self.image_tower.module.apply, self.image_tower.variables, self.dummy_image
+        ):
+            fns["image_logits"] = self.image_logits
         return fns
 
     # -------------------------------------------------------------- text tower
@@ -135,6 +141,23 @@ class TwoTowerPredictions:
             out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
             cache[id(mesh)] = jax.jit(self.predict, out_shardings=out)
         return cache[id(mesh)]
+
+    def image_logits(
+        self, data_cfg: Mapping[str, Any], *, batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """The locked image tower's own classifier (e.g. ImageNet's) on every example of a split:
+        `logits` [N, K], `label` [N], `index` [N]; computed once and cached."""
+        tower = self.image_tower
+        fn = jax.jit(lambda v, x: tower.module.apply(v, x)["logits"])
+        return feature_cache.tower_outputs(
+            lambda x: {"logits": fn(tower.variables, x)},
+            dict(data_cfg),
+            tower=tower.description(),
+            outputs=("logits",),
+            input_key=self.image_opts["input_key"],
+            batch_size=batch_size,
+            cache=self._cache,
+        )
 
     def class_embeddings(
         self, variables: Variables, templates: Sequence[str] | None = None
