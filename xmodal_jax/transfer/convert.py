@@ -8,8 +8,9 @@ architecture and preprocessing / tokenizer metadata that `pretrained.load(dst)` 
 Layouts: torchvision ResNet / MobileNetV2, HF BERT / MiniLM, HF CLIP (both towers, projections
 and logit scale), open_clip / OpenAI CLIP (ViT or ModifiedResNet image tower; its
 `open_clip_config.json` or an open_clip model name as `arch`), HF ViT, timm ViT, big_vision ViT
-`.npz`, HF ResNet, HF SigLIP and big_vision two-tower (SigLIP / LiT) `.npz` (`from_siglip`:
-towers, temperature and bias). Files beside the weights are used when present: `config.json`
+`.npz`, HF ResNet, EfficientNet-Lite (`efficientnet_lite_pytorch`), HF SigLIP and big_vision
+two-tower (SigLIP / LiT) `.npz` (`from_siglip`: towers, temperature and bias). Files beside
+the weights are used when present: `config.json`
 (sizes), `vocab.txt` / `tokenizer_config.json` / `sentence_bert_config.json` /
 `1_Pooling/config.json` (BERT tokenizer and pooling), `vocab.json` + `merges.txt` (CLIP BPE),
 `tokenizer.json` (SigLIP), `preprocessor_config.json`
@@ -31,6 +32,7 @@ from xmodal_jax.models import zoo
 from xmodal_jax.transfer import (
     checkpoint_io,
     from_big_vision,
+    from_efficientnet,
     from_hf,
     from_hf_clip,
     from_open_clip,
@@ -47,6 +49,7 @@ from xmodal_jax.transfer.converted import Converted
 FORMATS = (
     "torchvision_resnet",
     "torchvision_mobilenet_v2",
+    "efficientnet_lite",
     "hf_bert",
     "hf_clip",
     "hf_clip_text",
@@ -85,6 +88,8 @@ def detect_format(tensors: dict[str, np.ndarray]) -> str:
         return "torchvision_mobilenet_v2"
     if from_torchvision.is_resnet(keys):
         return "torchvision_resnet"
+    if from_efficientnet.is_efficientnet(keys):
+        return "efficientnet_lite"
     sample = ", ".join(sorted(keys)[:8])
     raise UserError(
         f"Unrecognised checkpoint layout (first tensors: {sample}). "
@@ -282,6 +287,8 @@ def load_foreign(src: str, arch: str | None = None) -> tuple[dict[str, Any], dic
         conv = from_big_vision.convert_vit(tensors, name)
     elif fmt == "torchvision_resnet":
         conv = from_torchvision.convert_resnet(tl.StateDict(tensors, name))
+    elif fmt == "efficientnet_lite":
+        conv = from_efficientnet.convert_efficientnet_lite(tl.StateDict(tensors, name))
     else:
         conv = from_torchvision.convert_mobilenet_v2(tl.StateDict(tensors, name))
     conv.meta = _preprocess(src, conv.meta)
