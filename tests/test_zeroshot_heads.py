@@ -211,3 +211,57 @@ def test_zeroshot_head_and_classify_match_float64_reference(tiny_clip):
         pair.classify(images, np.ones((10, 7), np.float32))
     with pytest.raises(UserError, match=r"zero-shot head is \[C, D\]"):
         pair.classify(images, head[0])
+
+
+def test_siglip_zeroshot_head_matches_float64_reference(tmp_path):
+    """A SigLIP pair (word-level tokenizer.json, ids padded to the context with `</s>`) gives
+    its head and logits the same way; its bias is left out of `classify`."""
+    import tokenizers
+    from tokenizers import models, normalizers, pre_tokenizers, processors
+
+    words = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "the", "cat", "dog", "bird"]
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=12, projection_size=24,
+                pad_token_id=1, bos_token_id=None, eos_token_id=1)  # fmt: skip
+    vision = dict(hidden_size=24, intermediate_size=30, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(1)
+    cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
+    model = transformers.SiglipModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(-3.0)
+    model.save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    pair = pretrained.load(str(tmp_path))
+    assert isinstance(pair, pretrained.SigLIPEncoders)
+
+    names, temps = ["cat", "dog", "bird"], ["a photo of a {}", "the {}", "{}"]
+    head = pair.zeroshot_head(names, temps)
+    ids = pair.text.tokenize([t.replace("{}", n) for n in names for t in temps])
+    assert ids.shape == (9, 12) and (ids[:, -1] == 1).all()  # padded to the context with </s>
+    with torch.no_grad():
+        zt = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    zt = getattr(zt, "pooler_output", zt).double().numpy()
+    zt = (zt / np.linalg.norm(zt, axis=-1, keepdims=True)).reshape(3, 3, -1).mean(axis=1)
+    want = zt / np.linalg.norm(zt, axis=-1, keepdims=True)
+    assert head.shape == (3, 24)
+    np.testing.assert_allclose(head, want, rtol=1e-4, atol=2e-5)
+
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(pair.image.preprocess(images).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        zi = model.get_image_features(pixel_values=pixels)
+    zi = getattr(zi, "pooler_output", zi).double().numpy()
+    zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
+    np.testing.assert_allclose(
+        pair.classify(images, head), 10.0 * zi @ want.T, rtol=1e-4, atol=1e-3
+    )
