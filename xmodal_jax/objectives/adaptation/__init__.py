@@ -6,6 +6,10 @@ whether a domain discriminator is needed (built by ``dann.make_discriminator(con
 initialised on ``[1, spec.discriminator_input_dim(feature_dim, num_classes, config)]``) and
 whether the loss replaces the plain source cross-entropy (importance weighting).
 
+Losses: ``dann``, ``mmd`` (MK-MMD; aliases ``dan``, ``mk_mmd``), ``jmmd`` (alias ``jan``),
+``coral``, ``cdan``, ``cdan_e``, ``entropy`` (minimisation), ``mcc`` (minimum class confusion),
+``bnm`` (batch nuclear-norm maximisation) and ``importance`` (weighting by a domain classifier).
+
 AdaBN (``adabn.adapt_batch_norm``), the proxy A-distance and the t-SNE plot are procedures
 run around training, not losses, and are not in this registry.
 """
@@ -16,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 
 from xmodal_jax.objectives.adaptation import (
+    bnm,
     cdan,
     coral,
     dann,
@@ -49,6 +54,7 @@ SPECS: dict[str, LossSpec] = {
     ),
     "entropy": LossSpec(entropy.loss, entropy.DEFAULTS),
     "mcc": LossSpec(mcc.loss, mcc.DEFAULTS),
+    "bnm": LossSpec(bnm.loss, bnm.DEFAULTS),
     "importance": LossSpec(
         importance.loss,
         importance.DEFAULTS,
