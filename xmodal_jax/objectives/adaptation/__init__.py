@@ -7,7 +7,9 @@ initialised on ``[1, spec.discriminator_input_dim(feature_dim, num_classes, conf
 whether the loss replaces the plain source cross-entropy (importance weighting).
 
 AdaBN (``adabn.adapt_batch_norm``), the proxy A-distance and the t-SNE plot are procedures
-run around training, not losses, and are not in this registry.
+run around training, not losses, and are not in this registry; nor are TENT (``tent``: the
+test-time loss and optimiser of the ``tent_classification`` evaluator) and SHOT (``shot``: the
+losses of the source-free task ``source_free``), which see no source batch.
 """
 
 from __future__ import annotations
