@@ -277,3 +277,21 @@ def test_source_free_task_refuses_bad_configs(tmp_path):
     c.shot = {"bta": 0.3}
     with pytest.raises(UserError, match="bta"):
         tasks.build(c)
+
+
+def test_domain_adaptation_task_hands_tent_its_classifier():
+    """A domain_adaptation model (params under `model`, beside the discriminator) gives TENT the
+    same function of its classifier as a plain classification task would."""
+    c = _lenet_config()
+    c.task = "domain_adaptation"
+    c.data = {"source": {"name": "x", "split": "train"}, "target": {"name": "y", "split": "train"}}
+    c.adaptation = {"method": "dann", "hidden": (8,)}
+    task = tasks.build(c)
+    x = np.random.default_rng(0).random((4, 28, 28, 1), np.float32)
+    dom = {"image": x, "label": np.arange(4)}
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"source": dom, "target": dom}))
+    out, norm = task.predict_fns()["apply_train_bn"](variables, {"image": x})
+    bare = {**variables, "params": variables["params"]["model"]}
+    want, want_norm = tasks.build(_lenet_config()).apply_train_bn(bare, {"image": x})
+    np.testing.assert_array_equal(np.asarray(out["logits"]), np.asarray(want["logits"]))
+    assert set(norm) == set(want_norm) == {"BatchNorm_0", "BatchNorm_1", "BatchNorm_2"}
