@@ -195,7 +195,6 @@ def test_tent_episodic_equals_fresh_adaptation_of_every_batch(tfds_dir):
     episodic = ev.run(variables)
     totals, entropies, norms = None, [], []
     for batch in _batches(ev):  # each batch adapted alone from the trained parameters
-        norm, part_state = None, None
         norm, part_state = ev.initial(variables, batch)
         new_norm, _, part = ev._adapt(variables, norm, part_state, batch)
         norms.append(new_norm)
