@@ -113,7 +113,13 @@ def test_unknown_task_names_the_closest():
     config.task = "domain_adaptaton"
     with pytest.raises(UserError, match=r"closest: \['domain_adaptation'\]; the tasks: \["):
         tasks.build(config)
-    assert sorted(tasks.TASKS) == ["classification", "domain_adaptation", "finetune", "two_tower"]
+    assert sorted(tasks.TASKS) == [
+        "classification",
+        "domain_adaptation",
+        "finetune",
+        "source_free",
+        "two_tower",
+    ]
 
 
 def test_pretrained_weights_start_the_model_and_the_head_is_new(tmp_path):

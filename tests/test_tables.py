@@ -117,8 +117,9 @@ def test_table_files_load(name):
     assert jobs and all(j.seed in seeds[j.row] for j in jobs)
 
 
-# Digits configs whose table row is added with the next rerun of the table (none run yet).
-DIGITS_NOT_YET_IN_TABLE = {"bnm.py"}
+# Digits configs whose table row is added with the next rerun of the table (none run yet; `shot`
+# starts from a `source_only` run's workdir, a chain the table tool does not run yet).
+DIGITS_NOT_YET_IN_TABLE = {"bnm.py", "tent.py", "shot.py"}
 
 
 def test_digits_table_covers_every_config_both_directions_three_seeds():

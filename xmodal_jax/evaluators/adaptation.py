@@ -1,10 +1,13 @@
-"""Evaluators for domain adaptation: proxy A-distance (+ t-SNE plot) and AdaBN accuracy.
+"""Evaluators for domain adaptation: proxy A-distance (+ t-SNE plot), AdaBN and TENT accuracy.
 
 evals.a_distance = {'type': 'a_distance', 'source': {dataset, split, pp},
                     'target': {dataset, split, pp},    # -> eval/a_distance/value
                     'tsne_points': 1000}               # t-SNE plot of at most this many; 0: none
 evals.target = {'type': 'adabn_classification', dataset, split, pp,
                 'adapt': {dataset, split, pp}}         # BN statistics from `adapt` first
+evals.target = {'type': 'tent_classification', dataset, split, pp,
+                'optimizer': 'adam', 'lr': 1e-3,       # or 'sgd' (momentum 0.9, Nesterov)
+                'steps': 1, 'episodic': False}         # online TENT over the split, in order
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -22,6 +27,7 @@ from xmodal_jax.analysis import a_distance, tsne
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluators import classification
+from xmodal_jax.objectives.adaptation import tent
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
@@ -100,3 +106,89 @@ class AdaBNClassification(classification.Classification):
         )
         adapted = self.adapt_batch_norm(variables, images)
         return super().run(adapted)
+
+
+class TentClassification(classification.Classification):
+    """Accuracy of online TENT (`objectives.adaptation.tent`) over the evaluated split.
+
+    The split is read once, in its fixed order, batch after batch (`batch_size` is TENT's batch;
+    the official code's is 128). For each batch: `steps` times, the model runs with batch-
+    statistic BatchNorm (`fns['apply_train_bn']`), the mean entropy of its predictions on the
+    batch's real rows is taken and the BN scales and biases take one optimiser step; the
+    batch's predictions (scored as `classification`) are those of the last forward pass, before
+    its update. The adapted BN parameters and the optimiser state carry over to the next batch
+    (online), or are reset to the trained ones before every batch with `episodic`. Every run
+    starts from the given `variables`, which are never changed (the adapted parameters are a
+    separate tree); `adapt/entropy` is the mean over batches of the loss.
+    """
+
+    def __init__(
+        self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
+    ):
+        super().__init__(name, cfg, fns, mesh, batch_size)
+        where = f"config.evals.{name}"
+        if "apply_train_bn" not in fns:
+            raise UserError(
+                f"{where}.type='tent_classification' adapts BatchNorm layers; use it with a "
+                "classification, domain_adaptation or finetune task."
+            )
+        self.opts = {k: cfg.get(k, v) for k, v in tent.DEFAULTS.items()}
+        if self.opts["optimizer"] not in tent.OPTIMIZERS:
+            raise UserError(
+                f"{where}.optimizer={self.opts['optimizer']!r}: use one of {tent.OPTIMIZERS}."
+            )
+        if int(self.opts["steps"]) < 1 or float(self.opts["lr"]) <= 0:
+            raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {self.opts}.")
+        apply_train_bn = fns["apply_train_bn"]
+        tx = tent.optimizer(self.opts)
+        steps, num_classes = int(self.opts["steps"]), len(self.class_names)
+        self._apply = apply_train_bn
+
+        def adapt(variables, norm, opt_state, batch):
+            def loss_fn(p):
+                out, _ = apply_train_bn(variables, batch, p)
+                return tent.entropy_loss(out["logits"], batch["_mask"]), out["logits"]
+
+            for _ in range(steps):
+                (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(norm)
+                updates, opt_state = tx.update(grads, opt_state, norm)
+                norm = optax.apply_updates(norm, updates)
+            part = classification.sums(logits, batch["label"], batch["_mask"], num_classes)
+            return norm, opt_state, {**part, "entropy": loss}
+
+        self._adapt = jax.jit(adapt)
+        self._tx = tx
+
+    def initial(self, variables, batch) -> tuple[Any, Any]:
+        """The trained BN affine parameters and a fresh optimiser state for them."""
+        try:
+            _, norm = jax.jit(self._apply)(variables, batch)
+        except ValueError as e:
+            raise UserError(
+                f"config.evals.{self.name}.type='tent_classification': {e} For LeNet set "
+                "config.model.norm='batch'."
+            ) from None
+        return norm, self._tx.init(norm)
+
+    def run(self, variables) -> dict[str, float]:
+        totals, fresh, state, batches = None, None, None, 0
+        for local in pipeline.eval_batches(
+            self.data_cfg,
+            batch_size=self.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            batch = mesh_lib.global_batch(
+                {k: local[k] for k in ("image", "label", "_mask")}, self.mesh
+            )
+            if fresh is None:
+                fresh = self.initial(variables, batch)
+                state = fresh
+            if self.opts["episodic"]:
+                state = fresh
+            norm, opt_state, part = self._adapt(variables, *state, batch)
+            state = (norm, opt_state)
+            batches += 1
+            totals = part if totals is None else jax.tree.map(jnp.add, totals, part)
+        entropy = float(totals.pop("entropy")) / batches
+        return {**self.metrics(totals), "adapt/entropy": entropy}

@@ -42,20 +42,8 @@ class Classification:
         self._per_class = cfg.get("per_class", num_classes <= 20)
 
         def step(variables, batch):
-            logits = predict(variables, batch)["logits"].astype(jnp.float32)
-            labels, mask = batch["label"], batch["_mask"].astype(jnp.float32)
-            top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-            pred = logits.argmax(-1)
-            onehot_true = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-            return {
-                "count": mask.sum(),
-                "correct": ((pred == labels) * mask).sum(),
-                "correct5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
-                "loss": (
-                    optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask
-                ).sum(),
-                "confusion": onehot_true.T @ jax.nn.one_hot(pred, num_classes),
-            }
+            logits = predict(variables, batch)["logits"]
+            return sums(logits, batch["label"], batch["_mask"], num_classes)
 
         self._step = jax.jit(step)
 
@@ -70,8 +58,12 @@ class Classification:
             batch = mesh_lib.global_batch(
                 {k: local[k] for k in ("image", "label", "_mask")}, self.mesh
             )
-            sums = self._step(variables, batch)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            part = self._step(variables, batch)
+            totals = part if totals is None else jax.tree.map(jnp.add, totals, part)
+        return self.metrics(totals)
+
+    def metrics(self, totals: Mapping[str, Any]) -> dict[str, float]:
+        """The reported metrics of the `sums` of every batch added up."""
         totals = jax.device_get(totals)
         n = float(totals["count"])
         self.confusion = np.asarray(totals["confusion"])
@@ -81,6 +73,22 @@ class Classification:
             "loss": float(totals["loss"]) / n,
         }
         return {**out, **per_class_accuracy(self.confusion, self.class_names, self._per_class)}
+
+
+def sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict:
+    """Per-batch sums over the rows where `mask` is set: count, top-1 / top-5 correct, loss
+    and the confusion matrix (rows true classes, columns predictions)."""
+    logits, mask = logits.astype(jnp.float32), mask.astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    pred = logits.argmax(-1)
+    onehot_true = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+    return {
+        "count": mask.sum(),
+        "correct": ((pred == labels) * mask).sum(),
+        "correct5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
+        "loss": (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask).sum(),
+        "confusion": onehot_true.T @ jax.nn.one_hot(pred, num_classes),
+    }
 
 
 def _metric_name(text: str) -> str:

@@ -15,7 +15,7 @@ from xmodal_jax import config as config_lib
 from xmodal_jax import models
 from xmodal_jax import pretrained as pretrained_lib
 from xmodal_jax.data import pipeline
-from xmodal_jax.objectives.adaptation import adabn
+from xmodal_jax.objectives.adaptation import adabn, tent
 from xmodal_jax.objectives.classification import softmax_xent
 from xmodal_jax.tasks import Variables
 from xmodal_jax.transfer import surgery
@@ -97,8 +97,26 @@ class Classification:
         return self.model.apply(variables, batch["image"], train=False)
 
     def predict_fns(self) -> dict[str, Any]:
-        return {"predict": self.predict, "adapt_batch_norm": self.adapt_batch_norm}
+        return {
+            "predict": self.predict,
+            "adapt_batch_norm": self.adapt_batch_norm,
+            "apply_train_bn": self.apply_train_bn,
+        }
 
     def adapt_batch_norm(self, variables: Variables, images: Iterable[np.ndarray]) -> Variables:
         """`variables` with every BatchNorm's statistics re-estimated on `images` (AdaBN)."""
         return adabn.adapt_batch_norm(self.model, variables, images, train=False)
+
+    def apply_train_bn(
+        self,
+        variables: Variables,
+        batch: dict,
+        norm_params: dict | None = None,
+    ) -> tuple[dict[str, jax.Array], dict]:
+        """`(outputs, norm_params)`: the model on `batch['image']` with dropout off and every
+        BatchNorm normalising with the statistics of the batch's real rows (`batch['_mask']`
+        when given), its affine parameters replaced by `norm_params` when given; the returned
+        `norm_params` (`{bn path: {'scale', 'bias'}}`) are those used (TENT's parameters)."""
+        return tent.apply_with_batch_stats(
+            self.model, variables, batch["image"], norm_params, batch.get("_mask"), train=False
+        )

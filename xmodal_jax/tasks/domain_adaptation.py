@@ -129,3 +129,7 @@ class DomainAdaptation(Classification):
     def adapt_batch_norm(self, variables: Variables, images: Iterable[np.ndarray]) -> Variables:
         inner = {**variables, "params": variables["params"]["model"]}
         return {**super().adapt_batch_norm(inner, images), "params": variables["params"]}
+
+    def apply_train_bn(self, variables: Variables, batch: dict, norm_params: dict | None = None):
+        inner = {**variables, "params": variables["params"]["model"]}
+        return super().apply_train_bn(inner, batch, norm_params)

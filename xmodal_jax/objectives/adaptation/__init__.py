@@ -11,7 +11,9 @@ Losses: ``dann``, ``mmd`` (MK-MMD; aliases ``dan``, ``mk_mmd``), ``jmmd`` (alias
 ``bnm`` (batch nuclear-norm maximisation) and ``importance`` (weighting by a domain classifier).
 
 AdaBN (``adabn.adapt_batch_norm``), the proxy A-distance and the t-SNE plot are procedures
-run around training, not losses, and are not in this registry.
+run around training, not losses, and are not in this registry; nor are TENT (``tent``: the
+test-time loss and optimiser of the ``tent_classification`` evaluator) and SHOT (``shot``: the
+losses of the source-free task ``source_free``), which see no source batch.
 """
 
 from __future__ import annotations
