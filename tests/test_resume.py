@@ -249,7 +249,7 @@ def test_restore_onto_another_mesh_and_skip_incomplete(tmp_path, capsys):
 
 
 def test_non_finite_metrics_name_the_first_bad_step():
-    history = trainer._Metrics()
+    history = step_lib.StepHistory()
     for step in range(1, 6):
         loss = np.inf if step == 4 else float(step)
         history.add(step, {"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(1)})

@@ -18,6 +18,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from xmodal_jax import timing
 from xmodal_jax.data import builders, preprocess
 from xmodal_jax.errors import UserError
 
@@ -51,7 +52,8 @@ def source(name: str, split: str, path: str | None = None):
     b = builder(name, path)
     if name in builders.EMBEDDED:
         try:
-            b.download_and_prepare()
+            with timing.phase("data build"):
+                b.download_and_prepare()
         except FileExistsError:  # another process of a multi-process job finished it first
             b = builder(name, path)
         except OSError as e:  # the data dir is read-only, under a file, full, ...

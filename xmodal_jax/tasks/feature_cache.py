@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import tqdm
 
+from xmodal_jax import timing
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 
@@ -186,6 +187,7 @@ def tower_outputs(
         "outputs": list(outputs),
     }
 
+    @timing.phase("feature extraction")
     def compute() -> dict[str, np.ndarray]:
         found: dict[str, list[np.ndarray]] = {k: [] for k in (*outputs, "label")}
         keys = (input_key, "label") if "label" in src[0] else (input_key,)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from xmodal_jax.errors import UserError
@@ -125,3 +126,31 @@ def flops(compiled) -> float | None:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = (cost or {}).get("flops")
     return float(flops) * jax.device_count() if flops and flops > 0 else None
+
+
+class StepHistory:
+    """Per-step metrics kept on device until needed; checked finite, step by step, on fetch."""
+
+    def __init__(self):
+        self.pending, self.fetched = [], []
+
+    def add(self, step: int, values: dict) -> None:
+        self.pending.append((step, values))
+
+    def fetch(self, last_good: int | None) -> None:
+        for step, values in jax.device_get(self.pending):
+            bad = {k: float(v) for k, v in values.items() if not np.all(np.isfinite(v))}
+            if bad:
+                kept = "none" if last_good is None else f"step {last_good}"
+                raise FloatingPointError(
+                    f"Non-finite training metrics at step {step}: {bad}. Stopped; the last "
+                    f"good checkpoint ({kept}) is kept. Lower config.lr or set "
+                    "config.grad_clip_norm."
+                )
+            self.fetched.append(values)
+        self.pending = []
+
+    def mean(self) -> dict[str, float]:
+        out = {k: float(np.mean([v[k] for v in self.fetched])) for k in self.fetched[0]}
+        self.fetched = []
+        return out

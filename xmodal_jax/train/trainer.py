@@ -42,7 +42,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from xmodal_jax import config as config_lib
-from xmodal_jax import evaluators, provenance, tasks
+from xmodal_jax import evaluators, provenance, tasks, timing
 from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.train import best as best_lib
@@ -146,34 +146,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-class _Metrics:
-    """Per-step metrics kept on device until needed; checked finite, step by step, on fetch."""
-
-    def __init__(self):
-        self.pending, self.fetched = [], []
-
-    def add(self, step: int, values: dict) -> None:
-        self.pending.append((step, values))
-
-    def fetch(self, last_good: int | None) -> None:
-        for step, values in jax.device_get(self.pending):
-            bad = {k: float(v) for k, v in values.items() if not np.all(np.isfinite(v))}
-            if bad:
-                kept = "none" if last_good is None else f"step {last_good}"
-                raise FloatingPointError(
-                    f"Non-finite training metrics at step {step}: {bad}. Stopped; the last "
-                    f"good checkpoint ({kept}) is kept. Lower config.lr or set "
-                    "config.grad_clip_norm."
-                )
-            self.fetched.append(values)
-        self.pending = []
-
-    def mean(self) -> dict[str, float]:
-        out = {k: float(np.mean([v[k] for v in self.fetched])) for k in self.fetched[0]}
-        self.fetched = []
-        return out
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> dict[str, float]:
@@ -189,8 +161,10 @@ def train_and_evaluate(
     _on_main(lambda: metrics.check_train_workdir(workdir))
     _on_main(lock.check_free)
     preemption = _Preemption()
+    timing.reset()
     try:
-        setup = _build(config, mesh)  # data preparation errors stop the run here
+        with timing.phase("set-up"):
+            setup = _build(config, mesh)  # data preparation errors stop the run here
         _on_main(lock.acquire)  # from here on the workdir is ours
         try:
             return _train(config, workdir, setup, lock, preemption)
@@ -261,60 +235,67 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
     writer = metrics.MetricWriter(workdir, active=is_main, resume_step=start)
 
     # ---------------------------------------------------------------- compile
-    train_step = step_lib.compile_train_step(
-        config, setup.task, setup.tx, setup.lr_fn, abstract, mesh, setup.sample
-    )
+    with timing.phase("compile"):
+        train_step = step_lib.compile_train_step(
+            config, setup.task, setup.tx, setup.lr_fn, abstract, mesh, setup.sample
+        )
     flops = step_lib.flops(train_step)
     if is_main:
         trained, count = rules.trainable_count(rules.from_config(config)[0], abstract.params)
         print(f"Training {trained:,} of {count:,} parameters on mesh {dict(mesh.shape)}.")
 
     # ---------------------------------------------------------------- loop
-    history, last_eval, last_saved = _Metrics(), {}, (start or None)
+    history, last_eval, last_saved = step_lib.StepHistory(), {}, (start or None)
     history.fetched = pending  # the steps since the last log line, saved with the checkpoint
     timed, t0 = 0, time.perf_counter()
     bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", disable=not is_main)
     step = start
     stop = _any_process(preemption.requested is not None)  # a signal during the set-up
     try:
-        while step < total and not stop:
-            batch = mesh_lib.global_batch(next(train_iter), mesh)
-            state, step_metrics = train_step(state, batch)
-            step, timed = step + 1, timed + 1
-            history.add(step, step_metrics)
-            bar.update(1)
-            if step % config.log_every == 0 or step == total:
-                history.fetch(last_saved)
-                logs, dt = history.mean(), time.perf_counter() - t0
-                logs["train/steps_per_sec"] = timed / dt
-                logs["train/examples_per_sec"] = timed * config.batch_size / dt
-                if flops:
-                    logs["train/flops_per_sec"] = timed * flops / dt
-                writer.write(step, logs)
-                ex_s = logs["train/examples_per_sec"]
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", ex_s=f"{ex_s:.0f}")
-                timed, t0 = 0, time.perf_counter()
-            if due := evaluators.due(config, step):
-                history.fetch(last_saved)
-                variables = {"params": state.params, **state.model_state}
-                results = evaluators.run_all({n: evals[n] for n in due}, variables)
-                last_eval.update(results)
-                writer.write(step, results)
-                bar.write(f"step {step}: " + " | ".join(evaluators.headline(results)))
-                if best is not None and best.update(step, results, state):
-                    bar.write(f"step {step}: new best {best.metric}, saved in {workdir}/best")
-                timed, t0 = 0, time.perf_counter()
-            every, stop = config.checkpoint_every, _any_process(preemption.requested is not None)
-            if (every and step % every == 0) or step == total or stop:
-                history.fetch(last_saved)
-                if not _all_finite(state.params):
-                    raise FloatingPointError(
-                        f"Parameters are not finite after step {step}; not saved. The last "
-                        f"good checkpoint (step {last_saved}) is kept. Lower config.lr."
-                    )
-                _on_main(lock.check)
-                ckpt.save(step, state, train_iter, pending=history.fetched)
-                last_saved, timed, t0 = step, 0, time.perf_counter()
+        with timing.phase("training"):
+            while step < total and not stop:
+                batch = mesh_lib.global_batch(next(train_iter), mesh)
+                state, step_metrics = train_step(state, batch)
+                step, timed = step + 1, timed + 1
+                history.add(step, step_metrics)
+                bar.update(1)
+                if step % config.log_every == 0 or step == total:
+                    history.fetch(last_saved)
+                    logs, dt = history.mean(), time.perf_counter() - t0
+                    logs["train/steps_per_sec"] = timed / dt
+                    logs["train/examples_per_sec"] = timed * config.batch_size / dt
+                    if flops:
+                        logs["train/flops_per_sec"] = timed * flops / dt
+                    writer.write(step, logs)
+                    ex_s = logs["train/examples_per_sec"]
+                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}", ex_s=f"{ex_s:.0f}")
+                    timed, t0 = 0, time.perf_counter()
+                if due := evaluators.due(config, step):
+                    history.fetch(last_saved)
+                    variables = {"params": state.params, **state.model_state}
+                    with timing.phase("evaluation"):
+                        results = evaluators.run_all({n: evals[n] for n in due}, variables)
+                    last_eval.update(results)
+                    writer.write(step, results)
+                    bar.write(f"step {step}: " + " | ".join(evaluators.headline(results)))
+                    if best is not None and best.update(step, results, state):
+                        bar.write(f"step {step}: new best {best.metric}, saved in {workdir}/best")
+                    timed, t0 = 0, time.perf_counter()
+                every, stop = (
+                    config.checkpoint_every,
+                    _any_process(preemption.requested is not None),
+                )
+                if (every and step % every == 0) or step == total or stop:
+                    history.fetch(last_saved)
+                    if not _all_finite(state.params):
+                        raise FloatingPointError(
+                            f"Parameters are not finite after step {step}; not saved. The last "
+                            f"good checkpoint (step {last_saved}) is kept. Lower config.lr."
+                        )
+                    _on_main(lock.check)
+                    with timing.phase("checkpoints"):
+                        ckpt.save(step, state, train_iter, pending=history.fetched)
+                    last_saved, timed, t0 = step, 0, time.perf_counter()
     finally:
         bar.close()
         ckpt.wait()
@@ -332,12 +313,16 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
         )
 
     # ---------------------------------------------------------------- summary
-    if not last_eval:  # resumed at the end already: evaluate for the summary
-        last_eval = evaluators.run_all(evals, {"params": state.params, **state.model_state})
+    with timing.phase("summary and plots"):
+        if not last_eval:  # resumed at the end already: evaluate for the summary
+            last_eval = evaluators.run_all(evals, {"params": state.params, **state.model_state})
+        if is_main:
+            lines = evaluators.headline(last_eval, every_metric=True)
+            print(f"Final evaluation at step {step}:" + "".join(f"\n  {x}" for x in lines))
+            _write_results(workdir, config, step, last_eval, evals)
     if is_main:
-        lines = evaluators.headline(last_eval, every_metric=True)
-        print(f"Final evaluation at step {step}:" + "".join(f"\n  {x}" for x in lines))
-        _write_results(workdir, config, step, last_eval, evals)
+        metrics.write_json(workdir / "timing.json", timing.totals())
+        print(timing.line(timing.totals()))
     return last_eval
 
 
