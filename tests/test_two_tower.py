@@ -220,3 +220,20 @@ def test_itm_loss_sees_only_the_heads_own_classes(tfds_dir):
     assert loss(moved) == pytest.approx(loss(feats), rel=1e-6)
     moved[np.asarray(labels) == 0] += 5.0  # a seen-class image
     assert loss(moved) != pytest.approx(loss(feats), rel=1e-3)
+
+
+def test_provenance_describes_the_code_as_the_run_began(tfds_dir, tmp_path, monkeypatch):
+    """A checkout edited while a run trains does not reach its provenance.json: the code is
+    described before the run builds anything (here the description counts the task builds
+    done before it)."""
+    import json
+
+    from xmodal_jax import provenance
+
+    built = []
+    real_build = tasks.build
+    monkeypatch.setattr(tasks, "build", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(provenance, "describe", lambda config: {"tasks_built": len(built)})
+    trainer.train_and_evaluate(tiny_config(steps=1), str(tmp_path))
+    assert built and json.loads((tmp_path / "provenance.json").read_text()) == {"tasks_built": 0}
+    assert set(json.loads((tmp_path / "timing.json").read_text())) >= {"set-up", "training"}

@@ -188,16 +188,18 @@ class _Setup:
     sample: Any  # the first global batch (shapes for compiling)
     init_fn: Any
     abstract: Any  # the state's shapes and shardings: the restore target
+    provenance: dict  # the code and stack that run, described before anything else happens
 
 
 def _build(config: ml_collections.ConfigDict, mesh) -> _Setup:
+    prov = provenance.describe(config.to_dict())  # the checkout may change while the run goes
     task = tasks.build(config, mesh)
     tx, lr_fn = optim.build(config)
     evals = evaluators.build_all(config, task.predict_fns(), mesh)
     train_iter = task.train_iterator(jax.process_index(), jax.process_count())
     sample = mesh_lib.global_batch(_peek(train_iter), mesh)
     init_fn, abstract = step_lib.init_state(config, task, tx, mesh, sample)
-    return _Setup(mesh, task, tx, lr_fn, evals, train_iter, sample, init_fn, abstract)
+    return _Setup(mesh, task, tx, lr_fn, evals, train_iter, sample, init_fn, abstract, prov)
 
 
 def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dict[str, float]:
@@ -319,16 +321,16 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
         if is_main:
             lines = evaluators.headline(last_eval, every_metric=True)
             print(f"Final evaluation at step {step}:" + "".join(f"\n  {x}" for x in lines))
-            _write_results(workdir, config, step, last_eval, evals)
+            _write_results(workdir, setup.provenance, step, last_eval, evals)
     if is_main:
         metrics.write_json(workdir / "timing.json", timing.totals())
         print(timing.line(timing.totals()))
     return last_eval
 
 
-def _write_results(workdir, config, step: int, results: dict[str, float], evals) -> None:
+def _write_results(workdir, prov: dict, step: int, results: dict[str, float], evals) -> None:
     """`provenance.json`, `summary.json` (`step` and every metric), then the plots."""
-    metrics.write_json(workdir / "provenance.json", provenance.describe(config.to_dict()))
+    metrics.write_json(workdir / "provenance.json", prov)
     metrics.write_json(workdir / "summary.json", {"step": step, **results})
     print(f"Plotting into {workdir}/plots ...", flush=True)
     plots.write_all(workdir, metrics.read(workdir), evals)
@@ -375,7 +377,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict
             )
         if is_main:
             try:
-                _write_results(workdir, config, step, results, evals)
+                _write_results(workdir, setup.provenance, step, results, evals)
             except OSError as e:
                 raise UserError(
                     f"Could not write the results to {workdir} ({e}); they are printed above."
