@@ -122,6 +122,24 @@ def tower_params(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quickstart_timing(r: dict) -> str:
+    """The quick start's wall time from nothing, split by phase (`timing.json` of the run)."""
+    v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
+    phases = r["phases_s"]
+    lines = [
+        f"*`{r['command']}` ({r['date']}; {r['cpu']}, {r['usable_cpus']} cores; jax {v['jax']}, "
+        f"commit {commit}{' + changes' if r['git']['dirty'] else ''})*",
+        "",
+        "| phase | seconds |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {s:.1f} |" for name, s in phases.items()]
+    other = r["wall_s"] - sum(phases.values())
+    lines += [f"| Python and JAX start-up, config | {other:.1f} |"]
+    lines += [f"| **total** | **{r['wall_s']:.1f}** |"]
+    return "\n".join(lines) + "\n"
+
+
 def tables(r: dict) -> str:
     """The run's line (command, machine, load, ceilings), its step table (workloads other than
     the pipeline), pipeline figures and ablation tables; for a test-run record, its line; for a
@@ -130,6 +148,8 @@ def tables(r: dict) -> str:
         return test_run(r)
     if r.get("kind") == "tower_params":
         return tower_params(r)
+    if r.get("kind") == "quickstart_timing":
+        return quickstart_timing(r)
     parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
@@ -155,7 +175,7 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
-        if r.get("kind") in ("test_run", "tower_params"):
+        if r.get("kind") in ("test_run", "tower_params", "quickstart_timing"):
             print(tables(r))
             continue
         print(f"### {path}\n\n{header(r)}\n")
