@@ -162,3 +162,21 @@ def test_cpu_backends_ablation_runs_each_backend_and_compares_first_updates():
         assert "error" not in cell, (name, cell)
         assert cell["step_s"] > 0 and 0 <= cell["update_max_abs_diff_rel"] < 1e-4, (name, cell)
     assert row["default"]["update_max_abs_diff_rel"] == 0.0
+
+
+def test_peak_memory_counts_the_activations():
+    """A chain of element-wise steps over a batch keeps intermediates alive for the backward
+    pass: the step's peak grows with the batch by at least the saved activations (float32,
+    `width` features per example and layer), counted by hand."""
+    width, depth = 256, 4
+
+    def loss(w, x):
+        for _ in range(depth):
+            x = jnp.tanh(x @ w)
+        return jnp.sum(x)
+
+    grad = jax.jit(jax.grad(loss))
+    w = jnp.ones((width, width)) / width
+    peaks = {b: measure.compile_jit(grad, w, jnp.ones((b, width))).peak_bytes for b in (8, 512)}
+    saved = depth * (512 - 8) * width * 4  # tanh outputs kept for the backward pass
+    assert peaks[512] - peaks[8] >= saved
