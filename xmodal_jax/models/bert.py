@@ -72,26 +72,16 @@ class Bert(nn.Module):
         x = layers.layer_norm(self.norm_eps, name="embed_norm", **kw)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            norm_first=False,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            attn_dropout=self.attn_dropout,
-            deterministic=not train,
-            **kw,
-        )
         mask = valid[:, None, None, :]
-        x = transformer.LayerStack(
-            transformer.TransformerBlock,
-            block_kwargs,
-            self.depth,
-            self.scan_layers,
-            self.remat_policy,
-            name="encoder",
-        )(x, mask)
+        x = transformer.encoder(
+            self,
+            x,
+            mask,
+            train=train,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            norm_first=False,  # BERT's post-LN blocks
+            attn_dropout=self.attn_dropout,
+        )
 
         if self.pool == "mean":
             w = valid[..., None].astype(jnp.float32)

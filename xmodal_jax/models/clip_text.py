@@ -70,24 +70,7 @@ class CLIPText(nn.Module):
 
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
         mask = causal if self.pad_id is None else causal & (ids != self.pad_id)[:, None, None, :]
-        block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            norm_first=True,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            deterministic=not train,
-            **kw,
-        )
-        x = transformer.LayerStack(
-            transformer.TransformerBlock,
-            block_kwargs,
-            self.depth,
-            self.scan_layers,
-            self.remat_policy,
-            name="encoder",
-        )(x, mask)
+        x = transformer.encoder(self, x, mask, train=train, mlp_dim=self.mlp_dim or 4 * self.width)
         x = layers.layer_norm(self.norm_eps, name="norm", **kw)(x)
 
         if self.eos_id is None:

@@ -71,24 +71,7 @@ class SigLIPText(nn.Module):
         )
         x = x + pos[:length].astype(self.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=mlp_dim,
-            norm_first=True,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            deterministic=not train,
-            **kw,
-        )
-        x = transformer.LayerStack(
-            transformer.TransformerBlock,
-            block_kwargs,
-            self.depth,
-            self.scan_layers,
-            self.remat_policy,
-            name="encoder",
-        )(x)
+        x = transformer.encoder(self, x, train=train, mlp_dim=mlp_dim)
         x = layers.layer_norm(self.norm_eps, name="norm", **kw)(x)
 
         if self.pool == "last":

@@ -228,6 +228,42 @@ class LayerStack(nn.Module):
         return x
 
 
+def encoder(
+    tower: nn.Module,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    train: bool,
+    mlp_dim: int,
+    norm_first: bool = True,
+    attn_dropout: float = 0.0,
+) -> jax.Array:
+    """The `encoder` stack of a transformer tower (ViT, BERT, the CLIP and SigLIP text towers),
+    called from the tower's compact method: `tower.depth` blocks with its heads, activation,
+    LayerNorm epsilon, dropout, dtypes, layer scan and remat policy."""
+    block_kwargs = dict(
+        num_heads=tower.num_heads,
+        mlp_dim=mlp_dim,
+        norm_first=norm_first,
+        act=tower.act,
+        norm_eps=tower.norm_eps,
+        dropout=tower.dropout,
+        attn_dropout=attn_dropout,
+        deterministic=not train,
+        dtype=tower.dtype,
+        param_dtype=tower.param_dtype,
+    )
+    stack = LayerStack(
+        TransformerBlock,
+        block_kwargs,
+        tower.depth,
+        tower.scan_layers,
+        tower.remat_policy,
+        name="encoder",
+    )
+    return stack(x, mask)
+
+
 class MAPHead(nn.Module):
     """Multi-head attention pooling (a learned probe attends over the tokens), as in
     big_vision `big_vision/models/vit.py` `MAPHead`: probe -> attn -> x + mlp(norm(x))."""

@@ -107,25 +107,9 @@ class ViT(nn.Module):
         if self.pre_norm:
             x = layers.layer_norm(self.norm_eps, name="norm_pre", **kw)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=mlp_dim,
-            norm_first=True,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            attn_dropout=self.attn_dropout,
-            deterministic=not train,
-            **kw,
+        x = transformer.encoder(
+            self, x, train=train, mlp_dim=mlp_dim, attn_dropout=self.attn_dropout
         )
-        x = transformer.LayerStack(
-            transformer.TransformerBlock,
-            block_kwargs,
-            self.depth,
-            self.scan_layers,
-            self.remat_policy,
-            name="encoder",
-        )(x)
         norm = layers.layer_norm(self.norm_eps, name="norm", **kw)
         if not self.norm_after_pool:
             x = norm(x)
