@@ -255,3 +255,17 @@ def test_full_builds(name, splits, tfds_dir):
     labels = pipeline.split_labels(name, "test")
     counts = np.bincount(labels, minlength=10)
     assert counts.min() > 0.8 * len(labels) / 10  # no class much rarer than the others
+
+
+def test_missing_asset_package_is_a_user_error_with_its_pip_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "skimage" else find_spec(name)
+    )
+    digit_shifts.photo_pyramid.cache_clear()
+    with pytest.raises(UserError, match="scikit-image==0.26.0") as e:
+        pipeline.source("mnist_m_like", "test", str(tmp_path))
+    assert "TFDS_DATA_DIR" not in str(e.value)
+    digit_shifts.photo_pyramid.cache_clear()

@@ -77,6 +77,9 @@ def source(name: str, split: str, path: str | None = None):
         except FileExistsError:  # another process of a multi-process job finished it first
             b = builder(name, path)
         except OSError as e:  # the data dir is read-only, under a file, full, ...
+            if isinstance(e, FileNotFoundError) and e.filename is None:
+                # not a path of the data dir: assets.py's missing package, with its pip line
+                raise UserError(f"Cannot prepare dataset {name!r}: {e}") from None
             raise UserError(
                 f"Cannot prepare dataset {name!r} in {data_dir(path)} ({e.strerror or e}); set "
                 "TFDS_DATA_DIR to a directory this user can write."
