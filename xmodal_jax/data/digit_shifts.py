@@ -50,7 +50,7 @@ SYN_FONTS = (
 )  # fmt: skip
 
 
-class _SplitsBuilder(builders._ArrayBuilder):
+class _SplitsBuilder(builders._ArrayBuilder, skip_registration=True):
     """An `_ArrayBuilder` whose splits come ready-made: `SPLITS` names them, `split_arrays`
     gives each one's (images, labels)."""
 
