@@ -31,15 +31,6 @@ from xmodal_jax.objectives.adaptation import tent
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
-def _local_batches(data_cfg: dict, batch_size: int):
-    return pipeline.eval_batches(
-        data_cfg,
-        batch_size=batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 class ADistance:
     """Proxy A-distance 2(1 - 2ε) of a domain classifier on the model's pooled features."""
 
@@ -61,7 +52,7 @@ class ADistance:
 
     def _features(self, variables, data_cfg: dict) -> np.ndarray:
         out = []
-        for local in _local_batches(data_cfg, self.batch_size):
+        for local in classification.local_batches(data_cfg, self.batch_size):
             batch = mesh_lib.global_batch({"image": local["image"]}, self.mesh)
             feats = multihost_utils.process_allgather(self._pooled(variables, batch), tiled=True)
             mask = multihost_utils.process_allgather(local["_mask"], tiled=False).reshape(-1)
@@ -102,7 +93,8 @@ class AdaBNClassification(classification.Classification):
 
     def run(self, variables) -> dict[str, float]:
         images = (
-            local["image"][local["_mask"]] for local in _local_batches(self.adapt, self.batch_size)
+            local["image"][local["_mask"]]
+            for local in classification.local_batches(self.adapt, self.batch_size)
         )
         adapted = self.adapt_batch_norm(variables, images)
         return super().run(adapted)
@@ -172,15 +164,7 @@ class TentClassification(classification.Classification):
 
     def run(self, variables) -> dict[str, float]:
         totals, fresh, state, batches = None, None, None, 0
-        for local in pipeline.eval_batches(
-            self.data_cfg,
-            batch_size=self.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            batch = mesh_lib.global_batch(
-                {k: local[k] for k in ("image", "label", "_mask")}, self.mesh
-            )
+        for batch in classification.global_batches(self.data_cfg, self.batch_size, self.mesh):
             if fresh is None:
                 fresh = self.initial(variables, batch)
                 state = fresh

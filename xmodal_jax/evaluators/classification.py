@@ -22,6 +22,22 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
+def local_batches(data_cfg: Mapping[str, Any], batch_size: int):
+    """This process's share of the evaluation batches of a split (padded, with `_mask`)."""
+    return pipeline.eval_batches(
+        data_cfg,
+        batch_size=batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def global_batches(data_cfg: Mapping[str, Any], batch_size: int, mesh: Mesh):
+    """`(image, label, _mask)` batches of a split, global over the mesh."""
+    for local in local_batches(data_cfg, batch_size):
+        yield mesh_lib.global_batch({k: local[k] for k in ("image", "label", "_mask")}, mesh)
+
+
 class Classification:
     """Top-1 / top-5 accuracy, loss, per-class accuracy and the confusion matrix of
     `predict(...)['logits']`.
@@ -49,15 +65,7 @@ class Classification:
 
     def run(self, variables) -> dict[str, float]:
         totals = None
-        for local in pipeline.eval_batches(
-            self.data_cfg,
-            batch_size=self.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            batch = mesh_lib.global_batch(
-                {k: local[k] for k in ("image", "label", "_mask")}, self.mesh
-            )
+        for batch in global_batches(self.data_cfg, self.batch_size, self.mesh):
             part = self._step(variables, batch)
             totals = part if totals is None else jax.tree.map(jnp.add, totals, part)
         return self.metrics(totals)
