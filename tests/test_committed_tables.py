@@ -63,3 +63,16 @@ def test_benchmark_tables_equal_what_their_runs_give(path):
         want = module.tables(json.load(f))
     with open(module.markdown_path(path)) as f:
         assert f.read() == want, f"{path}: its .md is stale; run make tables"
+
+
+def test_parity_record_is_within_the_bounds_its_tests_assert():
+    """benchmarks/results/parity.json (`benchmarks/parity.py`): every measured output is within
+    the bound its test asserts, and every test file it names exists."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "parity.json")) as f:
+        record = json.load(f)
+    assert record["kind"] == "parity" and len(record["rows"]) >= 20
+    for row in record["rows"]:
+        bound, kind = row["bound"].split()
+        measured = row["max_abs_err"] if kind == "absolute" else row["max_rel_err"]
+        assert kind in ("absolute", "relative") and 0 <= measured <= float(bound), row
+        assert os.path.exists(os.path.join(ROOT, "tests", row["test"])), row

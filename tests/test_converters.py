@@ -422,8 +422,9 @@ def _vit_reference(tmp_path, **cfg):
 
 
 def test_timm_vit_layout_matches_transformers(tmp_path):
-    # timm's "tiny" size (width 192, 3 heads, not 64-wide ones); the head count is not in the
-    # tensors, so it comes from the model name in timm's config.json (or arch=...).
+    # timm's layout built by hand from HF's (a legacy torch pickle), "tiny" size (width 192, 3
+    # heads); the head count is not in the tensors, so it comes from the model name in timm's
+    # config.json (or arch=...). timm itself is the oracle in test_timm_oracle.py.
     sd, images, tokens = _vit_reference(tmp_path, hidden_size=192, num_attention_heads=3,
                                         intermediate_size=96, layer_norm_eps=1e-6)  # fmt: skip
     timm = {
