@@ -56,7 +56,7 @@ def test_misspelled_key_is_one_clear_line(tmp_path, tfds_dir):
     "args, words",
     [
         (["--config", "experiments/digits/source_onyl.py"], ["source_only.py"]),
-        (["--config", CONFIG, "--config.data.name=digits_mnist"], ["digits_mnist5k"]),
+        (["--config", CONFIG, "--config.data.name=digits_mnist6k"], ["digits_mnist5k"]),
         (["--config", CONFIG, "--config.model.bottleneck=wide"], ["expected int"]),
         (["--config", "experiments/digits/source_only.py:direction=m2u,sed=1"], ["'seed'"]),
     ],
