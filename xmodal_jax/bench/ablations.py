@@ -98,7 +98,8 @@ def run(name: str, args, peaks: dict) -> dict[str, Any]:
     if name == "cpu_backends":
         from xmodal_jax.bench import backends
 
-        return backends.ablation(args)
+        chosen = [w for w in args.workloads.split(",") if w in backends.WORKLOADS]
+        return backends.ablation(args, tuple(chosen) or backends.WORKLOADS)
     variants = {
         "scan_remat": {
             "unrolled": {},

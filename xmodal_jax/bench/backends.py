@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+WORKLOADS = ("resnet50", "mnv2_dann", "clip")  # the train steps; `--workloads` picks among them
 BACKENDS = {
     "default": "",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
@@ -84,7 +85,7 @@ def _max_rel_diff(a: str, b: str) -> float:
     return num / den
 
 
-def ablation(args, workloads: tuple[str, ...] = ("resnet50", "mnv2_dann", "clip")) -> dict:
+def ablation(args, workloads: tuple[str, ...] = WORKLOADS) -> dict:
     """Per workload and backend: median step seconds over the rounds, the first step's compile
     seconds, and the first update's distance to the default backend's."""
     out: dict[str, Any] = {"flags": dict(BACKENDS), "rounds": args.rounds}
