@@ -119,6 +119,7 @@ def test_unknown_task_names_the_closest():
         "finetune",
         "source_free",
         "two_tower",
+        "zeroshot_adaptation",
     ]
 
 

@@ -1,0 +1,186 @@
+"""The zero-shot adaptation task: a tiny two-tower model adapted to a cheap shift of
+`animal_silhouettes` (the target images inverted), with the class-name anchors fixed."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from twotower_testing import PP, read_metrics, tiny_config, train_steps
+
+from xmodal_jax import tasks
+from xmodal_jax.data import pipeline
+from xmodal_jax.errors import UserError
+from xmodal_jax.objectives import adaptation
+from xmodal_jax.train import trainer
+
+UNSEEN = ("cat", "dog", "giraffe")
+SHIFTED_PP = "invert|" + PP
+TARGET_SPLIT = "train[4%:8%]"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
+
+
+def adapt_config(method: str = "entropy", steps: int = 2, **options):
+    c = tiny_config(steps=steps, heads={"unseen": [UNSEEN]})
+    c.task = "zeroshot_adaptation"
+    c.data.target = {"name": "animal_silhouettes", "split": TARGET_SPLIT, "pp": SHIFTED_PP}
+    c.adaptation = {"method": method, **options}
+    if method in ("dann", "cdan"):
+        c.adaptation.hidden = (16,)
+    return c
+
+
+def _state(variables):
+    return {k: v for k, v in variables.items() if k != "params"}
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def ref_logits(task, variables, feats):
+    """float64 zero-shot logits over the seen classes, from the parameters by hand."""
+    v = nn.unbox(variables)
+    head, stats = v["params"]["heads"], v["stats"]["heads"]["image"]
+    x = (np.float64(feats) - np.float64(stats["mean"][0])) / np.float64(stats["std"][0])
+    kernel, bias = head["image"]["out"]["kernel"][0], head["image"]["out"]["bias"][0]
+    zi = _unit(x @ np.float64(kernel) + np.float64(bias))
+    zt = _unit(np.float64(task.cached_class_text[0]))  # text_proj 'none': the anchors as cached
+    seen = [i for i in range(10) if task.class_names[i] not in UNSEEN]
+    log_scale = min(float(head["logit"]["log_scale"][0]), np.log(100.0))
+    return np.exp(log_scale) * zi @ zt[seen].T
+
+
+@pytest.mark.parametrize("method", ["entropy", "mcc", "im"])
+def test_adaptation_term_is_the_registered_loss_of_the_zeroshot_logits(tfds_dir, method):
+    task = tasks.build(adapt_config(method, weight=0.7))
+    batch = next(task.train_iterator(0, 1))
+    variables = task.init(jax.random.key(0), batch)
+    params, state = variables["params"], _state(variables)
+    ref = ref_logits(task, variables, batch["target"]["image_feats"])
+    assert ref.shape == (32, 7)
+    logits, _ = task.zeroshot_logits(params, state, jnp.asarray(batch["target"]["image_feats"]))
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+    inputs = adaptation.AdaptationInputs(logits_t=jnp.asarray(ref, jnp.float32))
+    expected, aux = adaptation.get_loss(method)(inputs, {"weight": 0.7})
+    total, (_, metrics) = task.loss(params, state, batch, jax.random.key(1), 0.5)
+    np.testing.assert_allclose(metrics["adapt/inductive/loss"], aux["loss"], rtol=1e-4)
+    np.testing.assert_allclose(total, metrics["source_loss"] + expected, rtol=1e-4)
+    assert float(aux["loss"]) != 0.0
+
+
+def test_adaptation_term_never_moves_the_text_anchors_or_the_temperature(tfds_dir):
+    c = adapt_config("entropy")
+    c.model.embed_dim = 16
+    c.model.text_proj = {"kind": "linear"}  # a trainable text projection: still no gradient
+    task = tasks.build(c)
+    batch = next(task.train_iterator(0, 1))
+    variables = task.init(jax.random.key(0), batch)
+
+    def adapt(params):
+        return task.adaptation_loss(params, _state(variables), batch, jax.random.key(1), 1.0)[0]
+
+    grads = nn.unbox(jax.grad(adapt)(variables["params"]))["heads"]
+    for leaf in jax.tree.leaves({"text": grads["text"], "logit": grads["logit"]}):
+        np.testing.assert_array_equal(leaf, 0.0)
+    assert np.abs(grads["image"]["out"]["kernel"]).max() > 0
+
+
+def test_training_keeps_the_class_embeddings_and_moves_the_image_projection(tfds_dir):
+    task, (before, state0), (after, state1) = train_steps(adapt_config("dann"), steps=3)
+    assert set(before) == {"heads", "discriminator"}
+    # What the zero-shot evaluators score against, recomputed from the class prompts: unchanged.
+    anchors0, _ = task.class_embeddings({"params": before, **state0})
+    anchors1, feats = task.class_embeddings({"params": after, **state1})
+    np.testing.assert_array_equal(anchors0, anchors1)
+    np.testing.assert_allclose(anchors1[0], _unit(np.float64(feats[0])), rtol=1e-5, atol=1e-6)
+    kernel = lambda p: np.asarray(nn.unbox(p)["heads"]["image"]["out"]["kernel"])
+    assert not np.array_equal(kernel(before), kernel(after))
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b),
+        nn.unbox(before["discriminator"]),
+        nn.unbox(after["discriminator"]),
+    )
+    assert all(jax.tree.leaves(changed))
+
+
+def _target_labels(task, batches):
+    labels = pipeline.split_labels("animal_silhouettes", TARGET_SPLIT)
+    return np.concatenate([labels[np.asarray(b["target"]["index"])] for b in batches])
+
+
+def test_inductive_target_batches_hold_only_seen_classes(tfds_dir):
+    task = tasks.build(adapt_config())
+    it = task.train_iterator(0, 1)
+    batches = [next(it) for _ in range(30)]  # 960 rows: every seen-class target row, 4 times
+    assert all(set(b["target"]) == {"image_feats", "index"} for b in batches)  # no labels
+    seen_ids = set(task.heads[0].train_classes)
+    found = set(_target_labels(task, batches).tolist())
+    assert found == seen_ids
+    rows = task.target_rows()
+    assert set(pipeline.split_labels("animal_silhouettes", TARGET_SPLIT)[rows]) == seen_ids
+
+
+def test_transductive_reads_unseen_class_images_and_says_so(tfds_dir, tmp_path):
+    c = adapt_config(transductive=True)
+    task = tasks.build(c)
+    assert task.target_rows() is None and len(task.predicted_classes) == 10
+    it = task.train_iterator(0, 1)
+    found = set(_target_labels(task, [next(it) for _ in range(20)]).tolist())
+    assert found == set(range(10))
+    trainer.train_and_evaluate(c, str(tmp_path / "wd"))
+    rows = [r for r in read_metrics(str(tmp_path / "wd")) if "train/loss" in r]
+    assert "train/adapt/transductive/loss" in rows[0]
+    assert not any(k.startswith("train/adapt/inductive") for r in rows for k in r)
+
+
+@pytest.mark.parametrize("method", ["entropy", "mcc", "im", "dann", "cdan"])
+def test_each_method_trains_and_evaluates_on_the_shifted_split(tfds_dir, tmp_path, method):
+    c = adapt_config(method, steps=3)
+    shifted = {"split": "test[:5%]", "pp": SHIFTED_PP}
+    c.evals = {
+        "shift_seen": {"type": "zeroshot", "classes": "seen", **shifted},
+        "shift_unseen": {"type": "zeroshot_unseen", **shifted},
+    }
+    result = trainer.train_and_evaluate(c, str(tmp_path / "wd"))
+    rows = [r for r in read_metrics(str(tmp_path / "wd")) if "train/loss" in r]
+    assert len(rows) == 3
+    assert all(np.isfinite(r["train/adapt/inductive/loss"]) for r in rows)
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    for name in ("shift_seen", "shift_unseen"):
+        assert 0.0 <= result[f"eval/{name}/accuracy"] <= 1.0
+    if method in ("dann", "cdan"):
+        assert 0.0 <= rows[-1]["train/adapt/inductive/domain_accuracy"] <= 1.0
+
+
+def test_config_errors(tfds_dir):
+    c = adapt_config()
+    del c.data["target"]
+    with pytest.raises(UserError, match="config.data.target is missing"):
+        tasks.build(c)
+    with pytest.raises(UserError, match="unknown domain-adaptation loss 'entropi'"):
+        tasks.build(adapt_config("entropi"))
+    c = adapt_config()
+    del c.adaptation["method"]
+    with pytest.raises(UserError, match="adaptation.method is not set"):
+        tasks.build(c)
+    with pytest.raises(UserError, match="replaces the source loss"):
+        tasks.build(adapt_config("importance"))
+    with pytest.raises(UserError, match="wieght"):
+        tasks.build(adapt_config(wieght=2.0))
+    c = adapt_config()
+    c.heads = {"unseen": [UNSEEN, ("bear", "cow")]}
+    with pytest.raises(UserError, match="one head per run"):
+        tasks.build(c)
+    c = adapt_config()
+    c.model.text.locked = False
+    with pytest.raises(UserError, match="lock the text tower"):
+        tasks.build(c)
+    c = adapt_config()
+    c.data.target.pp = "flip_lr|" + PP
+    with pytest.raises(UserError, match="deterministic pp"):
+        tasks.build(c)
