@@ -24,8 +24,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
 
 
-def adapt_config(method: str = "entropy", steps: int = 2, **options):
-    c = tiny_config(steps=steps, heads={"unseen": [UNSEEN]})
+def adapt_config(method: str = "entropy", steps: int = 2, heads=None, **options):
+    c = tiny_config(steps=steps, heads=heads or {"unseen": [UNSEEN]})
     c.task = "zeroshot_adaptation"
     c.data.target = {"name": "animal_silhouettes", "split": TARGET_SPLIT, "pp": SHIFTED_PP}
     c.adaptation = {"method": method, **options}
@@ -61,10 +61,11 @@ def test_adaptation_term_is_the_registered_loss_of_the_zeroshot_logits(tfds_dir,
     batch = next(task.train_iterator(0, 1))
     variables = task.init(jax.random.key(0), batch)
     params, state = variables["params"], _state(variables)
-    ref = ref_logits(task, variables, batch["target"]["image_feats"])
+    assert batch["target"]["image_feats"].shape == (32, 1, 32)  # [B, H, Di]
+    ref = ref_logits(task, variables, batch["target"]["image_feats"][:, 0])
     assert ref.shape == (32, 7)
     logits, _ = task.zeroshot_logits(params, state, jnp.asarray(batch["target"]["image_feats"]))
-    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits[0], ref, rtol=1e-4, atol=1e-4)
     inputs = adaptation.AdaptationInputs(logits_t=jnp.asarray(ref, jnp.float32))
     expected, aux = adaptation.get_loss(method)(inputs, {"weight": 0.7})
     total, (_, metrics) = task.loss(params, state, batch, jax.random.key(1), 0.5)
@@ -108,9 +109,9 @@ def test_training_keeps_the_class_embeddings_and_moves_the_image_projection(tfds
     assert all(jax.tree.leaves(changed))
 
 
-def _target_labels(task, batches):
-    labels = pipeline.split_labels("animal_silhouettes", TARGET_SPLIT)
-    return np.concatenate([labels[np.asarray(b["target"]["index"])] for b in batches])
+def _labels(batches, part, split, head=0):
+    labels = pipeline.split_labels("animal_silhouettes", split)
+    return np.concatenate([labels[np.asarray(b[part]["index"])[:, head]] for b in batches])
 
 
 def test_inductive_target_batches_hold_only_seen_classes(tfds_dir):
@@ -119,18 +120,34 @@ def test_inductive_target_batches_hold_only_seen_classes(tfds_dir):
     batches = [next(it) for _ in range(30)]  # 960 rows: every seen-class target row, 4 times
     assert all(set(b["target"]) == {"image_feats", "index"} for b in batches)  # no labels
     seen_ids = set(task.heads[0].train_classes)
-    found = set(_target_labels(task, batches).tolist())
-    assert found == seen_ids
-    rows = task.target_rows()
+    assert set(_labels(batches, "target", TARGET_SPLIT).tolist()) == seen_ids
+    rows = task.target_rows(task.heads[0])
     assert set(pipeline.split_labels("animal_silhouettes", TARGET_SPLIT)[rows]) == seen_ids
+
+
+def test_each_head_reads_only_its_own_classes(tfds_dir):
+    """Two splits with control and calibration heads: head i's source and target streams hold
+    exactly its training classes (a calibration head: without its pseudo-unseen ones)."""
+    heads = {"unseen": [UNSEEN, ("bear", "cow")], "control": True, "calibration_holdout": 2}
+    task = tasks.build(adapt_config(heads=heads))
+    assert task.num_heads == 6
+    it = task.train_iterator(0, 1)
+    batches = [next(it) for _ in range(40)]
+    assert batches[0]["target"]["image_feats"].shape == (32, 6, 32)
+    for i, head in enumerate(task.heads):
+        train = set(head.train_classes)
+        assert set(_labels(batches, "target", TARGET_SPLIT, i).tolist()) == train, head.name
+        assert set(_labels(batches, "adapt_source", "train[:4%]", i).tolist()) == train
+        assert len(task.predicted_classes[i]) == len(train)
+    assert set(task.heads[-1].pseudo_unseen).isdisjoint(task.heads[-1].train_classes)
 
 
 def test_transductive_reads_unseen_class_images_and_says_so(tfds_dir, tmp_path):
     c = adapt_config(transductive=True)
     task = tasks.build(c)
-    assert task.target_rows() is None and len(task.predicted_classes) == 10
+    assert task.target_rows(task.heads[0]) is None and len(task.predicted_classes[0]) == 10
     it = task.train_iterator(0, 1)
-    found = set(_target_labels(task, [next(it) for _ in range(20)]).tolist())
+    found = set(_labels([next(it) for _ in range(20)], "target", TARGET_SPLIT).tolist())
     assert found == set(range(10))
     trainer.train_and_evaluate(c, str(tmp_path / "wd"))
     rows = [r for r in read_metrics(str(tmp_path / "wd")) if "train/loss" in r]
@@ -140,11 +157,13 @@ def test_transductive_reads_unseen_class_images_and_says_so(tfds_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["entropy", "mcc", "im", "dann", "cdan"])
 def test_each_method_trains_and_evaluates_on_the_shifted_split(tfds_dir, tmp_path, method):
-    c = adapt_config(method, steps=3)
+    heads = {"unseen": [UNSEEN], "calibration_holdout": 2}  # a calibration head for GZSL
+    c = adapt_config(method, steps=3, heads=heads)
     shifted = {"split": "test[:5%]", "pp": SHIFTED_PP}
     c.evals = {
         "shift_seen": {"type": "zeroshot", "classes": "seen", **shifted},
         "shift_unseen": {"type": "zeroshot_unseen", **shifted},
+        "shift_gzsl": {"type": "gzsl", "val_split": "train[96%:]", **shifted},
     }
     result = trainer.train_and_evaluate(c, str(tmp_path / "wd"))
     rows = [r for r in read_metrics(str(tmp_path / "wd")) if "train/loss" in r]
@@ -153,6 +172,7 @@ def test_each_method_trains_and_evaluates_on_the_shifted_split(tfds_dir, tmp_pat
     assert all(np.isfinite(r["train/loss"]) for r in rows)
     for name in ("shift_seen", "shift_unseen"):
         assert 0.0 <= result[f"eval/{name}/accuracy"] <= 1.0
+    assert 0.0 <= result["eval/shift_gzsl/harmonic_mean"] <= 1.0
     if method in ("dann", "cdan"):
         assert 0.0 <= rows[-1]["train/adapt/inductive/domain_accuracy"] <= 1.0
 
@@ -172,10 +192,6 @@ def test_config_errors(tfds_dir):
         tasks.build(adapt_config("importance"))
     with pytest.raises(UserError, match="wieght"):
         tasks.build(adapt_config(wieght=2.0))
-    c = adapt_config()
-    c.heads = {"unseen": [UNSEEN, ("bear", "cow")]}
-    with pytest.raises(UserError, match="one head per run"):
-        tasks.build(c)
     c = adapt_config()
     c.model.text.locked = False
     with pytest.raises(UserError, match="lock the text tower"):

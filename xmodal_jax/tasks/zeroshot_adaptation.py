@@ -2,7 +2,7 @@
 domain, the class-name text anchors fixed.
 
 The task is `two_tower` (`TwoTower`) with one more input and one more loss term:
-- source: the labelled training split of the head's seen classes (`config.data`, as in the
+- source: the labelled training split of the heads' seen classes (`config.data`, as in the
   quick start); the two-tower contrastive loss on it, unchanged;
 - target: unlabelled images of the shifted domain, `config.data.target = {name, split, pp,
   data_dir}` (`pp` defaults to the source's), through the same locked image tower (its cached
@@ -24,27 +24,32 @@ adaptation term moves only the image projection (and the discriminator); otherwi
 could be lowered by raising the temperature alone.
 
 Settings (`config.adaptation.transductive`), never mixed in one run:
-- inductive (default): the target split is read only for the images of the head's seen
-  classes, and the logits run over the seen classes' names only, so no unseen-class image or
-  name enters training. The target labels are used for that filtering only (the closed-set
-  assumption of the inductive setting: the unlabelled target domain holds the classes trained
-  on); no batch carries them. Evaluate on the shifted *test* split (evaluators' `dataset` /
-  `split` / `pp`).
+- inductive (default): each head's adaptation term reads only the target images of the classes
+  that head trains on, and its logits run over those classes' names only, so no image or name of
+  its unseen classes enters its training. The target labels are used for that filtering only
+  (the closed-set assumption of the inductive setting: the unlabelled target domain holds the
+  classes trained on); no batch carries them. Evaluate on the shifted *test* split (the
+  evaluators' `dataset` / `split` / `pp`).
 - transductive (`transductive=True`): every target image is read, unseen classes included, and
-  the logits run over every class name the head scores (seen and unseen). Train metrics are
-  logged under `adapt/transductive/` (inductive: `adapt/inductive/`), so the setting is named
-  in every record.
-The test-time setting (adapting online on the test stream, e.g. TENT or AdaBN on the image
-tower) is not this task.
+  each head's logits run over every class name it scores (seen and unseen).
+Train metrics are logged under `adapt/inductive/` or `adapt/transductive/`, so every record
+names its setting. The test-time setting (adapting online on the test stream, e.g. TENT or
+AdaBN on the image tower) is not this task.
 
-One head per run (`config.heads.unseen` with one split, no control or calibration head): the
-classes a head may predict, and so which target rows are read, differ between heads.
-Parameters: those of `two_tower` plus `discriminator` for the adversarial losses. Batches:
-`{'source': two-tower batch, 'target': {'image_feats', 'index'}}` (`index`: the target row).
+Heads (`config.heads`, as in `two_tower`: splits, control and calibration heads): each head has
+its own streams of source and target images for the adaptation term, filtered by its own
+classes as above (the source stream by the head's training classes, so no labelled image of its
+held-out classes reaches its adversarial term either), its own logits and, for the adversarial
+losses, its own discriminator; the terms are summed over heads, as the contrastive losses are.
+Batches: `{'source': the two-tower batch, 'adapt_source': {'image_feats', 'index'},
+'target': {'image_feats', 'index'}}`, the last two `[B, H, ...]` (row b of head h at `[b, h]`;
+`index`: the row of the split). Parameters: those of `two_tower`, plus `discriminator`
+(`head_<i>`: one per head) for the adversarial losses.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -60,10 +65,13 @@ from xmodal_jax.objectives.adaptation import dann
 from xmodal_jax.tasks import Variables, feature_cache
 from xmodal_jax.tasks.domain_adaptation import WARMUPS
 from xmodal_jax.tasks.two_tower import TwoTower
+from xmodal_jax.tasks.two_tower_heads import Head
 from xmodal_jax.tasks.two_tower_predict import head_variables
 
 OWN_KEYS = ("method", "warmup", "transductive")
-TARGET_SEED_OFFSET = 7919  # the target's shuffle seed: config.seed + this (as domain_adaptation)
+# Shuffle seeds of head i's streams: config.seed + offset + i (the contrastive batch: config.seed).
+TARGET_SEED_OFFSET = 7919
+SOURCE_SEED_OFFSET = 104729
 
 
 class ZeroShotAdaptation(TwoTower):
@@ -99,11 +107,12 @@ class ZeroShotAdaptation(TwoTower):
             raise UserError(f"config.adaptation: {e}") from None
         self._check_model()
         self.target = self._target_config()
-        head = self.heads[0]
         every = tuple(range(len(self.class_names)))
-        # The classes the adaptation logits run over: the seen classes' names only (inductive),
-        # every class the head scores (transductive).
-        self.predicted_classes = every if self.transductive else tuple(head.train_classes)
+        # Per head, the classes its adaptation logits run over: its training classes' names
+        # only (inductive), every class name it scores (transductive).
+        self.predicted_classes = [
+            every if self.transductive else tuple(h.train_classes) for h in self.heads
+        ]
         needs_disc = self.spec.discriminator_input_dim is not None
         self.discriminator = dann.make_discriminator(self.options) if needs_disc else None
 
@@ -122,11 +131,6 @@ class ZeroShotAdaptation(TwoTower):
                 "zeroshot_adaptation reads cached image features: lock the image tower "
                 "(config.model.image.locked=True) and use deterministic data.pp and "
                 "data.target.pp (no random ops)."
-            )
-        if self.num_heads != 1:
-            raise UserError(
-                f"config.heads gives {self.num_heads} heads; zeroshot_adaptation trains one "
-                "head per run (one split in config.heads.unseen, no control or calibration)."
             )
 
     def _target_config(self) -> dict:
@@ -155,13 +159,12 @@ class ZeroShotAdaptation(TwoTower):
 
     # -------------------------------------------------------------- input pipeline
 
-    def target_rows(self) -> np.ndarray | None:
-        """The rows of the target split that training reads (None: all of them).
+    def target_rows(self, head: Head) -> np.ndarray | None:
+        """The rows of the target split that `head`'s adaptation term reads (None: all).
 
-        Inductive: the rows whose label is one of the head's seen classes; the labels serve
-        this filter only. Transductive: every row."""
-        seen = self.heads[0].train_classes
-        if self.transductive or len(seen) == len(self.class_names):
+        Inductive: the rows whose label is one of the head's training classes; the labels
+        serve this filter only. Transductive: every row."""
+        if self.transductive or len(head.train_classes) == len(self.class_names):
             return None
         t = self.target
         names = pipeline.class_names(t["name"], t["data_dir"])
@@ -171,7 +174,7 @@ class ZeroShotAdaptation(TwoTower):
                 f"source's {list(self.class_names)}; the inductive filter needs the same ones."
             )
         labels = pipeline.split_labels(t["name"], t["split"], t["data_dir"])
-        return np.flatnonzero(np.isin(labels, seen))
+        return np.flatnonzero(np.isin(labels, head.train_classes))
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         cfg = self.config
@@ -179,28 +182,39 @@ class ZeroShotAdaptation(TwoTower):
         common = dict(
             batch_size=cfg.batch_size, process_index=process_index, process_count=process_count
         )
+
+        def stream(fields, rows, seed, where):
+            fields = fields if rows is None else {k: v[rows] for k, v in fields.items()}
+            return feature_cache.train_dataset(fields, seed=seed, where=where, **common)
+
         arrays = self._train_split_features()
         keep = self.trained_classes()
-        if keep is not None:
-            rows = np.flatnonzero(np.isin(arrays["label"], keep))
-            arrays = {k: v[rows] for k, v in arrays.items()}
+        rows = None if keep is None else np.flatnonzero(np.isin(arrays["label"], keep))
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
-        source = feature_cache.train_dataset(
-            fields, seed=cfg.seed, where=self.data["name"], **common
-        )
+        parts = [stream(fields, rows, cfg.seed, self.data["name"])]
+        own = {"image_feats": arrays["pooled"], "index": arrays["index"]}
+        for i, h in enumerate(self.heads):
+            rows = np.flatnonzero(np.isin(arrays["label"], h.train_classes))
+            parts.append(stream(own, rows, cfg.seed + SOURCE_SEED_OFFSET + i, self.data["name"]))
         target = self.cached_image_features(self.target)
         fields = {"image_feats": target["pooled"], "index": target["index"]}  # no labels
-        rows = self.target_rows()
-        if rows is not None:
-            fields = {k: v[rows] for k, v in fields.items()}
-        target = feature_cache.train_dataset(
-            fields,
-            seed=cfg.seed + TARGET_SEED_OFFSET,
-            where=f"config.data.target {self.target['name']}:{self.target['split']}",
-            **common,
-        )
-        zipped = grain.experimental.ZipMapDataset(parents=[source, target])
-        return iter(zipped.map(lambda st: {"source": st[0], "target": st[1]}).to_iter_dataset())
+        where = f"config.data.target {self.target['name']}:{self.target['split']}"
+        for i, h in enumerate(self.heads):
+            seed = cfg.seed + TARGET_SEED_OFFSET + i
+            parts.append(stream(fields, self.target_rows(h), seed, where))
+        n = self.num_heads
+
+        def assemble(batches):
+            stack = lambda bs, k: np.stack([b[k] for b in bs], axis=1)  # [B, H, ...]
+            adapt_s, adapt_t = batches[1 : 1 + n], batches[1 + n :]
+            return {
+                "source": batches[0],
+                "adapt_source": {k: stack(adapt_s, k) for k in ("image_feats", "index")},
+                "target": {k: stack(adapt_t, k) for k in ("image_feats", "index")},
+            }
+
+        zipped = grain.experimental.ZipMapDataset(parents=parts)
+        return iter(zipped.map(assemble).to_iter_dataset())
 
     # -------------------------------------------------------------- init
 
@@ -208,47 +222,62 @@ class ZeroShotAdaptation(TwoTower):
         model_rng, disc_rng = jax.random.split(rng)
         variables = super().init(model_rng, batch["source"])
         if self.discriminator is not None:
-            width = self.spec.discriminator_input_dim(
-                int(self.head_module.out_dim), len(self.predicted_classes), self.options
-            )
-            disc = self.discriminator.init(disc_rng, jnp.zeros((1, width)))["params"]
-            variables["params"] = {**variables["params"], "discriminator": disc}
+            discs, rngs = {}, jax.random.split(disc_rng, self.num_heads)
+            for i, classes in enumerate(self.predicted_classes):
+                width = self.spec.discriminator_input_dim(
+                    int(self.head_module.out_dim), len(classes), self.options
+                )
+                discs[f"head_{i}"] = self.discriminator.init(rngs[i], jnp.zeros((1, width)))[
+                    "params"
+                ]
+            variables["params"] = {**variables["params"], "discriminator": discs}
         return variables
 
     # -------------------------------------------------------------- loss
 
     def zeroshot_logits(self, params, model_state, image_feats: jax.Array):
-        """`(logits [B, K], embeddings [B, D])` of one head: `exp(log_scale) * cos` between the
-        L2-normalised projected images and the class-prompt embeddings of the K
-        `predicted_classes`; class embeddings and temperature carry no gradient."""
-        head_vars = head_variables(params, model_state)
-        text_feats = self.class_text_features(params, model_state, None, False)
-        out = self.heads_module.apply(head_vars, image_feats, text_feats)
-        zi = contrastive.l2_normalize(out["image"][0])
-        zt = contrastive.l2_normalize(out["text"][0])[np.asarray(self.predicted_classes)]
-        scale = jnp.exp(self.logit_scale(out["log_scale"][0]))
-        logits = jax.lax.stop_gradient(scale) * (zi @ jax.lax.stop_gradient(zt).T)
+        """Per head, from `image_feats` [B, H, Di] (row b of head h: `[b, h]`): `(logits, emb)`,
+        a list of [B, K_h] logits `exp(log_scale) * cos` between the L2-normalised projected
+        images and the class-prompt embeddings of the head's `predicted_classes`, and the
+        embeddings [H, B, D]. Class embeddings and temperature carry no gradient."""
+        head_vars = nn.unbox(head_variables(params, model_state))
+        text_feats = jnp.asarray(self.class_text_features(params, model_state, None, False))
+        feats = jnp.swapaxes(jnp.asarray(image_feats, jnp.float32), 0, 1)
+        out = jax.vmap(self.head_module.apply)(head_vars, feats, text_feats)
+        zi = contrastive.l2_normalize(out["image"])
+        zt = jax.lax.stop_gradient(contrastive.l2_normalize(out["text"]))
+        scale = jax.lax.stop_gradient(jnp.exp(self.logit_scale(out["log_scale"])))
+        logits = [
+            scale[i] * (zi[i] @ zt[i][np.asarray(classes)].T)
+            for i, classes in enumerate(self.predicted_classes)
+        ]
         return logits, zi
 
     def adaptation_loss(self, params, model_state, batch, rng, progress):
-        """`(weighted adaptation loss, aux)` of a `{'source', 'target'}` batch."""
-        logits_s, emb_s = self.zeroshot_logits(params, model_state, batch["source"]["image_feats"])
-        logits_t, emb_t = self.zeroshot_logits(params, model_state, batch["target"]["image_feats"])
-
-        def discriminator(h):
-            variables = {"params": params["discriminator"]}
-            return self.discriminator.apply(variables, h, train=True, rngs={"dropout": rng})
-
-        inputs = adaptation.AdaptationInputs(
-            features_s=emb_s,
-            features_t=emb_t,
-            logits_s=logits_s,
-            logits_t=logits_t,
-            progress=progress,
-            discriminator=discriminator if self.discriminator is not None else None,
+        """`(weighted adaptation loss summed over heads, aux averaged over heads)`."""
+        logits_s, emb_s = self.zeroshot_logits(
+            params, model_state, batch["adapt_source"]["image_feats"]
         )
-        value, aux = self.spec.fn(inputs, self.options)
-        return WARMUPS[self.warmup](progress) * value, aux
+        logits_t, emb_t = self.zeroshot_logits(params, model_state, batch["target"]["image_feats"])
+        total, auxes = 0.0, []
+        for i, r in enumerate(jax.random.split(rng, self.num_heads)):
+
+            def discriminator(h, i=i, r=r):
+                variables = {"params": params["discriminator"][f"head_{i}"]}
+                return self.discriminator.apply(variables, h, train=True, rngs={"dropout": r})
+
+            inputs = adaptation.AdaptationInputs(
+                features_s=emb_s[i],
+                features_t=emb_t[i],
+                logits_s=logits_s[i],
+                logits_t=logits_t[i],
+                progress=progress,
+                discriminator=discriminator if self.discriminator is not None else None,
+            )
+            value, aux = self.spec.fn(inputs, self.options)
+            total, auxes = total + value, [*auxes, aux]
+        aux = {k: jnp.mean(jnp.stack([a[k] for a in auxes])) for k in auxes[0]}
+        return WARMUPS[self.warmup](progress) * total, aux
 
     def loss(self, params, model_state, batch, rng, progress):
         base_rng, adapt_rng = jax.random.split(rng)
