@@ -1,14 +1,19 @@
 """The zero-shot adaptation task: a tiny two-tower model adapted to a cheap shift of
 `animal_silhouettes` (the target images inverted), with the class-name anchors fixed."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from twotower_testing import PP, read_metrics, tiny_config, train_steps
+from twotower_testing import PP, TINY_IMAGE, read_metrics, tiny_config, train_steps
 
-from xmodal_jax import tasks
+from experiments import quickstart
+from experiments.animals import shift_adapt
+from xmodal_jax import config as config_lib
+from xmodal_jax import evaluators, tasks
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
@@ -17,6 +22,7 @@ from xmodal_jax.train import trainer
 UNSEEN = ("cat", "dog", "giraffe")
 SHIFTED_PP = "invert|" + PP
 TARGET_SPLIT = "train[4%:8%]"
+TINY_TEXT = {"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -200,3 +206,60 @@ def test_config_errors(tfds_dir):
     c.data.target.pp = "flip_lr|" + PP
     with pytest.raises(UserError, match="deterministic pp"):
         tasks.build(c)
+
+
+# ------------------------------------------------------------------ experiment configs
+
+ANIMALS = os.path.join(os.path.dirname(__file__), "..", "experiments", "animals")
+
+
+def on_embedded(c):
+    """A shift config on tiny towers, small slices, and the embedded `animal_silhouettes` with
+    `invert` dropped standing in for the corrupted dataset (not built here)."""
+    c.model.image = {
+        "tower": TINY_IMAGE["tower"],
+        "overrides": {**TINY_IMAGE["overrides"], "patch_size": 28, "image_size": 112},
+        "locked": True,
+    }
+    c.model.text = {"tower": "minilm_l6", "overrides": TINY_TEXT, "locked": True}
+    c.data.split, c.batch_size, c.total_steps = "train[:4%]", 16, 2
+    shifted = {"dataset": "animal_silhouettes", "pp": quickstart.IMAGE_PP.replace("invert|", "")}
+    if "target" in c.data:
+        assert c.data.target.name == "animal_silhouettes_c/fog_3"
+        c.data.target = {"name": "animal_silhouettes", "split": TARGET_SPLIT, "pp": shifted["pp"]}
+    for name, ev in c.evals.items():
+        if name.startswith("shift_"):
+            assert ev.dataset == "animal_silhouettes_c/fog_3" and ev.split == "test"
+            ev.update(shifted)
+        ev.split = "test[:2%]"
+        if "val_split" in ev:
+            ev.val_split = "train[96%:]"
+    c.evals.val_pseudo_unseen.split = "train[96%:]"
+    return c
+
+
+@pytest.mark.parametrize("method", shift_adapt.METHODS)
+def test_shift_adapt_configs_build(method, tfds_dir):
+    c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method={method}")
+    assert c.task == "zeroshot_adaptation" and c.adaptation.method == method
+    assert c.adaptation.warmup == ("none" if method in ("dann", "cdan") else "sigmoid")
+    assert c.data.target.split == "train[:90%]" and not c.adaptation.transductive
+    task = tasks.build(on_embedded(c))
+    assert task.num_heads == 15 and task.setting == "inductive"
+    evaluators.build_all(c, task.predict_fns(), None)  # every evaluator's config is valid
+
+
+def test_shift_configs_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_path):
+    c = config_lib.load(f"{ANIMALS}/shift_source_only.py:corruption=fog,severity=3")
+    assert c.task == "two_tower" and set(c.evals) == {
+        "shift_seen", "shift_unseen", "shift_unseen_control", "shift_gzsl", "val_pseudo_unseen"
+    }  # fmt: skip
+    result = trainer.train_and_evaluate(on_embedded(c), str(tmp_path / "source_only"))
+    assert 0.0 <= result["eval/shift_gzsl/harmonic_mean"] <= 1.0
+    c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method=mcc,transductive=True")
+    assert c.adaptation.transductive and "shift_unseen_transductive" in c.evals
+    c.evals = {k.removesuffix("_transductive"): v for k, v in c.evals.items()}
+    result = trainer.train_and_evaluate(on_embedded(c), str(tmp_path / "mcc"))
+    assert 0.0 <= result["eval/shift_unseen/accuracy"] <= 1.0
+    with pytest.raises(UserError, match="method='coral'"):
+        config_lib.load(f"{ANIMALS}/shift_adapt.py:method=coral")
