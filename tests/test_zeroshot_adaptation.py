@@ -208,6 +208,18 @@ def test_config_errors(tfds_dir):
         tasks.build(c)
 
 
+def test_inductive_filter_needs_target_labels_of_the_same_classes(tfds_dir, monkeypatch):
+    c = adapt_config()
+    c.data.target.name = "digits_uci"
+    task = tasks.build(c)
+    with pytest.raises(UserError, match="the inductive filter needs the same ones"):
+        task.target_rows(task.heads[0])
+    task = tasks.build(adapt_config())
+    monkeypatch.setattr(pipeline, "source", lambda *a: [{"image": np.zeros((28, 28, 1))}])
+    with pytest.raises(UserError, match="has no labels"):
+        task.target_rows(task.heads[0])
+
+
 # ------------------------------------------------------------------ experiment configs
 
 ANIMALS = os.path.join(os.path.dirname(__file__), "..", "experiments", "animals")

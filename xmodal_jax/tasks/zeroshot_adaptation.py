@@ -167,6 +167,12 @@ class ZeroShotAdaptation(TwoTower):
         if self.transductive or len(head.train_classes) == len(self.class_names):
             return None
         t = self.target
+        if "label" not in pipeline.source(t["name"], t["split"], t["data_dir"])[0]:
+            raise UserError(
+                f"config.data.target {t['name']}:{t['split']} has no labels, so its images of "
+                f"{head.name}'s unseen classes cannot be left out (the inductive setting); "
+                "use a labelled split, or set config.adaptation.transductive=True."
+            )
         names = pipeline.class_names(t["name"], t["data_dir"])
         if list(names) != list(self.class_names):
             raise UserError(
