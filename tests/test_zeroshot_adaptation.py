@@ -48,13 +48,19 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def ref_logits(task, variables, feats):
-    """float64 zero-shot logits over the seen classes, from the parameters by hand."""
+def ref_embeddings(variables, feats):
+    """float64 L2-normalised projected image embeddings of head 0, by hand."""
     v = nn.unbox(variables)
     head, stats = v["params"]["heads"], v["stats"]["heads"]["image"]
     x = (np.float64(feats) - np.float64(stats["mean"][0])) / np.float64(stats["std"][0])
     kernel, bias = head["image"]["out"]["kernel"][0], head["image"]["out"]["bias"][0]
-    zi = _unit(x @ np.float64(kernel) + np.float64(bias))
+    return _unit(x @ np.float64(kernel) + np.float64(bias))
+
+
+def ref_logits(task, variables, feats):
+    """float64 zero-shot logits over the seen classes, from the parameters by hand."""
+    head = nn.unbox(variables)["params"]["heads"]
+    zi = ref_embeddings(variables, feats)
     zt = _unit(np.float64(task.cached_class_text[0]))  # text_proj 'none': the anchors as cached
     seen = [i for i in range(10) if task.class_names[i] not in UNSEEN]
     log_scale = min(float(head["logit"]["log_scale"][0]), np.log(100.0))
@@ -78,6 +84,29 @@ def test_adaptation_term_is_the_registered_loss_of_the_zeroshot_logits(tfds_dir,
     np.testing.assert_allclose(metrics["adapt/inductive/loss"], aux["loss"], rtol=1e-4)
     np.testing.assert_allclose(total, metrics["source_loss"] + expected, rtol=1e-4)
     assert float(aux["loss"]) != 0.0
+
+
+@pytest.mark.parametrize("method", ["dann", "cdan"])
+def test_adversarial_term_is_the_registered_loss_of_the_image_embeddings(tfds_dir, method):
+    task = tasks.build(adapt_config(method))
+    batch = next(task.train_iterator(0, 1))
+    variables = task.init(jax.random.key(0), batch)
+    params, state = variables["params"], _state(variables)
+    source = batch["adapt_source"]["image_feats"][:, 0]  # head 0's own-class source rows
+    target = batch["target"]["image_feats"][:, 0]
+    disc = nn.unbox(params["discriminator"]["head_0"])
+    inputs = adaptation.AdaptationInputs(
+        features_s=jnp.asarray(ref_embeddings(variables, source), jnp.float32),
+        features_t=jnp.asarray(ref_embeddings(variables, target), jnp.float32),
+        logits_s=jnp.asarray(ref_logits(task, variables, source), jnp.float32),
+        logits_t=jnp.asarray(ref_logits(task, variables, target), jnp.float32),
+        progress=0.5,
+        discriminator=lambda h: task.discriminator.apply({"params": disc}, h),
+    )
+    _, aux = adaptation.get_loss(method)(inputs, task.options)
+    _, (_, metrics) = task.loss(params, state, batch, jax.random.key(1), 0.5)
+    np.testing.assert_allclose(metrics["adapt/inductive/loss"], aux["loss"], rtol=1e-4)
+    np.testing.assert_allclose(metrics["adapt/inductive/grl_coeff"], aux["grl_coeff"], rtol=1e-6)
 
 
 def test_adaptation_term_never_moves_the_text_anchors_or_the_temperature(tfds_dir):
