@@ -14,9 +14,10 @@ from experiments import quickstart
 from experiments.animals import shift_adapt
 from xmodal_jax import config as config_lib
 from xmodal_jax import evaluators, tasks
-from xmodal_jax.data import pipeline
+from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation
+from xmodal_jax.objectives.adaptation import adabn as adabn_lib
 from xmodal_jax.train import trainer
 
 UNSEEN = ("cat", "dog", "giraffe")
@@ -30,8 +31,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
 
 
-def adapt_config(method: str = "entropy", steps: int = 2, heads=None, **options):
-    c = tiny_config(steps=steps, heads=heads or {"unseen": [UNSEEN]})
+def adapt_config(method="entropy", steps=2, heads=None, batch_size=32, **options):
+    c = tiny_config(steps=steps, heads=heads or {"unseen": [UNSEEN]}, batch_size=batch_size)
     c.task = "zeroshot_adaptation"
     c.data.target = {"name": "animal_silhouettes", "split": TARGET_SPLIT, "pp": SHIFTED_PP}
     c.adaptation = {"method": method, **options}
@@ -286,11 +287,22 @@ def on_embedded(c):
 def test_shift_adapt_configs_build(method, tfds_dir):
     c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method={method}")
     assert c.task == "zeroshot_adaptation" and c.adaptation.method == method
-    assert c.adaptation.warmup == ("none" if method in ("dann", "cdan") else "sigmoid")
+    if method != "none":
+        assert c.adaptation.warmup == ("none" if method in ("dann", "cdan") else "sigmoid")
     assert c.data.target.split == "train[:90%]" and not c.adaptation.transductive
     task = tasks.build(on_embedded(c))
     assert task.num_heads == 15 and task.setting == "inductive"
     evaluators.build_all(c, task.predict_fns(), None)  # every evaluator's config is valid
+
+
+def test_shift_adabn_config_runs_one_split(tfds_dir):
+    c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method=none,adabn=True,split=2")
+    assert c.adaptation.to_dict() == {"method": "none", "transductive": False, "adabn": True}
+    assert c.heads.unseen == (quickstart.unseen_splits(3)[2],)
+    task = tasks.build(on_embedded(c))
+    assert [h.role for h in task.heads] == ["main", "control", "calibration"]
+    with pytest.raises(UserError, match="one split per run"):
+        tasks.build(on_embedded(config_lib.load(f"{ANIMALS}/shift_adapt.py:adabn=True")))
 
 
 def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_path):
@@ -310,3 +322,78 @@ def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_pa
     assert all(np.isfinite(r["train/adapt/transductive/loss"]) for r in rows)
     with pytest.raises(UserError, match="method='coral'"):
         config_lib.load(f"{ANIMALS}/shift_adapt.py:method=coral")
+
+
+# ------------------------------------------------------------------ AdaBN on the image tower
+
+
+def adabn_config(**options):
+    c = adapt_config("none", batch_size=16, adabn=True, **options)
+    tiny_resnet = {"width": 0.125, "stage_sizes": (1, 1, 1, 1)}  # BatchNorm, 64-d features
+    c.model.image = {"tower": "resnet18", "overrides": tiny_resnet, "locked": True}
+    c.data.split, c.data.target.split = "train[:2%]", "train[4%:6%]"
+    return c
+
+
+def _images(split, pp, rows=None):
+    src = pipeline.source("animal_silhouettes", split)
+    op = preprocess.compose(pp)
+    rows = range(len(src)) if rows is None else rows
+    return np.stack([op(dict(src[int(i)]))["image"] for i in rows])
+
+
+def test_adabn_statistics_come_from_seen_class_target_images_and_feed_the_target_domain(
+    tfds_dir,
+):
+    task = tasks.build(adabn_config())
+    labels = pipeline.split_labels("animal_silhouettes", "train[4%:6%]")
+    seen = np.flatnonzero(np.isin(labels, task.heads[0].train_classes))
+    assert 0 < len(seen) < len(labels)
+    tower = task.image_tower
+    expected = adabn_lib.adapt_batch_norm(
+        tower.module, tower.variables, [_images("train[4%:6%]", SHIFTED_PP, seen)]
+    )
+    adapted = task.adabn_tower.variables
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5),
+        adapted["batch_stats"],
+        expected["batch_stats"],
+    )
+    pooled = jax.jit(lambda v, x: tower.module.apply(v, x)["pooled"])
+    apply = lambda v, x: np.asarray(pooled(v, x))
+    every = adabn_lib.adapt_batch_norm(
+        tower.module, tower.variables, [_images("train[4%:6%]", SHIFTED_PP)]
+    )
+    for other in (every, tower.variables):  # neither all target rows nor the loaded statistics
+        differ = jax.tree.map(
+            lambda a, b: not np.allclose(a, b, rtol=2e-3, atol=1e-5),
+            adapted["batch_stats"],
+            other["batch_stats"],
+        )
+        assert all(jax.tree.leaves(differ))
+    batch = next(task.train_iterator(0, 1))  # training: target through the adapted tower
+    index = np.asarray(batch["target"]["index"])[:, 0]
+    target = apply(adapted, _images("train[4%:6%]", SHIFTED_PP, index))
+    np.testing.assert_allclose(batch["target"]["image_feats"][:, 0], target, rtol=1e-4, atol=1e-4)
+    index = np.asarray(batch["adapt_source"]["index"])[:, 0]  # the source: as loaded
+    source = apply(tower.variables, _images("train[:2%]", PP, index))
+    np.testing.assert_allclose(batch["adapt_source"]["image_feats"][:, 0], source, atol=1e-4)
+    variables = task.init(jax.random.key(0), batch)  # evaluation: the target domain adapted
+    cfg = {"name": "animal_silhouettes", "split": "test[:1%]", "pp": SHIFTED_PP}
+    feats = task.image_embeddings(variables, cfg, batch_size=16)["feats"]
+    np.testing.assert_allclose(feats, apply(adapted, _images("test[:1%]", SHIFTED_PP)), atol=1e-4)
+    _, (_, metrics) = task.loss(variables["params"], _state(variables), batch, jax.random.key(1), 1)
+    assert not any(k.startswith("adapt/") for k in metrics)  # method 'none': no term
+
+
+def test_adabn_errors(tfds_dir):
+    c = adabn_config()
+    c.heads = {"unseen": [UNSEEN, ("bear", "cow")]}
+    with pytest.raises(UserError, match="one split per run"):
+        tasks.build(c)
+    c = adapt_config("none", adabn=True)  # the tiny ViT: LayerNorm only
+    task = tasks.build(c)
+    with pytest.raises(UserError, match="no BatchNorm statistics"):
+        task.adabn_tower  # noqa: B018
+    with pytest.raises(UserError, match="wieght"):
+        tasks.build(adapt_config("none", wieght=1.0))

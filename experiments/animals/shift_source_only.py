@@ -16,6 +16,9 @@ preprocessing (the corrupted images are 28x28x3; `grey_to_rgb` leaves them so):
   `shift_adapt.py` adapts on `train[:90%]`), one scalar chosen with target labels, the same
   for every row; `harmonic_mean_uncalibrated` uses none.
 The clean `val_pseudo_unseen` of the quick start stays (model selection on source data).
+`split=k` keeps split k's heads only (AdaBN needs one split); its control and calibration heads
+are then drawn as a run's first split's are (`two_tower_heads.make_heads`), so compare such
+rows with each other, not with the 5-split run's per-split figures.
 `shift_adapt.py` is the same with an adaptation term on unlabelled corrupted images.
 """
 
@@ -37,12 +40,14 @@ def shifted_dataset(args) -> str:
 def shift_config(
     arg: str | None, **defaults
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The quick start (its arguments `steps`, `splits`, `batch_size`, `loss`) evaluated on the
-    corrupted test split, and the parsed `arg` (`corruption`, `severity`, `target_split` and
-    `defaults` besides)."""
+    """The quick start (its arguments `steps`, `splits`, `batch_size`, `loss`; `split=k` for
+    one split's heads) evaluated on the corrupted test split, and the parsed `arg`
+    (`corruption`, `severity`, `target_split` and `defaults` besides)."""
     known = {k: quickstart.DEFAULTS[k] for k in ("steps", "splits", "batch_size", "loss")}
-    args = parse_arg(arg, **known, **SHIFT_DEFAULTS, **defaults)
+    args = parse_arg(arg, **known, split=-1, **SHIFT_DEFAULTS, **defaults)
     c = quickstart.get_config(",".join(f"{k}={args[k]}" for k in known))
+    if args.split >= 0:  # one split: its main, control and calibration heads
+        c.heads.unseen = (quickstart.unseen_splits(args.split + 1)[args.split],)
     shifted = {"dataset": shifted_dataset(args), "split": "test", "pp": quickstart.IMAGE_PP}
     c.evals = {
         "shift_seen": {"type": "zeroshot", "classes": "seen", **shifted},

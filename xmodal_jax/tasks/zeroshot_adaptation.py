@@ -18,6 +18,10 @@ The task is `two_tower` (`TwoTower`) with one more input and one more loss term:
     target, as are the feature-matching losses (`mmd`, `jmmd`, `coral`).
   `importance` replaces the source loss with a labelled one and is not offered.
 
+`config.adaptation.method='none'` adds no term; `config.adaptation.adabn=True` re-estimates
+the locked image tower's BatchNorm statistics on the target images first (`zeroshot_adabn`), with
+or without a term.
+
 Fixed text anchors: the text tower must be locked (its class-prompt features are cached) and
 the adaptation logits take the class embeddings and the temperature without gradient, so the
 adaptation term moves only the image projection (and the discriminator); otherwise entropy
@@ -49,6 +53,10 @@ Batches: `{'source': the two-tower batch, 'adapt_source': {'image_feats', 'index
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import flax.linen as nn
 import grain
 import jax
@@ -62,13 +70,14 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.objectives import adaptation, contrastive
 from xmodal_jax.objectives._util import resolve_config
 from xmodal_jax.objectives.adaptation import dann
-from xmodal_jax.tasks import Variables, feature_cache
+from xmodal_jax.tasks import Variables, feature_cache, zeroshot_adabn
 from xmodal_jax.tasks.domain_adaptation import WARMUPS
 from xmodal_jax.tasks.two_tower import TwoTower
 from xmodal_jax.tasks.two_tower_heads import Head
 from xmodal_jax.tasks.two_tower_predict import head_variables
+from xmodal_jax.tasks.two_tower_towers import Tower
 
-OWN_KEYS = ("method", "warmup", "transductive")
+OWN_KEYS = ("method", "warmup", "transductive", "adabn")
 # Shuffle seeds of head i's streams: config.seed + offset + i (the contrastive batch: config.seed).
 TARGET_SEED_OFFSET = 7919
 SOURCE_SEED_OFFSET = 104729
@@ -83,11 +92,11 @@ class ZeroShotAdaptation(TwoTower):
         method = opts.get("method")
         if not method:
             raise UserError("config.adaptation.method is not set; name a loss, e.g. 'entropy'.")
-        try:
-            self.spec = adaptation.get_spec(method)
+        try:  # 'none': no adaptation term (e.g. AdaBN alone)
+            self.spec = None if method == "none" else adaptation.get_spec(method)
         except ValueError as e:
             raise UserError(f"config.adaptation.method: {e}") from None
-        if self.spec.replaces_source_loss:
+        if self.spec is not None and self.spec.replaces_source_loss:
             raise UserError(
                 f"config.adaptation.method={method!r} replaces the source loss with a labelled "
                 "one; zero-shot adaptation keeps the contrastive loss. Choose another loss."
@@ -100,9 +109,15 @@ class ZeroShotAdaptation(TwoTower):
             )
         self.transductive = bool(opts.get("transductive", False))
         self.setting = "transductive" if self.transductive else "inductive"
+        self.adabn = bool(opts.get("adabn", False))
+        self._adabn_classes = None
+        if self.adabn and not self.transductive:
+            self._adabn_classes = zeroshot_adabn.statistics_classes(
+                self.heads, len(self.class_names)
+            )
         self.options = {k: v for k, v in opts.items() if k not in OWN_KEYS}
         try:  # an unknown option is one error now, not inside the first traced step
-            resolve_config(self.options, self.spec.defaults, method)
+            resolve_config(self.options, self.spec.defaults if self.spec else {}, method)
         except ValueError as e:
             raise UserError(f"config.adaptation: {e}") from None
         self._check_model()
@@ -113,7 +128,7 @@ class ZeroShotAdaptation(TwoTower):
         self.predicted_classes = [
             every if self.transductive else tuple(h.train_classes) for h in self.heads
         ]
-        needs_disc = self.spec.discriminator_input_dim is not None
+        needs_disc = self.spec is not None and self.spec.discriminator_input_dim is not None
         self.discriminator = dann.make_discriminator(self.options) if needs_disc else None
 
     # -------------------------------------------------------------- checks
@@ -164,13 +179,16 @@ class ZeroShotAdaptation(TwoTower):
 
         Inductive: the rows whose label is one of the head's training classes; the labels
         serve this filter only. Transductive: every row."""
-        if self.transductive or len(head.train_classes) == len(self.class_names):
+        return self._rows_of(None if self.transductive else head.train_classes, head.name)
+
+    def _rows_of(self, classes: Sequence[int] | None, who: str) -> np.ndarray | None:
+        if classes is None or len(classes) == len(self.class_names):
             return None
         t = self.target
         if "label" not in pipeline.source(t["name"], t["split"], t["data_dir"])[0]:
             raise UserError(
                 f"config.data.target {t['name']}:{t['split']} has no labels, so its images of "
-                f"{head.name}'s unseen classes cannot be left out (the inductive setting); "
+                f"{who}'s unseen classes cannot be left out (the inductive setting); "
                 "use a labelled split, or set config.adaptation.transductive=True."
             )
         names = pipeline.class_names(t["name"], t["data_dir"])
@@ -180,7 +198,34 @@ class ZeroShotAdaptation(TwoTower):
                 f"source's {list(self.class_names)}; the inductive filter needs the same ones."
             )
         labels = pipeline.split_labels(t["name"], t["split"], t["data_dir"])
-        return np.flatnonzero(np.isin(labels, head.train_classes))
+        return np.flatnonzero(np.isin(labels, classes))
+
+    # -------------------------------------------------------------- AdaBN (zeroshot_adabn)
+
+    @functools.cached_property
+    def adabn_tower(self) -> Tower:
+        """The image tower with BatchNorm statistics of the target images (`zeroshot_adabn`)."""
+        rows = self._rows_of(self._adabn_classes, "the heads")
+        key, size = self.image_opts["input_key"], int(self.image_opts["batch_size"])
+        return zeroshot_adabn.adapted_tower(
+            self.image_tower, zeroshot_adabn.target_images(self.target, rows, key, size)
+        )
+
+    def cached_image_features(self, data_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The locked image tower's features of a split; with AdaBN, a split of the target
+        domain gets those of the adapted tower."""
+        if not (self.adabn and zeroshot_adabn.same_domain(data_cfg, self.target)):
+            return super().cached_image_features(data_cfg)
+        tower = self.adabn_tower
+        fn = jax.jit(lambda v, x: tower.module.apply(v, x)["pooled"])
+        return feature_cache.tower_outputs(
+            lambda x: {"pooled": fn(tower.variables, x)},
+            data_cfg,
+            tower=tower.description(),
+            input_key=self.image_opts["input_key"],
+            batch_size=int(self.image_opts["batch_size"]),
+            cache=self._cache,
+        )
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         cfg = self.config
@@ -261,6 +306,8 @@ class ZeroShotAdaptation(TwoTower):
 
     def adaptation_loss(self, params, model_state, batch, rng, progress):
         """`(weighted adaptation loss summed over heads, aux averaged over heads)`."""
+        if self.spec is None:
+            return jnp.zeros((), jnp.float32), {}
         logits_s, emb_s = self.zeroshot_logits(
             params, model_state, batch["adapt_source"]["image_feats"]
         )
