@@ -37,8 +37,8 @@ Settings (`config.adaptation.transductive`), never mixed in one run:
 - transductive (`transductive=True`): every target image is read, unseen classes included, and
   each head's logits run over every class name it scores (seen and unseen).
 Train metrics are logged under `adapt/inductive/` or `adapt/transductive/`, so every record
-names its setting. The test-time setting (adapting online on the test stream, e.g. TENT or
-AdaBN on the image tower) is not this task.
+names its setting. The test-time setting (adapting online on the test stream, e.g. TENT, or
+BatchNorm statistics of the test batches) is not this task.
 
 Heads (`config.heads`, as in `two_tower`: splits, control and calibration heads): each head has
 its own streams of source and target images for the adaptation term, filtered by its own
