@@ -397,3 +397,23 @@ def test_adabn_errors(tfds_dir):
         task.adabn_tower  # noqa: B018
     with pytest.raises(UserError, match="wieght"):
         tasks.build(adapt_config("none", wieght=1.0))
+
+
+def test_the_iterator_reads_only_a_few_batches_ahead(tfds_dir, monkeypatch):
+    """A batch holds 1 + 2H feature batches, so grain's default read-ahead of 500 batches
+    would hold tens of GB with the quick start's 15 heads."""
+    import time
+
+    from xmodal_jax.tasks import feature_cache
+
+    task = tasks.build(adapt_config())
+    it = task.train_iterator(0, 1)
+    rows = []
+    get = feature_cache._ArraySource.__getitem__
+    monkeypatch.setattr(
+        feature_cache._ArraySource, "__getitem__", lambda s, i: rows.append(i) or get(s, i)
+    )
+    next(it)
+    time.sleep(2.0)
+    per_batch = 3 * 32  # the two-tower batch, one head's source and target rows
+    assert len(rows) <= 12 * per_batch  # read ahead, plus the batches in flight in 2 threads

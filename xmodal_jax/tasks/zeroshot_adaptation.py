@@ -81,6 +81,7 @@ OWN_KEYS = ("method", "warmup", "transductive", "adabn")
 # Shuffle seeds of head i's streams: config.seed + offset + i (the contrastive batch: config.seed).
 TARGET_SEED_OFFSET = 7919
 SOURCE_SEED_OFFSET = 104729
+PREFETCH_BATCHES = 4
 
 
 class ZeroShotAdaptation(TwoTower):
@@ -265,7 +266,10 @@ class ZeroShotAdaptation(TwoTower):
             }
 
         zipped = grain.experimental.ZipMapDataset(parents=parts)
-        return iter(zipped.map(assemble).to_iter_dataset())
+        # A batch holds 1 + 2H feature batches; grain's default read-ahead (500 of them) would
+        # hold tens of GB with 15 heads of 1280-d features, so read a few batches ahead only.
+        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=PREFETCH_BATCHES)
+        return iter(zipped.map(assemble).to_iter_dataset(read))
 
     # -------------------------------------------------------------- init
 
