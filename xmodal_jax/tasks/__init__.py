@@ -2,8 +2,8 @@
 only sees `init`, `loss`, `train_iterator` and `predict_fns` (what the evaluators are handed).
 
 `config.task` picks one by name from `TASKS`, one module per task here: classification,
-domain_adaptation, finetune, source_free, two_tower. A new task is one new module and one line in
-`TASKS`.
+domain_adaptation, finetune, source_free, two_tower, zeroshot_adaptation. A new task is one
+new module and one line in `TASKS`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ TASKS = {
     "finetune": "xmodal_jax.tasks.finetune:FineTune",
     "source_free": "xmodal_jax.tasks.source_free:SourceFree",
     "two_tower": "xmodal_jax.tasks.two_tower:TwoTower",
+    "zeroshot_adaptation": "xmodal_jax.tasks.zeroshot_adaptation:ZeroShotAdaptation",
 }
 
 

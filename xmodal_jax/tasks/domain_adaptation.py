@@ -1,10 +1,10 @@
 """Domain adaptation task: labelled source + unlabelled target batches, one adaptation loss.
 
 `config.adaptation.method` names a loss of `xmodal_jax.objectives.adaptation` (dann, mmd/dan,
-jmmd/jan, coral, cdan, cdan_e, entropy, mcc, importance); its other keys are that loss's options
-(e.g. `weight`). Source and target images go through the model as one batch, the loss gets
-features and logits of both halves, and a domain discriminator is added to the parameters when
-the loss needs one (`params = {'model': ..., 'discriminator': ...}`).
+jmmd/jan, coral, cdan, cdan_e, entropy, mcc, bnm, im, importance); its other keys are that
+loss's options (e.g. `weight`). Source and target images go through the model as one batch,
+the loss gets features and logits of both halves, and a domain discriminator is added to the
+parameters when the loss needs one (`params = {'model': ..., 'discriminator': ...}`).
 
 `config.adaptation.warmup` ramps any loss's trade-off in: `'none'` (default, constant) or
 `'sigmoid'`, the factor 2 / (1 + exp(-10 p)) - 1 of Ganin & Lempitsky (ICML 2015) at training

@@ -227,7 +227,7 @@ class _ArraySource:
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def train_iterator(
+def train_dataset(
     fields: Mapping[str, np.ndarray],
     *,
     batch_size: int,
@@ -236,7 +236,7 @@ def train_iterator(
     process_count: int,
     where: str,
     add: Callable[[grain.MapDataset], grain.MapDataset] | None = None,
-) -> grain.DatasetIterator:
+) -> grain.MapDataset:
     """Training batches of cached features (`fields`: arrays with one row per example), shuffled
     with `seed` and repeated; this process's share of each global batch. `add` maps the
     shuffled examples first (e.g. drawing a caption per row)."""
@@ -251,6 +251,9 @@ def train_iterator(
     if add is not None:
         ds = add(ds)
     local = batch_size // process_count
-    return iter(
-        ds.batch(local, drop_remainder=True)[process_index::process_count].to_iter_dataset()
-    )
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def train_iterator(fields: Mapping[str, np.ndarray], **kwargs) -> grain.DatasetIterator:
+    """Checkpointable iterator over `train_dataset(fields, **kwargs)`."""
+    return iter(train_dataset(fields, **kwargs).to_iter_dataset())

@@ -8,12 +8,14 @@ whether the loss replaces the plain source cross-entropy (importance weighting).
 
 Losses: ``dann``, ``mmd`` (MK-MMD; aliases ``dan``, ``mk_mmd``), ``jmmd`` (alias ``jan``),
 ``coral``, ``cdan``, ``cdan_e``, ``entropy`` (minimisation), ``mcc`` (minimum class confusion),
-``bnm`` (batch nuclear-norm maximisation) and ``importance`` (weighting by a domain classifier).
+``bnm`` (batch nuclear-norm maximisation), ``im`` (SHOT's information maximisation on the
+target logits, here beside the source loss: ``shot.im_loss``) and ``importance`` (weighting by
+a domain classifier).
 
 AdaBN (``adabn.adapt_batch_norm``), the proxy A-distance and the t-SNE plot are procedures
 run around training, not losses, and are not in this registry; nor are TENT (``tent``: the
-test-time loss and optimiser of the ``tent_classification`` evaluator) and SHOT (``shot``: the
-losses of the source-free task ``source_free``), which see no source batch.
+test-time loss and optimiser of the ``tent_classification`` evaluator) and SHOT's
+pseudo-labels (``shot``: the source-free task ``source_free``), which see no source batch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from xmodal_jax.objectives.adaptation import (
     jmmd,
     mcc,
     mmd,
+    shot,
 )
 from xmodal_jax.objectives.adaptation.api import AdaptationInputs
 
@@ -57,6 +60,7 @@ SPECS: dict[str, LossSpec] = {
     "entropy": LossSpec(entropy.loss, entropy.DEFAULTS),
     "mcc": LossSpec(mcc.loss, mcc.DEFAULTS),
     "bnm": LossSpec(bnm.loss, bnm.DEFAULTS),
+    "im": LossSpec(shot.im_loss, shot.IM_DEFAULTS),
     "importance": LossSpec(
         importance.loss,
         importance.DEFAULTS,

@@ -26,14 +26,20 @@ formed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax.objectives._util import require, resolve_config
+from xmodal_jax.objectives.adaptation.api import AdaptationInputs
 from xmodal_jax.objectives.adaptation.entropy import prediction_entropy
 
 Array = jax.Array
 
 DEFAULTS = {"beta": 0.3, "im_weight": 1.0}
+IM_DEFAULTS = {"weight": 1.0}
 
 
 def information_maximization(logits: Array) -> tuple[Array, dict[str, Array]]:
@@ -47,6 +53,15 @@ def information_maximization(logits: Array) -> tuple[Array, dict[str, Array]]:
     log_mean = jax.nn.logsumexp(logp, axis=0) - jnp.log(logits.shape[0])
     div = -jnp.sum(jnp.exp(log_mean) * log_mean)
     return ent - div, {"entropy": ent, "diversity": div}
+
+
+def im_loss(inputs: AdaptationInputs, config: Mapping[str, Any] | None = None):
+    """Information maximisation on the target logits (``logits_t``) as a registered adaptation
+    loss (``im``), beside a source loss: ``(weight * (L_ent - H(p_bar)), aux)``."""
+    cfg = resolve_config(config, IM_DEFAULTS, "im")
+    require("im", logits_t=inputs.logits_t)
+    value, aux = information_maximization(inputs.logits_t)
+    return cfg["weight"] * value, {"loss": value, **aux}
 
 
 def cosine_distance(a: Array, b: Array, eps: float = 1e-12) -> Array:

@@ -1,0 +1,63 @@
+"""Zero-shot under a domain shift, the baseline: the quick start trained on clean images and
+evaluated on corrupted ones.
+
+    xmodal train --config experiments/animals/shift_source_only.py:corruption=fog,severity=3 \
+        --workdir workdirs/shift_source_only_fog_3
+
+Needs the corrupted dataset `animal_silhouettes_c/<corruption>_<severity>` (ImageNet-C's
+corruptions of `animal_silhouettes`, built on first use; `corrupt-tta` installed). Training is
+the quick start's, unchanged (all 5 splits, control and calibration heads, clean
+`train[:90%]`); the evaluators run on the corrupted `test` split with the clean input
+preprocessing (the corrupted images are 28x28x3; `grey_to_rgb` leaves them so):
+- `shift_seen`, `shift_unseen`, `shift_unseen_control`: zero-shot accuracy among the seen
+  classes, among the unseen ones, and of the permuted-names control;
+- `shift_gzsl`: generalised zero-shot; its seen-class penalty is chosen by the calibration heads
+  on the labelled corrupted `train[90%:]` images of seen classes (held out of any adaptation:
+  `shift_adapt.py` adapts on `train[:90%]`), one scalar chosen with target labels, the same
+  for every row; `harmonic_mean_uncalibrated` uses none.
+The clean `val_pseudo_unseen` of the quick start stays (model selection on source data).
+`split=k` keeps split k's heads only (AdaBN needs one split); its control and calibration heads
+are then drawn as a run's first split's are (`two_tower_heads.make_heads`), so compare such
+rows with each other, not with the 5-split run's per-split figures.
+`shift_adapt.py` is the same with an adaptation term on unlabelled corrupted images.
+"""
+
+import ml_collections
+
+from experiments import quickstart
+from xmodal_jax.config import parse_arg
+
+DATASET = "animal_silhouettes_c"
+SHIFT_DEFAULTS = dict(corruption="fog", severity=3, target_split="train[:90%]")
+SHIFT_VAL_SPLIT = "train[90%:]"
+
+
+def shifted_dataset(args) -> str:
+    """The TFDS name of the corrupted dataset the arguments name."""
+    return f"{DATASET}/{args.corruption}_{int(args.severity)}"
+
+
+def shift_config(
+    arg: str | None, **defaults
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """The quick start (its arguments `steps`, `splits`, `batch_size`, `loss`; `split=k` for
+    one split's heads) evaluated on the corrupted test split, and the parsed `arg`
+    (`corruption`, `severity`, `target_split` and `defaults` besides)."""
+    known = {k: quickstart.DEFAULTS[k] for k in ("steps", "splits", "batch_size", "loss")}
+    args = parse_arg(arg, **known, split=-1, **SHIFT_DEFAULTS, **defaults)
+    c = quickstart.get_config(",".join(f"{k}={args[k]}" for k in known))
+    if args.split >= 0:  # one split: its main, control and calibration heads
+        c.heads.unseen = (quickstart.unseen_splits(args.split + 1)[args.split],)
+    shifted = {"dataset": shifted_dataset(args), "split": "test", "pp": quickstart.IMAGE_PP}
+    c.evals = {
+        "shift_seen": {"type": "zeroshot", "classes": "seen", **shifted},
+        "shift_unseen": {"type": "zeroshot_unseen", **shifted},
+        "shift_unseen_control": {"type": "zeroshot_control", **shifted},
+        "shift_gzsl": {"type": "gzsl", "val_split": SHIFT_VAL_SPLIT, **shifted},
+        "val_pseudo_unseen": c.evals.val_pseudo_unseen.to_dict(),
+    }
+    return c, args
+
+
+def get_config(arg=None):
+    return shift_config(arg)[0]

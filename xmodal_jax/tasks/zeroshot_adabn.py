@@ -1,0 +1,76 @@
+"""AdaBN on the locked image tower of `zeroshot_adaptation` (`config.adaptation.adabn=True`).
+
+Li et al. (ICLR Workshop 2017): the image tower's BatchNorm statistics are re-estimated on the
+unlabelled target images (`objectives.adaptation.adabn.adapt_batch_norm`, exact cumulative
+moments), its weights kept. The adapted tower then computes the features of every split of the
+target domain, training and evaluation alike; the source domain keeps the tower as loaded.
+A split belongs to the target domain when it has the target's dataset name and `pp` (the
+evaluators' `dataset` and `pp`), so a shifted test split evaluated with the target's `pp` is
+seen through the adapted statistics. Its features are cached like the tower's own (the key
+holds the adapted statistics' digest).
+
+Which target images set the statistics follows the run's setting: inductive, the rows of the
+classes the heads train on (the labels serve that filter only); transductive, every row. The
+tower is shared by the heads, so with several splits the inductive statistics would include
+images of a head's unseen classes: inductive AdaBN needs the heads of one split. The test-time
+setting (statistics of the test stream itself) is not offered here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.errors import UserError
+from xmodal_jax.objectives.adaptation import adabn
+from xmodal_jax.tasks.two_tower_heads import Head
+from xmodal_jax.tasks.two_tower_towers import Tower
+
+
+def statistics_classes(heads: Sequence[Head], num_classes: int) -> tuple[int, ...] | None:
+    """The classes whose target images set the inductive statistics (None: every class); one
+    error when that union holds a head's unseen class."""
+    union = sorted({c for h in heads for c in h.train_classes})
+    held_out = sorted({c for h in heads for c in h.unseen} & set(union))
+    if held_out:
+        raise UserError(
+            "config.adaptation.adabn: the heads' image tower is shared, so its target "
+            f"statistics would include images of classes {held_out} that a head holds out; "
+            "run one split per run (e.g. split=k), or set transductive=True."
+        )
+    return None if len(union) == num_classes else tuple(union)
+
+
+def target_images(
+    target: Mapping[str, Any], rows: np.ndarray | None, input_key: str, batch_size: int
+) -> Iterator[np.ndarray]:
+    """The preprocessed target images of `rows` (None: all) in batches, the last one short (no
+    padding: a padded row would enter the statistics)."""
+    src = pipeline.source(target["name"], target["split"], target.get("data_dir"))
+    pp = preprocess.compose(target.get("pp", ""))
+    rows = np.arange(len(src)) if rows is None else np.asarray(rows)
+    if not len(rows):
+        raise UserError(f"config.data.target {target['name']}:{target['split']} has no rows.")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        yield np.stack([np.asarray(pp(dict(src[int(i)]))[input_key]) for i in chunk])
+
+
+def adapted_tower(tower: Tower, images: Iterator[np.ndarray]) -> Tower:
+    """`tower` with its BatchNorm statistics re-estimated on `images` (inference mode)."""
+    if "batch_stats" not in (tower.variables or {}):
+        raise UserError(
+            f"config.adaptation.adabn: the image tower {tower.opts['pretrained'] or ''}"
+            f"{tower.opts['tower'] or ''} has no BatchNorm statistics to adapt."
+        )
+    variables = adabn.adapt_batch_norm(tower.module, tower.variables, images)
+    return dataclasses.replace(tower, variables=variables)
+
+
+def same_domain(data_cfg: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
+    """Whether a split (`name`, `pp`) is of the target domain (see the module docstring)."""
+    return data_cfg["name"] == target["name"] and data_cfg.get("pp", "") == target["pp"]
