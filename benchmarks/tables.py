@@ -85,6 +85,8 @@ def ablations(r: dict) -> str:
         if name == "depthwise":
             rows = ["| quantity | value |", "|---|---|"]
             rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
+        elif name == "cpu_backends":
+            rows = cpu_backends(a)
         else:
             rows = ["| variant | compile s | step ms | ex/s | peak MiB |", "|---|---|---|---|---|"]
             for label, v in a.items():
@@ -94,6 +96,31 @@ def ablations(r: dict) -> str:
                 )
         out.append(f"**{name}**\n\n" + "\n".join(rows))
     return "\n\n".join(out)
+
+
+def cpu_backends(a: dict) -> list[str]:
+    """Rows of the XLA:CPU kernel-backend ablation: per workload and backend, the median step,
+    its speed against the default backend and the first update's distance to the default's."""
+    rows = [
+        "| workload | backend (XLA flag) | compile s | step ms | speed vs default | "
+        "first update vs default (max rel. diff) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, row in a.items():
+        if workload in ("flags", "rounds"):
+            continue
+        for backend, v in row.items():
+            flag = a["flags"][backend] or "none"
+            if "error" in v:
+                rows.append(f"| {workload} | {backend} (`{flag}`) | failed: {v['error']} | | | |")
+                continue
+            diff = v["update_max_abs_diff_rel"]
+            rows.append(
+                f"| {workload} | {backend} (`{flag}`) | {v['compile_s']:.1f} | "
+                f"{_ms(v['step_s'])} | {v['speed_vs_default']:.2f}x | "
+                f"{'n/a' if diff is None else f'{diff:.2g}'} |"
+            )
+    return rows + [f"\n{a['rounds']} rounds, the backends alternating, each in its own process."]
 
 
 def test_run(r: dict) -> str:
