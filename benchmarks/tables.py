@@ -179,7 +179,10 @@ def parity(r: dict) -> str:
 def quickstart_timing(r: dict) -> str:
     """The quick start's wall time from nothing, split by phase (`timing.json` of the run)."""
     v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
-    phases = r["phases_s"]
+    order = ("set-up", "data build", "feature extraction", "compile", "training", "evaluation",
+             "checkpoints", "summary and plots")  # fmt: skip
+    phases = {k: r["phases_s"][k] for k in sorted(r["phases_s"], key=lambda k: (
+        order.index(k) if k in order else len(order), k))}  # fmt: skip
     lines = [
         f"*`{r['command']}` ({r['date']}; {r['cpu']}, {r['usable_cpus']} cores; jax {v['jax']}, "
         f"commit {commit}{' + changes' if r['git']['dirty'] else ''})*",
