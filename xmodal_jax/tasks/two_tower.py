@@ -78,6 +78,7 @@ from xmodal_jax.tasks.two_tower_texts import TEXT_SOURCES
 from xmodal_jax.tasks.two_tower_towers import (
     TEXT_DEFAULTS,
     TOWER_DEFAULTS,
+    Tower,
     build_tower,
     pooled_width,
     tower_apply,
@@ -161,10 +162,12 @@ class TwoTower(TwoTowerPredictions):
 
     # -------------------------------------------------------------- cached tower outputs
 
-    def cached_image_features(self, data_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """`{'pooled': [N, D], 'label': [N], 'index': [N]}` of the locked image tower on a
-        split, from the feature cache (computed on a miss)."""
-        tower = self.image_tower
+    def cached_image_features(
+        self, data_cfg: Mapping[str, Any], tower: Tower | None = None
+    ) -> dict[str, np.ndarray]:
+        """`{'pooled': [N, D], 'label': [N], 'index': [N]}` of the locked image tower (or of
+        `tower`) on a split, from the feature cache (computed on a miss)."""
+        tower = tower or self.image_tower
         fn = jax.jit(lambda v, x: tower.module.apply(v, x)["pooled"])
         return feature_cache.tower_outputs(
             lambda x: {"pooled": fn(tower.variables, x)},

@@ -217,16 +217,7 @@ class ZeroShotAdaptation(TwoTower):
         domain gets those of the adapted tower."""
         if not (self.adabn and zeroshot_adabn.same_domain(data_cfg, self.target)):
             return super().cached_image_features(data_cfg)
-        tower = self.adabn_tower
-        fn = jax.jit(lambda v, x: tower.module.apply(v, x)["pooled"])
-        return feature_cache.tower_outputs(
-            lambda x: {"pooled": fn(tower.variables, x)},
-            data_cfg,
-            tower=tower.description(),
-            input_key=self.image_opts["input_key"],
-            batch_size=int(self.image_opts["batch_size"]),
-            cache=self._cache,
-        )
+        return super().cached_image_features(data_cfg, self.adabn_tower)
 
     def train_iterator(self, process_index: int, process_count: int) -> grain.DatasetIterator:
         cfg = self.config
