@@ -20,6 +20,7 @@ from xmodal_jax import config as config_lib
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables import Column, Reference, Row, Table, aggregate, cli, render, runner, select
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import records as records_lib
 from xmodal_jax.tables import spec as spec_lib
 
 # A stand-in for `xmodal train`: writes metrics.jsonl and summary.json from the seed and the
@@ -39,6 +40,9 @@ FAKE_TRAINER = textwrap.dedent(
     if args.get("fail") == "1":
         sys.exit(5)
     acc = float(args.get("base", "0.5")) + 0.01 * seed
+    if "source" in args:  # a run that reads another's result (a row's `needs`)
+        with open(os.path.join(args["source"], "summary.json")) as f:
+            acc += json.load(f)["eval/target/accuracy"]
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 1, "train/loss": 1.0}) + "\\n")
         f.write(json.dumps({"step": 1, "eval/target/accuracy": acc + 0.1,
@@ -495,8 +499,15 @@ def test_a_row_averaged_over_argument_sets(tmp_path):
     splits = ("split=0", "split=1", "split=2")
     table = Table(
         title="a",
-        rows=[Row("per split", "a.py", average_over=splits, column_args={"s0": "split=0"})],
-        columns=[Column("all", "eval/zs/accuracy"), Column("s0", "eval/zs/accuracy")],
+        rows=[
+            Row(
+                "per split",
+                "a.py",
+                average_over=splits,
+                column_args={"s0": "split=0", "s01": ("split=0", "split=1")},
+            )
+        ],
+        columns=[Column(k, "eval/zs/accuracy") for k in ("all", "s0", "s01")],
         seeds=(0, 1, 2),
     )
     jobs = jobs_lib.expand(table)
@@ -517,9 +528,17 @@ def test_a_row_averaged_over_argument_sets(tmp_path):
         (2, "not run"),
     ]
     assert first.seeds == [0, 1, 2] and first.values == pytest.approx([0.2, 0.3, 0.9])
+    two = cells["per split", "s01"]  # seed 2's split 1 is missing
+    assert two.seeds == [0, 1] and two.values == pytest.approx([0.35, 0.3])
     md = render.markdown(table, cells, "last", "last")
-    assert "mean over the runs split=0, split=1, split=2 (s0 reads split=0 only)" in md
-    assert "| per split | **45.0 ± 7.1** (2 of 3) | **46.7 ± 37.9** (3) |" in md
+    assert (
+        "mean over the runs split=0, split=1, split=2 (s0 reads split=0 only; s01: split=0, "
+        "split=1)" in md
+    )
+    assert (
+        "| per split | **45.0 ± 7.1** (2 of 3) | **46.7 ± 37.9** (3) | **32.5 ± 3.5** (2 of 3) |"
+        in md
+    )
     with pytest.raises(UserError, match="not among its average_over"):
         spec_lib.check(
             dataclasses.replace(table, rows=[Row("x", "a.py", column_args={"s0": "k=1"})])
@@ -588,3 +607,93 @@ HOLD_LOCK = textwrap.dedent(
     time.sleep(600)
     """
 )
+
+
+def test_a_column_averages_several_metrics_and_csv_only_columns_stay_out_of_the_tables(
+    tmp_path,
+):
+    """Severity 3 = mean of two corruptions' accuracies per run, then mean ± std over seeds; a
+    run lacking one of them reports nothing; the per-corruption columns are in the CSV only."""
+    keys = ("eval/fog_3/accuracy", "eval/snow_3/accuracy")
+    adabn = ("eval/adabn_fog_3/accuracy", "eval/adabn_snow_3/accuracy")
+    table = Table(
+        title="c",
+        rows=[Row("source", "a.py"), Row("adabn", "a.py", metrics={"sev 3": adabn})],
+        columns=[
+            Column("sev 3", keys),
+            *(Column(k.split("/")[1], k, csv_only=True) for k in keys),
+        ],
+        seeds=(0, 1),
+    )
+    runs = {
+        0: {"eval/fog_3/accuracy": 0.2, "eval/snow_3/accuracy": 0.6,
+            "eval/adabn_fog_3/accuracy": 0.5, "eval/adabn_snow_3/accuracy": 0.7},
+        1: {"eval/fog_3/accuracy": 0.4, "eval/snow_3/accuracy": 0.6,
+            "eval/adabn_fog_3/accuracy": 0.9},  # adabn's snow evaluation is missing
+    }  # fmt: skip
+    jobs = jobs_lib.expand(table)
+    assert len(jobs) == 2  # both rows read the same runs (same config, no arguments)
+    for job in jobs:
+        _finish(job.workdir(str(tmp_path), "c"), {"step": 1, **runs[job.seed]})
+    cells = aggregate.collect(table, "c", str(tmp_path), "last")
+    assert cells["source", "sev 3"].values == pytest.approx([0.4, 0.5])
+    assert cells["adabn", "sev 3"].values == pytest.approx([0.6])
+    assert cells["adabn", "sev 3"].not_reported == [1]
+    assert cells["source", "fog_3"].values == pytest.approx([0.2, 0.4])
+    md = render.markdown(table, cells, "last", "last")
+    assert "| | sev 3 |" in md and "fog_3 |" not in md
+    assert "| source | 45.0 ± 7.1 (2) |" in md and "| adabn | **60.0** (1 of 2) |" in md
+    assert "sev 3 = mean of 2 (eval/fog_3/accuracy, eval/snow_3/accuracy)" in md
+    assert "The CSV also has 2 columns: fog_3, snow_3." in md
+    assert "fog" not in render.latex(table, cells, "last", "last").split("tabular")[1]
+    csv_rows = list(csv.DictReader(io.StringIO(render.csv_text(table, cells, "last"))))
+    assert [(r["row"], r["column"]) for r in csv_rows] == [
+        (row, col) for row in ("source", "adabn") for col in ("sev 3", "fog_3", "snow_3")
+    ]
+    assert csv_rows[0]["metric"] == " ".join(keys) and csv_rows[1]["mean"] == "30.0"
+    assert records_lib.table_metrics(table) >= {*keys, "eval/adabn_snow_3/accuracy"}
+    with pytest.raises(UserError, match="every column is csv_only"):
+        spec_lib.check(Table("c", [Row("x", "a.py")], [Column("a", "m", csv_only=True)]))
+
+
+def test_a_row_that_needs_another_runs_after_it_and_reads_its_workdir(tmp_path, monkeypatch):
+    """`needs={'source': 'src'}`: each seed's run gets the workdir of the `src` run of the same
+    seed (the fake trainer adds that run's accuracy to its own), starts only once that one is
+    done (even with --jobs 2), and is blocked when it failed."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    rows = "Row('src', GOOD, 'base=0.5'), Row('adapt', GOOD, 'base=0.1', needs={'source': 'src'})"
+    table, root = _write_table(tmp_path, rows), str(tmp_path / "root")
+    _, t = spec_lib.load(table)
+    jobs = jobs_lib.expand(t)
+    assert [j.row for j in jobs] == ["src", "src", "adapt", "adapt"]
+    src = {j.seed: j for j in jobs if j.row == "src"}
+    for job in jobs[2:]:
+        assert job.needs == (("source", src[job.seed].key),)
+        assert job.key != dataclasses.replace(job, needs=()).key
+        cmd = job.command(job.workdir(root, "fake"))
+        assert f"base=0.1,source={src[job.seed].workdir(root, 'fake')}" in " ".join(cmd)
+    lines = cli.dry_run_lines(jobs, root, "fake")
+    assert len(lines) == 5 and lines[2].startswith("# The lines below read runs above")
+
+    cli.run([table, "--root", root, "--jobs", "2"])
+    calls = (tmp_path / "root" / "fake" / "calls.txt").read_text().split()
+    assert calls[:2] == [src[0].workdir(root, "fake"), src[1].workdir(root, "fake")]
+    md = open(os.path.join(root, "fake.md")).read()
+    assert "| adapt | **61.0 ± 1.4** (2) |" in md  # (0.1 + 0.01 s) + (0.5 + 0.01 s), s = 0, 1
+
+    rows = "Row('src', BAD, 'fail=1'), Row('adapt', GOOD, needs={'source': 'src'})"
+    table = _write_table(tmp_path, rows)
+    with pytest.raises(UserError, match="2 of 4 jobs failed .* 2 jobs that need them did not"):
+        cli.run([table, "--root", root])
+    with pytest.raises(UserError, match="2 of 2 jobs did not start: a run they need"):
+        cli.run([table, "--root", root, "--only", "adapt"])
+    for bad, why in (
+        ({"source": "nope"}, "not another row"),
+        ({"base": "src"}, "also set in the row's arguments"),
+    ):
+        with pytest.raises(UserError, match=why):
+            spec_lib.check(
+                dataclasses.replace(t, rows=[t.rows[0], dataclasses.replace(t.rows[1], needs=bad)])
+            )

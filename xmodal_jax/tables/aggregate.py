@@ -19,7 +19,7 @@ from etils import epath
 
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import select
-from xmodal_jax.tables.spec import Column, Row, Table
+from xmodal_jax.tables.spec import Column, Row, Table, metric_keys
 from xmodal_jax.train import metrics as metrics_lib
 
 
@@ -70,12 +70,13 @@ def _cell_for_point(
     workdirs: list[str],
     runs: _Runs,
     rule: str,
-    metric: tuple[str, bool],
+    metric: tuple[tuple[str, ...], bool],
     select_metric: str | None,
 ) -> tuple[Cell, list[float]]:
-    """The cell of one grid point, and the selection scores of its finished seeds. A seed with
-    several runs (a row's `average_over`) counts when all of them finished and reported; its
-    value and score are their means."""
+    """The cell of one grid point, and the selection scores of its finished seeds. A run's value
+    is the mean of the column's metric keys (reported when all are). A seed with several runs
+    (a row's `average_over`) counts when all of them finished and reported; its value and score
+    are their means."""
     by_seed: dict[int, list[tuple[jobs_lib.Job, str]]] = {}
     for job, wd in zip(jobs, workdirs, strict=True):
         by_seed.setdefault(job.seed, []).append((job, wd))
@@ -90,9 +91,13 @@ def _cell_for_point(
                 finished = False
                 continue
             summary, history = runs.get(wd)
-            selected = select.selected(rule, summary, history, [metric], select_metric)
-            value, score, step = selected[metric[0]]
-            values.append(value)
+            keys, higher = metric
+            selected = select.selected(
+                rule, summary, history, [(k, higher) for k in keys], select_metric
+            )
+            found = [selected[k][0] for k in keys]
+            _, score, step = selected[keys[0]]
+            values.append(None if None in found else float(np.mean(found)))
             seed_scores.append(score)
             steps.append(step)
         if not finished:
@@ -128,12 +133,13 @@ def _best_point(
         return Cell(expected=0)
     by_point: dict[tuple, list[jobs_lib.Job]] = {}
     only = row.column_args.get(col.label)
-    for job in jobs_lib.row_jobs(table, row, col.args, None if only is None else (only,)):
+    only = (only,) if isinstance(only, str) else only
+    for job in jobs_lib.row_jobs(table, row, col.args, only):
         by_point.setdefault(job.grid_point, []).append(job)
     best, best_score = None, None
     for point_jobs in by_point.values():
         workdirs = [j.workdir(root, name) for j in point_jobs]
-        metric = (row.metric(col), col.higher_is_better)
+        metric = (metric_keys(row.metric(col)), col.higher_is_better)
         cell, scores = _cell_for_point(
             point_jobs, workdirs, runs, rule, metric, table.select_metric
         )

@@ -49,12 +49,18 @@ _REMOTE_TOUCH = "import sys; from etils import epath; epath.Path(sys.argv[1]).wr
 def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
     """One shell line per unfinished job: the train command, then the `done` marker, written
     only when the command exits 0 (finished): a preempted job (exit 75) stays unfinished and a
-    later dry run prints it again, to resume it."""
-    lines = []
+    later dry run prints it again, to resume it. Jobs that need others come last, after a
+    comment line."""
+    lines, waits = [], False
     for job in jobs:
         wd = job.workdir(root, name)
         if jobs_lib.status(wd) == "done":
             continue
+        if job.needs and not waits and lines:
+            lines.append(
+                "# The lines below read runs above (a row's `needs`): start them after those."
+            )
+            waits = True
         cmd = shlex.join(job.command(wd, runner.PROGRAM))
         done = f"{wd}/{jobs_lib.DONE}"
         if metrics_lib.is_remote(wd):
@@ -153,7 +159,7 @@ def run(argv: list[str]) -> dict:
             file=sys.stderr,
         )
         return {"jobs": len(jobs), "to_run": len(lines)}
-    outcome = {"skipped": [], "done": [], "failed": [], "preempted": [], "busy": []}
+    outcome = {"skipped": [], "done": [], "failed": [], "preempted": [], "busy": [], "blocked": []}
     if not args.collect_only and metrics_lib.is_remote(args.root):
         raise UserError(
             f"--root {args.root}: jobs run here need a local root (their locks and logs are "
@@ -168,9 +174,17 @@ def run(argv: list[str]) -> dict:
     result = {"jobs": len(jobs), **{k: len(v) for k, v in outcome.items()}, "paths": paths}
     if outcome["failed"]:
         logs = ", ".join(os.path.join(wd, jobs_lib.LOG) for wd in outcome["failed"])
+        blocked = len(outcome["blocked"])
         raise UserError(
             f"{len(outcome['failed'])} of {len(jobs)} jobs failed (the table marks them "
-            f"missing); their logs: {logs}. Rerun the same command to retry them."
+            f"missing); their logs: {logs}."
+            + (f" {blocked} jobs that need them did not start." if blocked else "")
+            + " Rerun the same command to retry them."
+        )
+    if outcome["blocked"]:
+        raise UserError(
+            f"{len(outcome['blocked'])} of {len(jobs)} jobs did not start: a run they need did "
+            "not finish (listed above). Rerun the same command once it can."
         )
     if outcome["preempted"]:
         raise Preempted(

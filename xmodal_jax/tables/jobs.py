@@ -40,6 +40,8 @@ class Job:
     seed: int
     overrides: tuple[tuple[str, str], ...]  # sorted (key, command-line text)
     grid_point: tuple[tuple[str, str], ...]  # the part of `overrides` that comes from the grid
+    needs: tuple[tuple[str, str], ...] = ()  # (config argument, key of the job whose workdir
+    # it is): this job starts after that one has finished
 
     @property
     def spec(self) -> str:
@@ -56,6 +58,8 @@ class Job:
             "seed": self.seed,
             "overrides": list(map(list, self.overrides)),
         }
+        if self.needs:  # absent otherwise, so the keys of earlier runs stay as they were
+            ident["needs"] = list(map(list, self.needs))
         text = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -65,21 +69,33 @@ class Job:
             return f"{root.rstrip('/')}/{table_name}/{self.key}"
         return os.path.join(os.path.abspath(root), table_name, self.key)
 
+    def needed_workdirs(self, workdir: str) -> dict[str, str]:
+        """Config argument -> workdir of the job it names (beside this job's `workdir`)."""
+        parent = workdir.rstrip("/").rsplit("/", 1)[0]
+        return {arg: f"{parent}/{key}" for arg, key in self.needs}
+
     def command(self, workdir: str, program: list[str] | None = None) -> list[str]:
         """The `xmodal train` command line of this job."""
         program = program or [sys.executable, "-m", "xmodal_jax.main"]
-        cmd = [*program, "train", "--config", self.spec, "--workdir", workdir]
+        spec = self.spec
+        if self.needs:
+            extra = ",".join(f"{k}={v}" for k, v in self.needed_workdirs(workdir).items())
+            spec += ("," if self.args else ":") + extra
+        cmd = [*program, "train", "--config", spec, "--workdir", workdir]
         cmd.append(f"--config.seed={self.seed}")
         cmd += [f"--config.{k}={v}" for k, v in self.overrides]
         return cmd
 
     def describe(self) -> dict:
-        return {
+        out = {
             "row": self.row,
             "config": self.spec,
             "seed": self.seed,
             "overrides": dict(self.overrides),
         }
+        if self.needs:
+            out["needs"] = dict(self.needs)
+        return out
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[tuple[tuple[str, str], ...]]:
@@ -108,6 +124,12 @@ def row_jobs(
             seed=int(seed),
             overrides=tuple(sorted(row_overrides + point)),
             grid_point=point,
+            needs=tuple(
+                sorted(
+                    (arg, needed_job(table, label, col_args, int(seed), extra).key)
+                    for arg, label in row.needs.items()
+                )
+            ),
         )
         for point in grid_points(dict(table.grid_of(row)))
         for seed in table.seeds_of(row)
@@ -115,14 +137,24 @@ def row_jobs(
     ]
 
 
+def needed_job(table: Table, label: str, col_args: str, seed: int, extra: str) -> Job:
+    """The job of row `label` that a row's `needs` names: the same column arguments, seed and
+    `average_over` argument set (`spec.check` makes it exist and be one)."""
+    row = next(r for r in table.rows if r.label == label)
+    return next(
+        j for j in row_jobs(table, row, col_args, (extra,) if extra else ()) if j.seed == seed
+    )
+
+
 def expand(table: Table) -> list[Job]:
-    """All jobs of `table`, in row, column-argument, grid point, seed order, without duplicates."""
+    """All jobs of `table`, in row, column-argument, grid point, seed order, without duplicates;
+    a job that needs another comes after it."""
     jobs: dict[str, Job] = {}
     for row in table.rows:
         for col_args in dict.fromkeys(c.args for c in table.columns if table.fills(row, c)):
             for job in row_jobs(table, row, col_args):
                 jobs.setdefault(job.key, job)
-    return list(jobs.values())
+    return sorted(jobs.values(), key=lambda j: bool(j.needs))  # stable: else the table's order
 
 
 def check_configs(jobs: list[Job], table_path: str) -> None:

@@ -20,7 +20,7 @@ from etils import epath
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import select
-from xmodal_jax.tables.spec import Table
+from xmodal_jax.tables.spec import Table, metric_keys
 from xmodal_jax.train import metrics as metrics_lib
 
 FORMAT = 1
@@ -28,7 +28,7 @@ FORMAT = 1
 
 def table_metrics(table: Table) -> set[str]:
     """Every metric a table reads: its columns (as each row names them) and `select_metric`."""
-    keys = {row.metric(col) for row in table.rows for col in table.columns}
+    keys = {k for row in table.rows for col in table.columns for k in metric_keys(row.metric(col))}
     if table.select_metric:
         keys.add(table.select_metric)
     return keys

@@ -12,7 +12,7 @@ import io
 import math
 
 from xmodal_jax.tables.aggregate import Cell
-from xmodal_jax.tables.spec import Column, Reference, Table
+from xmodal_jax.tables.spec import Column, Reference, Table, metric_keys, metric_text
 
 DASH = "—"
 
@@ -40,7 +40,7 @@ def count(cell: Cell) -> str:
 def best_rows(table: Table, cells: dict[tuple[str, str], Cell]) -> set[tuple[str, str]]:
     """(row, column) pairs holding the best displayed mean of their column (ties all bold)."""
     out = set()
-    for col in (c for c in table.columns if c.bold):
+    for col in (c for c in table.columns if c.bold and not c.csv_only):
         shown = {
             r.label: round(cells[r.label, col.label].mean * table.scale, table.digits)
             for r in table.rows
@@ -72,7 +72,7 @@ def _sources(table: Table) -> list[str]:
 def _header(table: Table) -> list[tuple[str, Column, bool]]:
     refs = _ref_columns(table)
     out = []
-    for col in table.columns:
+    for col in (c for c in table.columns if not c.csv_only):
         out.append((col.label, col, False))
         if col.label in refs:
             out.append(("ref.", col, True))
@@ -95,8 +95,10 @@ def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> list[str
     lines = []
     for wd, (label, seed, state, cols) in runs.items():
         row = next(r for r in table.rows if r.label == label)
+        shown = {c.label for c in table.columns if not c.csv_only}
         filled = [c.label for c in table.columns if table.fills(row, c)]
-        where = "" if cols == filled else f" [{', '.join(cols)}]"
+        named = [c for c in cols if c in shown]
+        where = "" if cols == filled or not named else f" [{', '.join(named)}]"
         lines.append(f"{label}, seed {seed}: {state}{where} ({wd})")
     return lines + unreported
 
@@ -113,20 +115,32 @@ def _legend(table: Table, rule_text: str) -> list[str]:
         "applicable to the row.",
         "Columns: "
         + "; ".join(
-            f"{c.label} = {c.metric}" + (f" with {c.args}" if c.args else "") for c in table.columns
+            f"{c.label} = {metric_text(c.metric)}" + (f" with {c.args}" if c.args else "")
+            for c in table.columns
+            if not c.csv_only
         )
         + ".",
     ]
+    hidden = [c.label for c in table.columns if c.csv_only]
+    if hidden:
+        lines.append(f"The CSV also has {len(hidden)} columns: {', '.join(hidden)}.")
+    shown = {c.label for c in table.columns if not c.csv_only}
     for row in table.rows:
-        if row.metrics:
-            own = "; ".join(f"{label} = {m}" for label, m in row.metrics.items())
+        own = "; ".join(
+            f"{label} = {metric_text(m)}" for label, m in row.metrics.items() if label in shown
+        )
+        if own:
             lines.append(f"Row {row.label}: {own}.")
     for row in table.rows:
         if row.average_over:
-            own = "; ".join(f"{label} reads {a} only" for label, a in row.column_args.items())
+            own = "; ".join(
+                f"{label} reads {a} only" if isinstance(a, str) else f"{label}: {_listed(a)}"
+                for label, a in row.column_args.items()
+                if label in shown
+            )
             lines.append(
                 f"Row {row.label}: a seed's value is the mean over the runs "
-                f"{', '.join(row.average_over)}" + (f" ({own})" if own else "") + "."
+                f"{_listed(row.average_over)}" + (f" ({own})" if own else "") + "."
             )
     if table.grid:
         lines.append(f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV.")
@@ -136,6 +150,12 @@ def _legend(table: Table, rule_text: str) -> list[str]:
                 f"Row {row.label}: grid {dict(row.grid)}; the selected point is beside each cell."
             )
     return lines
+
+
+def _listed(items) -> str:
+    """Up to 3 items in full, else `N: first, ..., last`."""
+    items = list(items)
+    return ", ".join(items) if len(items) <= 3 else f"{len(items)}: {items[0]}, ..., {items[-1]}"
 
 
 def _chosen(row, cell: Cell) -> str:
@@ -260,7 +280,7 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
                 {
                     "row": row.label,
                     "column": col.label,
-                    "metric": row.metric(col),
+                    "metric": " ".join(metric_keys(row.metric(col))),
                     "selection": rule,
                     "mean": _num(cell.mean * table.scale),
                     "std": _num(cell.std * table.scale),

@@ -71,6 +71,24 @@ def _finish(workdir: str, rc: int, wall_s: float) -> str:
     return "done" if ok else "failed"
 
 
+def _next_ready(todo: list[tuple[jobs_lib.Job, str]]) -> int | None:
+    """Index of the first job whose needed jobs are all done (None: every one waits)."""
+    for i, (job, wd) in enumerate(todo):
+        needed = job.needed_workdirs(wd).values()
+        if all(jobs_lib.status(n) == "done" for n in needed):
+            return i
+    return None
+
+
+def _blocker(job: jobs_lib.Job, workdir: str) -> str:
+    unfinished = {
+        arg: f"{n} ({jobs_lib.status(n)})"
+        for arg, n in job.needed_workdirs(workdir).items()
+        if jobs_lib.status(n) != "done"
+    }
+    return "needs " + ", ".join(f"{a}={w}" for a, w in unfinished.items()) + "; run it first"
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the jobs as Ctrl-C does
 
@@ -81,12 +99,13 @@ def run(
     parallel: int = 1,
     report: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, list[str]]:
-    """Runs the unfinished jobs, `parallel` at a time; returns workdirs by outcome
-    ('skipped', 'done', 'failed', 'preempted': stopped by a signal, saved; 'busy': run by
-    another process). Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs
+    """Runs the unfinished jobs, `parallel` at a time, a job that needs another (a row's
+    `needs`) once that one is done; returns workdirs by outcome ('skipped', 'done', 'failed',
+    'preempted': stopped by a signal, saved; 'busy': run by another process; 'blocked': a job it
+    needs did not finish). Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs
     save first)."""
     out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "preempted": [],
-                                 "busy": []}  # fmt: skip
+                                 "busy": [], "blocked": []}  # fmt: skip
     todo = []
     for job, wd in zip(jobs, workdirs, strict=True):
         if jobs_lib.status(wd) == "done":
@@ -102,7 +121,16 @@ def run(
     try:
         while todo or running:
             while todo and len(running) < max(1, parallel):
-                job, wd = todo.pop(0)
+                ready = _next_ready(todo)
+                if ready is None:
+                    if not running:  # what the rest needs will not finish in this command
+                        for job, wd in todo:
+                            out["blocked"].append(wd)
+                            report(f"blocked: {job.row} seed={job.seed}: {_blocker(job, wd)}")
+                        total -= len(todo)
+                        todo.clear()
+                    break
+                job, wd = todo.pop(ready)
                 fd = _lock(wd)
                 if fd is None:
                     out["busy"].append(wd)

@@ -21,17 +21,40 @@ RULES = {
 }
 
 
+Metric = str | tuple[str, ...]
+
+
+def metric_keys(metric: Metric) -> tuple[str, ...]:
+    """The keys a column's metric reads: one, or several whose mean is the run's value."""
+    return (metric,) if isinstance(metric, str) else tuple(metric)
+
+
+def metric_text(metric: Metric) -> str:
+    """How a legend names a metric: the key, or `mean of N (first, ..., last)`."""
+    keys = metric_keys(metric)
+    if len(keys) == 1:
+        return keys[0]
+    shown = ", ".join(keys) if len(keys) <= 3 else f"{keys[0]}, ..., {keys[-1]}"
+    return f"mean of {len(keys)} ({shown})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Column:
     """A metric of `summary.json` / `metrics.jsonl`; `args` are config arguments the column adds
     to every row (e.g. `direction=m2u`), so one config file can fill several columns;
-    `bold=False` for a column where the best value means nothing (a control)."""
+    `bold=False` for a column where the best value means nothing (a control).
+
+    `metric` may be a tuple of keys: a run's value is their mean (e.g. the accuracy over the
+    19 corruptions of one severity, each its own evaluator), reported only when all are.
+    `csv_only=True` keeps a column out of the Markdown and LaTeX tables and in the CSV (per-item
+    figures too many to show, e.g. one column per corruption)."""
 
     label: str
-    metric: str
+    metric: Metric
     args: str = ""
     higher_is_better: bool = True
     bold: bool = True
+    csv_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +80,12 @@ class Row:
     `grid` replaces the table's grid for this row (a method's own trade-off values);
     `average_over` lists config-argument sets (e.g. `split=0` ... `split=4`) run for every seed,
     a seed's value being the mean over them (a config that trains one split per run, reported
-    over all splits); `column_args` names, per column label, the one argument set of
-    `average_over` whose run alone fills that column (e.g. a split-0 column).
+    over all splits); `column_args` names, per column label, the argument set of
+    `average_over` whose run alone fills that column (e.g. a split-0 column), or a tuple of them
+    averaged instead of all (e.g. the corruptions of one severity); `needs` maps a
+    config argument to the label of another row: each run gets that row's run of the same seed
+    and arguments as the argument's value (its workdir) and starts once it has finished (e.g.
+    SHOT's `source=`, the source-only run it adapts).
     """
 
     label: str
@@ -69,12 +96,13 @@ class Row:
     seeds: Sequence[int] | None = None
     compete: bool = True
     columns: Sequence[str] | None = None
-    metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    metrics: Mapping[str, Metric] = dataclasses.field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] | None = None
     average_over: Sequence[str] = ()
-    column_args: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    column_args: Mapping[str, str | tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    needs: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def metric(self, column: Column) -> str:
+    def metric(self, column: Column) -> Metric:
         return self.metrics.get(column.label, column.metric)
 
 
@@ -134,6 +162,11 @@ def check(table: Table, path: str = "table") -> None:
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise UserError(f"{path}: {kind} labels {dup} appear twice; labels must be unique.")
+    if all(c.csv_only for c in table.columns):
+        raise UserError(f"{path}: every column is csv_only; show at least one in the table.")
+    for col in table.columns:
+        if not metric_keys(col.metric):
+            raise UserError(f"{path}: column {col.label!r} reads no metric.")
     if table.select not in RULES:
         raise UserError(f"{path}: select={table.select!r}; use one of {sorted(RULES)}.")
     for row in table.rows:
@@ -151,7 +184,8 @@ def check(table: Table, path: str = "table") -> None:
             raise UserError(
                 f"{path}: row {row.label!r} gives arguments of unknown columns {unknown}."
             )
-        bad = sorted(set(row.column_args.values()) - set(row.average_over))
+        named = {a for v in row.column_args.values() for a in ((v,) if isinstance(v, str) else v)}
+        bad = sorted(named - set(row.average_over))
         if bad:
             raise UserError(
                 f"{path}: row {row.label!r}: column_args {bad} are not among its average_over "
@@ -174,11 +208,34 @@ def check(table: Table, path: str = "table") -> None:
                 raise UserError(
                     f"{path}: row {row.label!r} and column {col.label!r} both set {sorted(clash)}."
                 )
+        _check_needs(table, row, path)
         clash = set(row.overrides) & set(table.grid_of(row))
         if clash:
             raise UserError(f"{path}: row {row.label!r} overrides grid keys {sorted(clash)}.")
     if any("seed" in table.grid_of(r) or "seed" in r.overrides for r in table.rows):
         raise UserError(f"{path}: set seeds with `seeds=`, not as a grid key or override.")
+
+
+def _check_needs(table: Table, row: Row, path: str) -> None:
+    """A row's `needs` names other rows that run once per seed and argument set it runs."""
+    rows = {r.label: r for r in table.rows}
+    for arg, label in row.needs.items():
+        where = f"{path}: row {row.label!r} needs {arg}={label!r}"
+        needed = rows.get(label)
+        if needed is None or needed is row:
+            raise UserError(f"{where}, which is not another row of the table.")
+        if needed.needs:
+            raise UserError(f"{where}, a row that needs another itself; chain one level only.")
+        if table.grid_of(needed):
+            raise UserError(f"{where}, which has a grid: which of its runs is meant is unclear.")
+        if arg in parse_args(row.args) or arg in parse_args(needed.args):
+            raise UserError(f"{where}, but {arg} is also set in the row's arguments.")
+        if not set(table.seeds_of(row)) <= set(table.seeds_of(needed)):
+            raise UserError(f"{where}, which does not run all of its seeds.")
+        if tuple(needed.average_over) != tuple(row.average_over):
+            raise UserError(f"{where}, whose average_over differs from its own.")
+        if any(table.fills(row, c) and not table.fills(needed, c) for c in table.columns):
+            raise UserError(f"{where}, which does not fill every column it fills.")
 
 
 def load(path: str) -> tuple[str, Table]:
