@@ -68,6 +68,9 @@ tables: install
 	  name=$$(basename $$records .runs.jsonl); \
 	  $(BIN)/xmodal table experiments/tables/$$name.py --records $$records || exit 1; \
 	done
+	if [ -f experiments/tables/results/corruptions.csv ]; then \
+	  $(BIN)/python experiments/tables/plot_corruptions.py experiments/tables/results/corruptions.csv; \
+	fi
 	$(BIN)/python benchmarks/tables.py --write benchmarks/results/*.json
 	$(BIN)/python -m xmodal_jax.tables.embed
 

@@ -139,11 +139,10 @@ def row_jobs(
 
 def needed_job(table: Table, label: str, col_args: str, seed: int, extra: str) -> Job:
     """The job of row `label` that a row's `needs` names: the same column arguments, seed and
-    `average_over` argument set (`spec.check` makes it exist and be one)."""
+    `average_over` argument set when that row has them (`spec.check` makes it exist)."""
     row = next(r for r in table.rows if r.label == label)
-    return next(
-        j for j in row_jobs(table, row, col_args, (extra,) if extra else ()) if j.seed == seed
-    )
+    averaged = (extra,) if extra and row.average_over else ()
+    return next(j for j in row_jobs(table, row, col_args, averaged) if j.seed == seed)
 
 
 def expand(table: Table) -> list[Job]:

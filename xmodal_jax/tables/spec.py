@@ -84,8 +84,9 @@ class Row:
     `average_over` whose run alone fills that column (e.g. a split-0 column), or a tuple of them
     averaged instead of all (e.g. the corruptions of one severity); `needs` maps a
     config argument to the label of another row: each run gets that row's run of the same seed
-    and arguments as the argument's value (its workdir) and starts once it has finished (e.g.
-    SHOT's `source=`, the source-only run it adapts).
+    and arguments (and `average_over` set, if that row has them; else its one run serves all)
+    as the argument's value (its workdir) and starts once it has finished (e.g. SHOT's
+    `source=`, the source-only run it adapts).
     """
 
     label: str
@@ -232,7 +233,7 @@ def _check_needs(table: Table, row: Row, path: str) -> None:
             raise UserError(f"{where}, but {arg} is also set in the row's arguments.")
         if not set(table.seeds_of(row)) <= set(table.seeds_of(needed)):
             raise UserError(f"{where}, which does not run all of its seeds.")
-        if tuple(needed.average_over) != tuple(row.average_over):
+        if needed.average_over and tuple(needed.average_over) != tuple(row.average_over):
             raise UserError(f"{where}, whose average_over differs from its own.")
         if any(table.fills(row, c) and not table.fills(needed, c) for c in table.columns):
             raise UserError(f"{where}, which does not fill every column it fills.")
