@@ -113,3 +113,42 @@ def test_task_second_run_reads_the_cache(tfds_dir, tmp_path, monkeypatch):
     c.model.image_proj.norm = "none"
     augmented = tasks.build(c)
     assert not augmented.image_cached and augmented.text_cached
+
+
+def test_batches_in_threads_keep_their_order_and_a_bounded_window():
+    import threading
+    import time
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow_square(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01 * (i % 3))  # later items may finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    drawn = []
+
+    def items():
+        for i in range(20):
+            drawn.append(i)
+            yield i
+
+    out = []
+    for value in feature_cache.in_threads(slow_square, items(), 2):
+        out.append(value)
+        assert len(drawn) - len(out) <= 4  # at most 2 x workers drawn and not yet yielded
+    assert out == [i * i for i in range(20)] and most[0] <= 2
+    assert list(feature_cache.in_threads(slow_square, range(5), 1)) == [0, 1, 4, 9, 16]
+
+
+def test_outputs_computed_in_two_threads_are_the_serial_ones(tfds_dir, tmp_path, monkeypatch):
+    tower = CountingTower()
+    serial = outputs(tower, feature_cache.FeatureCache(str(tmp_path / "a")))
+    monkeypatch.setattr(feature_cache, "concurrent_batches", lambda: 2)
+    threaded = outputs(tower, feature_cache.FeatureCache(str(tmp_path / "b")))
+    for k in serial:
+        np.testing.assert_array_equal(threaded[k], serial[k])

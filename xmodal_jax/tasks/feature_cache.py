@@ -15,10 +15,12 @@ processes each one computes and writes the same deterministic file (the last ren
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
-from xmodal_jax import timing
+from xmodal_jax import provenance, timing
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
 
@@ -197,11 +199,15 @@ def tower_outputs(
         bar = tqdm.tqdm(
             total=len(src), desc=f"{label} on {data_cfg['name']}:{data_cfg['split']}", unit="ex"
         )
-        for batch in batches:
-            mask = np.asarray(batch["_mask"], bool)
+
+        def run(batch: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, np.ndarray]]:
             out = apply_fn(np.asarray(batch[input_key]))
+            return batch, {k: np.asarray(out[k], np.float32) for k in outputs}  # waits for it
+
+        for batch, out in in_threads(run, batches, concurrent_batches()):
+            mask = np.asarray(batch["_mask"], bool)
             for k in outputs:
-                found[k].append(np.asarray(out[k], np.float32)[mask])
+                found[k].append(out[k][mask])
             if "label" in batch:
                 found["label"].append(np.asarray(batch["label"])[mask])
             bar.update(int(mask.sum()))
@@ -211,6 +217,32 @@ def tower_outputs(
         return arrays
 
     return (cache or FeatureCache()).get_or_compute(description, compute)
+
+
+def concurrent_batches() -> int:
+    """Batches a locked tower runs at once: one per usable core on CPU, where XLA runs one
+    inference call on little more than one core (MobileNetV2 at 112 px, batch 128, on 2 cores:
+    1.6x the images per second with 2); one on an accelerator."""
+    return provenance.usable_cpus() if jax.default_backend() == "cpu" else 1
+
+
+def in_threads(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """`fn(item)` for each item, in order, at most `workers` running at once in threads (jitted
+    calls release the GIL) and `workers` more results waiting, so memory stays bounded.
+    Each call is the same jitted function on the same batch as a serial loop, so the outputs
+    are the same bits."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    # A thread pool of the standard library: what is needed is only a bounded, ordered map.
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class _ArraySource:
