@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -127,9 +128,47 @@ def records(cfg: Mapping[str, Any]) -> Sequence:
         raise UserError(f"data cache={cache!r}: use True, False or 'auto'.")
     if cache == "auto":
         cache = len(src) * _nbytes(src[0]) <= MEMORY_CACHE_BYTES
+    if not cache or not len(src):
+        return src
     # grain's CacheIterDataset caches one pass of an iterator (its order), so it cannot sit
     # below a shuffle; a random-access source needs the decoded records themselves.
-    return tuple(src[i] for i in range(len(src))) if cache else src
+    key = (cfg["name"], cfg["split"], data_dir(cfg.get("data_dir")), _fingerprint(src))
+    if key not in _DECODED:
+        while len(_DECODED) >= 4:  # the oldest split goes first
+            _DECODED.pop(next(iter(_DECODED)))
+        _DECODED[key] = tuple(_read_only(src[i]) for i in range(len(src)))
+    return _DECODED[key]
+
+
+# Decoded splits, once per process (a resumed iterator or a second task on the same split
+# would decode them again), keyed by what identifies their content.
+_DECODED: dict[tuple, tuple] = {}
+
+
+def _fingerprint(src: Sequence) -> str:
+    """The size and a digest of the first and last record of a source."""
+    h = hashlib.sha256(str(len(src)).encode())
+
+    def update(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k in sorted(value):
+                h.update(str(k).encode())
+                update(value[k])
+        else:
+            h.update(np.ascontiguousarray(value).tobytes())
+
+    for i in sorted({0, len(src) - 1}):
+        update(src[i])
+    return h.hexdigest()
+
+
+def _read_only(value: Any) -> Any:
+    """A record whose arrays cannot be written: every reader of the process shares it."""
+    if isinstance(value, Mapping):
+        return {k: _read_only(v) for k, v in value.items()}
+    value = np.array(value)  # a copy: the source's own buffers stay as they were
+    value.flags.writeable = False
+    return value
 
 
 def class_names(name: str, path: str | None = None, key: str = "label") -> list[str]:
