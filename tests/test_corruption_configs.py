@@ -135,3 +135,23 @@ def test_severity_plot_reads_the_severity_columns_of_the_csv(tmp_path):
     out = plot_corruptions.plot(str(path))
     assert out == str(tmp_path / "corruptions_severity.png")
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("table_file", [TABLE, "experiments/tables/zeroshot_shift.py"])
+def test_each_row_s_first_job_loads_and_reports_what_the_row_reads(table_file):
+    from xmodal_jax import config as config_lib
+
+    _, table = spec.load(table_file)
+    jobs = jobs_lib.expand(table)
+    for row in table.rows:
+        job = next((j for j in jobs if j.row == row.label), None)
+        if job is None:  # a row that reads another row's runs
+            job = next(j for j in jobs if j.config == row.config and j.args == jobs[0].args)
+        workdirs = {a: "/runs/source" for a, _ in job.needs}  # a `needs` argument's value
+        spec_arg = job.spec + "".join(f",{a}={w}" for a, w in workdirs.items())
+        c = config_lib.load(spec_arg)
+        reported = {f"eval/{name}/" for name in c.evals}
+        for col in table.columns:
+            if table.fills(row, col):
+                for key in spec.metric_keys(row.metric(col)):
+                    assert any(key.startswith(p) for p in reported), (row.label, key)

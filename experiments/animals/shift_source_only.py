@@ -14,7 +14,8 @@ preprocessing (the corrupted images are 28x28x3; `grey_to_rgb` leaves them so):
 - `shift_gzsl`: generalised zero-shot; its seen-class penalty is chosen by the calibration heads
   on the labelled corrupted `train[90%:]` images of seen classes (held out of any adaptation:
   `shift_adapt.py` adapts on `train[:90%]`), one scalar chosen with target labels, the same
-  for every row; `harmonic_mean_uncalibrated` uses none.
+  for every row; `harmonic_mean_uncalibrated` uses none;
+- `shift_conse`: ConSE (`conse.py`), training-free, on the same corrupted images.
 The clean `val_pseudo_unseen` of the quick start stays (model selection on source data).
 `split=k` keeps split k's heads only (AdaBN needs one split); its control and calibration heads
 are then drawn as a run's first split's are (`two_tower_heads.make_heads`), so compare such
@@ -54,6 +55,7 @@ def shift_config(
         "shift_unseen": {"type": "zeroshot_unseen", **shifted},
         "shift_unseen_control": {"type": "zeroshot_control", **shifted},
         "shift_gzsl": {"type": "gzsl", "val_split": SHIFT_VAL_SPLIT, **shifted},
+        "shift_conse": {"type": "conse", "top_t": 10, **shifted},
         "val_pseudo_unseen": c.evals.val_pseudo_unseen.to_dict(),
     }
     return c, args
