@@ -51,11 +51,13 @@ def pytest_configure(config):
 # --no-loadscope-reorder: xdist would otherwise order modules by their number of tests), so
 # the two workers take the long ones first and finish together. Unlisted modules follow.
 LONG_MODULES = (
-    "test_quickstart.py", "test_multihost.py", "test_finetune.py", "test_animals_configs.py",
-    "test_coco_configs.py", "test_resume.py", "test_faults.py", "test_adaptation.py",
-    "test_bench.py", "test_two_tower.py", "test_cli.py", "test_sharding.py", "test_towers.py",
-    "test_protocol.py", "test_office31.py", "test_domain_adaptation.py", "test_rules.py",
-    "test_fusion.py",
+    "test_quickstart.py", "test_multihost.py", "test_coco_configs.py", "test_resume.py",
+    "test_zeroshot_adaptation.py", "test_faults.py", "test_finetune.py", "test_animals_configs.py",
+    "test_bench.py", "test_two_tower.py", "test_towers.py", "test_sharding.py", "test_cli.py",
+    "test_tta.py", "test_protocol.py", "test_office31.py", "test_domain_adaptation.py",
+    "test_adaptation.py", "test_fusion.py", "test_pipeline.py", "test_corruption_configs.py",
+    "test_remote_workdir.py", "test_open_clip.py", "test_rules.py", "test_converters.py",
+    "test_pretrained.py",
 )  # fmt: skip
 
 
@@ -70,6 +72,12 @@ def pytest_addoption(parser):
         metavar="PATH",
         help="write this run's wall time, test counts, machine and versions to PATH as JSON "
         "(make test-slow RECORD=PATH; `make tables` turns it into the README's figure)",
+    )
+    parser.addoption(
+        "--timing-record-append",
+        action="store_true",
+        help="add this run to the record at --timing-record (a tier run as two pytest "
+        "commands, one per device count): wall times and counts summed, tests merged",
     )
 
 
@@ -103,6 +111,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "git": provenance.git_state(ROOT),
         "versions": provenance.versions(),
     }
+    if config.getoption("--timing-record-append"):
+        with open(path) as f:
+            first = json.load(f)
+        if first.get("git") != record["git"]:
+            raise pytest.UsageError(f"{path} records another commit; rerun the whole tier.")
+        record["command"] = f"{first['command']} && {record['command']}"
+        for key in ("wall_s", "passed", "failed", "errors"):
+            record[key] = round(first[key] + record[key], 1)
+        record["exit_status"] = max(first["exit_status"], record["exit_status"])
+        record["tests"] = {**first["tests"], **record["tests"]}
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")

@@ -25,6 +25,8 @@ CONFIGS = [
     ("unlocked", "split=2"),
     *[("itm", f"head={head}") for head in sorted(fusion.HEADS)],
 ]
+# One ITM head here, the others in the slow tier (test_fusion.py checks every head's numbers).
+QUICK_ITM = "head=concat_mlp"
 
 
 def tiny(c):
@@ -48,7 +50,15 @@ def tiny(c):
     return c
 
 
-@pytest.mark.parametrize("name,arg", CONFIGS, ids=[f"{n}:{a}" for n, a in CONFIGS])
+@pytest.mark.parametrize(
+    "name,arg",
+    [
+        pytest.param(
+            n, a, id=f"{n}:{a}", marks=[pytest.mark.slow] * (n == "itm" and a != QUICK_ITM)
+        )
+        for n, a in CONFIGS
+    ],
+)
 def test_animals_config_steps_and_evaluates(name, arg, tfds_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
     c = config_lib.load(f"{ANIMALS}/{name}.py" + (f":{arg}" if arg else ""))

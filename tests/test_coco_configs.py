@@ -40,7 +40,10 @@ class CocoCaptionsStandin(tfds.core.GeneratorBasedBuilder):
         yield from ()
 
 
-@pytest.mark.parametrize("name", ["lit_coco", "siglip_coco", "clip_coco"])
+@pytest.mark.parametrize(  # LiT and SigLIP (the same sharded path) in the slow tier
+    "name",
+    ["clip_coco", *(pytest.param(n, marks=pytest.mark.slow) for n in ("lit_coco", "siglip_coco"))],
+)
 def test_coco_config_two_steps_on_mock_data(name, tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
     c = config_lib.load(f"{EXPERIMENTS}/{name}.py:batch_size=16,steps=2,image_size=32")

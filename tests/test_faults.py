@@ -201,7 +201,11 @@ def test_a_second_command_on_a_busy_workdir_is_refused(stopped, lone):
         assert json.load(f)["lr"] == 0.01
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(  # SIGINT's rerun in the slow tier: the same resume path
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGTERM", "SIGINT"],
+)
 def test_a_stopped_run_exits_75_and_resumes_bit_identical(sig, stopped, config, lone):
     workdir, rc, out, err = stopped["runs"][sig]
     assert rc == EXIT_PREEMPTED, err[-3000:]

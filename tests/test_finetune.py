@@ -357,7 +357,19 @@ def test_config_rules_on_mobilenet_v2(tfds_dir):
     assert unlock["block6_project_conv/kernel"] == 90 and unlock[stem] == 90
 
 
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "l2sp"])  # l2sp: the next test
+# l2sp: the next test; the regularisers' and rules' own checks are above, so most configs'
+# end-to-end steps are in the slow tier.
+QUICK_CONFIGS = ("none", "llrd")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in QUICK_CONFIGS else pytest.param(n, marks=pytest.mark.slow)
+        for n in CONFIGS
+        if n != "l2sp"
+    ],
+)
 def test_config_takes_two_steps_and_evaluates(name, tiny_ckpt, tfds_dir):
     c = tiny_config(name, tiny_ckpt)
     task = tasks.build(c)

@@ -106,12 +106,9 @@ def test_missing_imagenet_weights_fail_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow  # the DANN step itself is tested on digits (test_domain_adaptation.py)
 @pytest.mark.parametrize(
-    "model",
-    [
-        "model=lenet,image_size=28",
-        pytest.param("model=resnet18,width=0.125,image_size=32", marks=pytest.mark.slow),
-    ],  # fmt: skip
+    "model", ["model=lenet,image_size=28", "model=resnet18,width=0.125,image_size=32"]
 )
 def test_dann_runs_two_steps_on_the_fabricated_dataset(manual_dir, tfds_dir, tmp_path, model):
     office31.prepare(str(manual_dir), tfds_dir, ("amazon", "webcam"))

@@ -123,3 +123,4 @@ def test_a_locked_tower_is_bit_identical_after_training(how, tfds_dir, tmp_path,
     assert "batch_stats" in img0  # a BatchNorm tower: training mode would move its statistics
     assert _identical(img0, img1)
     assert not _identical(p0["txt"], p1["txt"])  # the trained tower did train
+    assert not _identical(p0["heads"], p1["heads"])  # ... and the heads
