@@ -708,3 +708,16 @@ def test_a_row_that_needs_another_runs_after_it_and_reads_its_workdir(tmp_path, 
             spec_lib.check(
                 dataclasses.replace(t, rows=[t.rows[0], dataclasses.replace(t.rows[1], needs=bad)])
             )
+
+
+def test_a_row_with_many_unfinished_runs_is_one_line(tmp_path):
+    sets = tuple(f"k={i}" for i in range(render.MAX_LISTED + 2))
+    table = Table("m", [Row("big", "a.py", average_over=sets), Row("one", "b.py")],
+                  [Column("A", "eval/a/accuracy")])  # fmt: skip
+    jobs = jobs_lib.expand(table)
+    _finish(jobs[0].workdir(str(tmp_path), "m"), {"step": 1, "eval/a/accuracy": 0.5})
+    md = render.markdown(table, aggregate.collect(table, "m", str(tmp_path), "last"), "last", "")
+    n = len(sets) - 1
+    assert f"Missing: {n + 1}." in md  # the big row's unfinished runs and the other row's one
+    assert f"- big: {n} runs not finished ({n} not run); --dry-run lists them" in md
+    assert "- one, seed 0: not run (" in md

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 
 from xmodal_jax.tables.aggregate import Cell
 from xmodal_jax.tables.spec import Column, Reference, Table, metric_keys, metric_text
@@ -79,11 +80,17 @@ def _header(table: Table) -> list[tuple[str, Column, bool]]:
     return out
 
 
-def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> list[str]:
-    """One line per run that has not finished (with the columns it leaves short, when it does
-    not fill every column of its row), then the runs that finished without a metric."""
+# A row with more unfinished runs than this is summarised in one line (a cluster-sized row
+# would otherwise list thousands); `--dry-run` prints them all.
+MAX_LISTED = 6
+
+
+def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> tuple[int, list[str]]:
+    """How many runs have not finished or finished without a metric, and the lines saying so:
+    one per run (with the columns it leaves short, when it does not fill every column of its
+    row), or one per row when a row has more than `MAX_LISTED` of them."""
     runs: dict[str, tuple[str, int, str, list[str]]] = {}
-    unreported = []
+    unreported: dict[str, list[str]] = {}
     for row in table.rows:
         for col in table.columns:
             cell = cells[row.label, col.label]
@@ -91,16 +98,32 @@ def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> list[str
                 runs.setdefault(wd, (row.label, seed, state, []))[3].append(col.label)
             if cell.not_reported:
                 seeds = ", ".join(map(str, cell.not_reported))
-                unreported.append(f"{row.label} / {col.label}: seeds {seeds} finished without it")
-    lines = []
+                unreported.setdefault(row.label, []).append(
+                    f"{row.label} / {col.label}: seeds {seeds} finished without it"
+                )
+    shown = {c.label for c in table.columns if not c.csv_only}
+    by_row: dict[str, list[str]] = {}
+    states: dict[str, list[str]] = {}
     for wd, (label, seed, state, cols) in runs.items():
         row = next(r for r in table.rows if r.label == label)
-        shown = {c.label for c in table.columns if not c.csv_only}
         filled = [c.label for c in table.columns if table.fills(row, c)]
         named = [c for c in cols if c in shown]
         where = "" if cols == filled or not named else f" [{', '.join(named)}]"
-        lines.append(f"{label}, seed {seed}: {state}{where} ({wd})")
-    return lines + unreported
+        by_row.setdefault(label, []).append(f"{label}, seed {seed}: {state}{where} ({wd})")
+        states.setdefault(label, []).append(state)
+    lines = []
+    for label, listed in by_row.items():
+        if len(listed) <= MAX_LISTED:
+            lines += listed
+            continue
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(states[label]).items()))
+        lines.append(f"{label}: {len(listed)} runs not finished ({counts}); --dry-run lists them")
+    for label, listed in unreported.items():
+        if len(listed) <= MAX_LISTED:
+            lines += listed
+        else:
+            lines.append(f"{label}: {len(listed)} columns have seeds that finished without them")
+    return len(runs) + sum(map(len, unreported.values())), lines
 
 
 def _legend(table: Table, rule_text: str) -> list[str]:
@@ -199,8 +222,8 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
         out += [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
     if table.notes:
         out += ["", table.notes.strip()]
-    missing = _missing_lines(table, cells)
-    out += ["", f"Missing: {len(missing) or 'none'}."]
+    n, missing = _missing_lines(table, cells)
+    out += ["", f"Missing: {n or 'none'}."]
     out += [f"- {line}" for line in missing]
     return "\n".join(out) + "\n"
 
