@@ -12,6 +12,7 @@ choose, and the corrupted *train* split (unlabelled) is what adaptation sees.
 
 import ml_collections
 
+from experiments.digits.digits_common import base_config as digits_config
 from xmodal_jax.data.corruptions import CORRUPTIONS, SEVERITIES
 from xmodal_jax.errors import UserError
 
@@ -40,27 +41,15 @@ def eval_data(name: str, split: str) -> dict:
 
 
 def base_config(dataset: str, seed: int) -> ml_collections.ConfigDict:
-    """The source model trained on the clean `dataset`, with its clean evaluators."""
-    c = ml_collections.ConfigDict()
-    c.seed = seed
+    """The digits recipe (`digits_common.base_config`) on the clean `dataset`, LeNet with
+    BatchNorm, with the clean evaluators."""
+    c = digits_config(f"seed={seed}")
+    del c["direction"]
     c.dataset = check_dataset(dataset)
-    c.total_steps = 2000
-    c.batch_size = 64
-    c.lr = 0.01
-    c.wd = 5e-4
-    c.optimizer = {"name": "sgd", "momentum": 0.9, "nesterov": True}
-    c.lr_schedule = {"name": "inv", "gamma": 0.001, "power": 0.75}
-    c.log_every = 100
-    c.eval_every = 500
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 2
-    c.mesh = {"data": -1, "fsdp": 1, "model": 1}
-    c.model = {"name": "lenet", "num_classes": 10, "bottleneck": 256, "norm": "batch"}
-    c.task = "classification"
+    c.model.norm = "batch"
     c.data = {"name": dataset, "split": SOURCE_TRAIN, "pp": PP}
     c.evals = {
         "source_val": {"type": "classification", **eval_data(dataset, SOURCE_VAL)},
         "source": {"type": "classification", **eval_data(dataset, "test")},
     }
-    c.eval_batch_size = 256
     return c
