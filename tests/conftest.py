@@ -5,6 +5,7 @@ XLA's backend optimisations off except in the regression tier."""
 
 import json
 import os
+import shlex
 import time
 
 DEVICES = int(os.environ.get("XMODAL_TEST_DEVICES", "8"))
@@ -96,7 +97,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     calls = [r for r in reports if getattr(r, "when", "") == "call"]
     record = {
         "kind": "test_run",
-        "command": " ".join(
+        "command": shlex.join(
             ["pytest", *(a for a in config.invocation_params.args if "timing-record" not in a)]
         ),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
