@@ -68,7 +68,14 @@ def clip_tower_names(tensors: dict[str, np.ndarray], kind: str) -> dict[str, np.
     return {k if k.startswith(projection) else prefix + k: v for k, v in tensors.items()}
 
 
-_CLIP_PRE = {"mean": OPENAI_MEAN, "std": OPENAI_STD}
+# transformers' CLIPImageProcessor: shorter side resized (bicubic) to the image size, centre
+# crop of that size (nothing cut beyond the longer side), OpenAI mean / std.
+_CLIP_PRE = {
+    "mean": OPENAI_MEAN,
+    "std": OPENAI_STD,
+    "crop_fraction": 1.0,
+    "interpolation": "bicubic",
+}
 
 
 def _clip_text(sd: tl.StateDict, tc: Config) -> Converted:
