@@ -25,6 +25,7 @@ RESULTS = os.path.join(ROOT, "experiments", "tables", "results")
 CASES = [
     ("animals_zeroshot", "quick start (CLIP, towers locked)", 0, {}),
     ("digits_da", "dann", 2, {"direction": "m2u"}),
+    ("transfer_ablation", "layer-wise LR decay", 0, {}),
 ]
 
 

@@ -4,8 +4,8 @@
 
 `eta * sum of the k smallest squared singular values` of the batch's pooled features [32, 1280];
 eta = 0.001, k = 1 (the paper's and TLlib's values).
-Measured: eval/test/accuracy 0.8865 (test loss 0.393; no regulariser: 0.8965 / 0.369), seed 0,
-8 min 20 s on 2 shared CPU cores (load 14-22). Within noise of plain fine-tuning; no gain here.
+Figures: the `BSS` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

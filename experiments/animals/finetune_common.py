@@ -13,7 +13,8 @@ Recipe (the task-adaptation recipe of thuml/Transfer-Learning-Library, scaled do
 Nesterov momentum 0.9, lr 0.01 with a cosine decay, the backbone at 0.1x the head's rate, no
 weight decay, batch 32, 150 steps (6 passes over the 800 labelled images). The test split (2,000
 images) is evaluated once, at the end, as `eval/test/accuracy`; nothing is chosen on it.
-Results of every config: `experiments/animals/FINETUNE.md`.
+Results of every config: `experiments/animals/FINETUNE.md`, from the records of
+`experiments/tables/transfer_ablation.py`.
 """
 
 import ml_collections

@@ -11,10 +11,8 @@ ResNet stage. The pretrained model runs in eval mode on the same batch. Attentio
 once before training from the pretrained model: a new head fitted on its pooled features of 2
 training batches, then the loss increase of zeroing each channel (352 forward passes per batch).
 weight = 0.01 x batch 32 (TLlib's trade-off 0.01 sums over the batch; here it is a mean).
-Measured (seed 0, 2 shared CPU cores, load 14-22; no regulariser: 0.8965, test loss 0.369):
-    attention        eval/test/accuracy 0.9000 (test loss 0.327), 8 min 52 s
-    attention=False  eval/test/accuracy 0.8970 (test loss 0.341), 3 min 55 s
-Both within noise of plain fine-tuning (standard error about 0.007).
+Figures: the `DELTA` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

@@ -5,8 +5,8 @@
 
 `config.unfreeze`: the head trains from step 0; the last conv and blocks 14-17 from 20% of the
 steps, blocks 7-13 from 40%, the stem and blocks 1-6 from 60% (steps 30, 60, 90 of 150).
-Measured: eval/test/accuracy 0.8495 (test loss 0.485; everything from step 0: 0.8965 / 0.369),
-seed 0, 5 min 25 s on 2 shared CPU cores (load 14-22).
+Figures: the `gradual unfreezing` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

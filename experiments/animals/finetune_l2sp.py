@@ -4,9 +4,8 @@
 
 `alpha/2 ||w - w0||^2` over the backbone, towards the ImageNet weights `w0` loaded at init, plus
 `beta/2 ||w_head||^2` on the new head; alpha = beta = 0.01 (the trade-offs of the TLlib recipe).
-Measured: eval/test/accuracy 0.9045 (test loss 0.343; no regulariser: 0.8965 / 0.369), seed 0,
-6 min 45 s on 2 shared CPU cores (load 14-22). Within noise of plain fine-tuning (standard error
-about 0.007).
+Figures: the `L2-SP` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

@@ -6,9 +6,8 @@
 `config.transfer = 'linear_probe'` (the Optax rules of `xmodal_jax/transfer/rules.py`). The
 backbone's parameters stay bit for bit, but its BatchNorm statistics are re-estimated on the
 training batches (the model runs in train mode), as in every config of this table.
-Measured: eval/test/accuracy 0.7720 (test loss 0.741; full fine-tuning 0.8965), seed 0,
-5 min 38 s on 2 shared CPU cores (load 14-22). The head underfits in 150 SGD steps (final train
-accuracy 0.80).
+Figures: the `linear probe` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

@@ -5,8 +5,8 @@
 `config.llrd = 0.8`: the head and the last conv train at the base rate, block 17 at 0.8x, each
 block below at 0.8x the one above (block 1 at 0.8^17 = 0.023x), the stem at 0.8^18; the 0.1x
 backbone multiplier of the other configs is dropped.
-Measured: eval/test/accuracy 0.9135 (test loss 0.288; 0.1x backbone: 0.8965 / 0.369), seed 0,
-5 min 21 s on 2 shared CPU cores (load 14-22); the best row of `FINETUNE.md`.
+Figures: the `layer-wise LR decay` row of `experiments/tables/results/transfer_ablation.md`
+(seeds 0, 1, 2, written from their run records by `make tables`).
 """
 
 from experiments.animals.finetune_common import base_config

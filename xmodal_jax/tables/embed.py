@@ -20,7 +20,12 @@ import sys
 from xmodal_jax.errors import UserError
 
 # The documents that embed tables (paths from the repository root).
-DOCUMENTS = ("README.md", "experiments/digits/README.md", "BENCHMARKS.md")
+DOCUMENTS = (
+    "README.md",
+    "experiments/digits/README.md",
+    "experiments/animals/FINETUNE.md",
+    "BENCHMARKS.md",
+)
 
 _BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
