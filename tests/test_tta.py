@@ -294,3 +294,44 @@ def test_domain_adaptation_task_hands_tent_its_classifier():
     want, want_norm = tasks.build(_lenet_config()).apply_train_bn(bare, {"image": x})
     np.testing.assert_array_equal(np.asarray(out["logits"]), np.asarray(want["logits"]))
     assert set(norm) == set(want_norm) == {"BatchNorm_0", "BatchNorm_1", "BatchNorm_2"}
+
+
+def test_evaluators_of_one_model_share_their_jitted_steps(tfds_dir):
+    """Evaluators that score one model (a split per corruption, say) share one jitted step per
+    kind, so JAX compiles it once; other options or another model get their own. The shared
+    step gives what a fresh evaluator gives."""
+    from xmodal_jax.evaluators import classification as classification_evals
+
+    task = tasks.build(_lenet_config())
+    fns = task.predict_fns()
+    batch = {"image": np.zeros((2, 28, 28, 1), np.float32)}
+    variables = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    other = {**UCI_TEST, "split": "test[80:160]"}
+
+    def build(kind, data, **opts):
+        return kind("e", {**data, **opts}, fns, mesh, 32)
+
+    plain = [build(classification_evals.Classification, d) for d in (UCI_TEST, other)]
+    assert plain[0]._step is plain[1]._step
+    tents = [build(adaptation_evals.TentClassification, d) for d in (UCI_TEST, other)]
+    assert tents[0]._adapt is tents[1]._adapt
+    assert (
+        build(adaptation_evals.TentClassification, UCI_TEST, lr=0.01)._adapt is not tents[0]._adapt
+    )
+    another = tasks.build(_lenet_config()).predict_fns()
+    assert classification_evals.Classification("e", UCI_TEST, another, mesh, 32)._step is not (
+        plain[0]._step
+    )
+    from xmodal_jax.objectives.adaptation import adabn
+
+    images = [np.random.default_rng(0).random((4, 28, 28, 1), np.float32)]
+    adapted = [fns["adapt_batch_norm"](variables, images)]
+    info = adabn._jitted_moments.cache_info()
+    adapted.append(fns["adapt_batch_norm"](variables, images))
+    after = adabn._jitted_moments.cache_info()
+    assert (after.hits, after.misses) == (info.hits + 1, info.misses)  # nothing new to compile
+    jax.tree.map(np.testing.assert_array_equal, adapted[0], adapted[1])
+    first = tents[0].run(variables)
+    assert tents[1].run(variables) != first  # another split
+    assert build(adaptation_evals.TentClassification, UCI_TEST).run(variables) == first

@@ -12,8 +12,9 @@ evals.target = {'type': 'tent_classification', dataset, split, pp,
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -100,6 +101,29 @@ class AdaBNClassification(classification.Classification):
         return super().run(adapted)
 
 
+@functools.lru_cache(maxsize=16)
+def _tent_step(apply_train_bn: Callable, options: tuple, num_classes: int) -> tuple[Any, Any]:
+    """TENT's jitted `(variables, norm, opt_state, batch) -> (norm, opt_state, sums)` and its
+    optimiser, one per model, options and class count (shared by the evaluators that adapt
+    one model to several streams, so JAX compiles it once)."""
+    opts = dict(options)
+    tx, steps = tent.optimizer(opts), int(opts["steps"])
+
+    def adapt(variables, norm, opt_state, batch):
+        def loss_fn(p):
+            out, _ = apply_train_bn(variables, batch, p)
+            return tent.entropy_loss(out["logits"], batch["_mask"]), out["logits"]
+
+        for _ in range(steps):
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(norm)
+            updates, opt_state = tx.update(grads, opt_state, norm)
+            norm = optax.apply_updates(norm, updates)
+        part = classification.sums(logits, batch["label"], batch["_mask"], num_classes)
+        return norm, opt_state, {**part, "entropy": loss}
+
+    return jax.jit(adapt), tx
+
+
 class TentClassification(classification.Classification):
     """Accuracy of online TENT (`objectives.adaptation.tent`) over the evaluated split.
 
@@ -131,25 +155,9 @@ class TentClassification(classification.Classification):
             )
         if int(self.opts["steps"]) < 1 or float(self.opts["lr"]) <= 0:
             raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {self.opts}.")
-        apply_train_bn = fns["apply_train_bn"]
-        tx = tent.optimizer(self.opts)
-        steps, num_classes = int(self.opts["steps"]), len(self.class_names)
-        self._apply = apply_train_bn
-
-        def adapt(variables, norm, opt_state, batch):
-            def loss_fn(p):
-                out, _ = apply_train_bn(variables, batch, p)
-                return tent.entropy_loss(out["logits"], batch["_mask"]), out["logits"]
-
-            for _ in range(steps):
-                (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(norm)
-                updates, opt_state = tx.update(grads, opt_state, norm)
-                norm = optax.apply_updates(norm, updates)
-            part = classification.sums(logits, batch["label"], batch["_mask"], num_classes)
-            return norm, opt_state, {**part, "entropy": loss}
-
-        self._adapt = jax.jit(adapt)
-        self._tx = tx
+        self._apply = fns["apply_train_bn"]
+        options = tuple(sorted((k, v) for k, v in self.opts.items() if k != "episodic"))
+        self._adapt, self._tx = _tent_step(self._apply, options, len(self.class_names))
 
     def initial(self, variables, batch) -> tuple[Any, Any]:
         """The trained BN affine parameters and a fresh optimiser state for them."""

@@ -7,7 +7,8 @@ padding and several hosts are handled exactly), and reports `eval/<name>/<metric
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,17 +52,11 @@ class Classification:
     ):
         self.name, self.cfg, self.mesh, self.batch_size = name, cfg, mesh, batch_size
         self.data_cfg = pipeline.eval_data(cfg, f"config.evals.{name}")
-        predict = fns["predict"]
         self.class_names = pipeline.class_names(self.data_cfg["name"], self.data_cfg["data_dir"])
         self.confusion: np.ndarray | None = None
         num_classes = len(self.class_names)
         self._per_class = cfg.get("per_class", num_classes <= 20)
-
-        def step(variables, batch):
-            logits = predict(variables, batch)["logits"]
-            return sums(logits, batch["label"], batch["_mask"], num_classes)
-
-        self._step = jax.jit(step)
+        self._step = sums_step(fns["predict"], num_classes)
 
     def run(self, variables) -> dict[str, float]:
         totals = None
@@ -81,6 +76,19 @@ class Classification:
             "loss": float(totals["loss"]) / n,
         }
         return {**out, **per_class_accuracy(self.confusion, self.class_names, self._per_class)}
+
+
+@functools.lru_cache(maxsize=16)
+def sums_step(predict: Callable, num_classes: int) -> Callable:
+    """The jitted `(variables, batch) -> sums` of `predict`'s logits, one per prediction
+    function and class count: the evaluators of a run that score one model on batches of one
+    shape (a split per corruption, say) share it, so JAX compiles it once, not once each."""
+
+    def step(variables, batch):
+        logits = predict(variables, batch)["logits"]
+        return sums(logits, batch["label"], batch["_mask"], num_classes)
+
+    return jax.jit(step)
 
 
 def sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict:

@@ -18,6 +18,7 @@ BatchNorm inside ``nn.scan`` / ``nn.vmap`` are not supported.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -85,6 +86,14 @@ def _set_path(tree: dict, path: list[str], leaf_values: dict) -> None:
         node[name] = jnp.asarray(value, jnp.asarray(node[name]).dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_moments(module: nn.Module, method: Any, apply_kwargs: tuple) -> Any:
+    """One jitted moments function per module, method and options: a run that re-estimates
+    statistics many times (AdaBN at every evaluation, on every corruption) compiles it once
+    per input shape."""
+    return jax.jit(_moments_fn(module, method, dict(apply_kwargs)))
+
+
 def adapt_batch_norm(
     module: nn.Module,
     variables: Mapping[str, Any],
@@ -108,7 +117,7 @@ def adapt_batch_norm(
     """
     if "batch_stats" not in variables:
         raise ValueError("variables have no 'batch_stats' collection: the module has no BatchNorm.")
-    fn = jax.jit(_moments_fn(module, method, dict(apply_kwargs)))
+    fn = _jitted_moments(module, method, tuple(sorted(apply_kwargs.items())))
     acc: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
     for batch in batches:
         for path, (count, mean, m2) in jax.device_get(fn(variables, batch)).items():
