@@ -16,7 +16,6 @@ extra and the Makefile's `ORACLE_NO_DEPS`.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -96,17 +95,10 @@ def efficientnet_lite() -> Iterator[Row]:
 
 def minilm() -> Iterator[Row]:
     """all-MiniLM-L6-v2 (the asset): `encode` against `BertModel` + mean pooling."""
-    from test_pretrained import SENTENCES
+    from test_pretrained import SENTENCES, minilm_reference
 
     text = pretrained.load("minilm-l6")
-    ids = text.tokenize(SENTENCES)
-    hf = transformers.BertModel.from_pretrained(pretrained.asset_path("minilm-l6")).eval()
-    with torch.no_grad():
-        ids_t = torch.from_numpy(ids.astype(np.int64))
-        mask = (ids_t != 0).long()
-        tokens = hf(input_ids=ids_t, attention_mask=mask).last_hidden_state
-        mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
-    ref = torch.nn.functional.normalize(mean, dim=-1).numpy()
+    ref = minilm_reference(text.tokenize(SENTENCES))
     yield ("HF BERT: sentence-transformers all-MiniLM-L6-v2 (asset)", "encode (normalised)",
            rel_err(text.encode(SENTENCES), ref), "1e-5 absolute", "test_pretrained.py")  # fmt: skip
 
@@ -271,16 +263,6 @@ SOURCES: tuple[Callable[..., Iterator[Row]], ...] = (
 )  # fmt: skip
 
 
-def _versions() -> dict[str, str | None]:
-    out = provenance.versions()
-    for name in ORACLES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def main(path: str) -> None:
     rows = []
     for source in SOURCES:
@@ -295,7 +277,7 @@ def main(path: str) -> None:
         "command": f"python benchmarks/parity.py {os.path.relpath(path, ROOT)}",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "git": provenance.git_state(ROOT),
-        "versions": _versions(),
+        "versions": provenance.versions(ORACLES),
         "rows": rows,
     }
     with open(path, "w") as f:

@@ -58,6 +58,7 @@ STUBBED = _stub_torchvision()
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch_testing import randomize  # noqa: E402
 
 TEXTS = [
     "a photo of a cat",
@@ -114,28 +115,12 @@ CASES = {
 }
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial weights: norms away from 1/0, biases non-zero, BatchNorm statistics set."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
-        model.logit_scale.fill_(np.log(20.0))
-    return model.eval()
-
-
 def _case(out: str, name: str, case: dict, seed: int) -> None:
     cfg = case["model_cfg"]
     model = open_clip.CLIP(**cfg)
-    _randomize(model, seed)
+    randomize(model, seed)
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(20.0))
     folder = os.path.join(out, name)
     os.makedirs(folder)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}

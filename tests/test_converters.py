@@ -15,6 +15,7 @@ import torch
 import transformers
 from jax_testing import jit_apply
 from safetensors.numpy import load_file, save_file
+from torch_testing import randomize
 
 from xmodal_jax.data import bpe
 from xmodal_jax.models import zoo
@@ -24,20 +25,7 @@ RNG = np.random.RandomState(0)
 
 
 def _randomize(model, seed=0):
-    """Non-trivial weights: HF initialises norms to 1/0, which would hide scale/bias mix-ups."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
-    return model.eval()
+    return randomize(model, seed, scale=0.15)
 
 
 def _close(ours, ref, rel=1e-4):

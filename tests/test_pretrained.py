@@ -46,20 +46,25 @@ def photos():
     return {name: getattr(skimage.data, name)() for name in ("chelsea", "coffee")}
 
 
-def test_minilm_matches_transformers_mean_pooling(text):
-    emb = text.encode(SENTENCES)
-    assert emb.shape == (len(SENTENCES), 384) and emb.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
-    ids = text.tokenize(SENTENCES)
-    assert (ids == 0).any(axis=1).sum() >= 7  # most rows padded
+def minilm_reference(ids: np.ndarray) -> np.ndarray:
+    """sentence-transformers' all-MiniLM-L6-v2 embedding of token `ids` (0: padding):
+    transformers' `BertModel` on the asset, mean-pooled over real tokens, L2-normalised."""
     hf = transformers.BertModel.from_pretrained(pretrained.asset_path("minilm-l6")).eval()
     with torch.no_grad():
         ids_t = torch.from_numpy(ids.astype(np.int64))
         mask = (ids_t != 0).long()
         tokens = hf(input_ids=ids_t, attention_mask=mask).last_hidden_state
         mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
-        ref = F.normalize(mean, dim=-1).numpy()
-    assert np.abs(emb - ref).max() <= 1e-5
+        return F.normalize(mean, dim=-1).numpy()
+
+
+def test_minilm_matches_transformers_mean_pooling(text):
+    emb = text.encode(SENTENCES)
+    assert emb.shape == (len(SENTENCES), 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    ids = text.tokenize(SENTENCES)
+    assert (ids == 0).any(axis=1).sum() >= 7  # most rows padded
+    assert np.abs(emb - minilm_reference(ids)).max() <= 1e-5
     # a single string, and similarity that makes sense
     one = text.encode("a photo of a cat")
     np.testing.assert_allclose(one[0], emb[0], atol=1e-6)

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import torchvision_standin
+from torch_testing import randomize
 
 STUBBED = torchvision_standin.install()
 import timm  # noqa: E402
@@ -44,20 +45,8 @@ CASES = {
 }
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial weights: norms away from 1/0, biases non-zero (timm zeroes some)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def _case(out: str, name: str, case: dict, seed: int) -> dict:
-    model = _randomize(timm.create_model(case["name"], pretrained=False, **case["args"]), seed)
+    model = randomize(timm.create_model(case["name"], pretrained=False, **case["args"]), seed)
     folder = os.path.join(out, name)
     if case["save"] == "hub":
         save_for_hf(model, folder, safe_serialization=True)
