@@ -55,10 +55,10 @@ LONG_MODULES = (
     "test_quickstart.py", "test_multihost.py", "test_coco_configs.py", "test_resume.py",
     "test_zeroshot_adaptation.py", "test_faults.py", "test_finetune.py", "test_animals_configs.py",
     "test_bench.py", "test_two_tower.py", "test_towers.py", "test_sharding.py", "test_cli.py",
-    "test_tta.py", "test_protocol.py", "test_office31.py", "test_domain_adaptation.py",
-    "test_adaptation.py", "test_fusion.py", "test_pipeline.py", "test_corruption_configs.py",
-    "test_remote_workdir.py", "test_open_clip.py", "test_rules.py", "test_converters.py",
-    "test_pretrained.py",
+    "test_tta.py", "test_zeroshot_tent.py", "test_protocol.py", "test_office31.py",
+    "test_domain_adaptation.py", "test_adaptation.py", "test_fusion.py", "test_pipeline.py",
+    "test_corruption_configs.py", "test_remote_workdir.py", "test_open_clip.py", "test_rules.py",
+    "test_converters.py", "test_pretrained.py",
 )  # fmt: skip
 
 

@@ -1,11 +1,12 @@
 """Evaluators: `config.evals` maps a name to `{type, dataset, split, pp, ...}`; `type` picks an
 evaluator class from `EVALUATORS`, one module per kind: classification (and few-shot),
-adaptation (A-distance, AdaBN, TENT), zeroshot, gzsl, retrieval, itm, conse. An evaluator never
-sees the task: it is built as `Evaluator(name, cfg, fns, mesh, batch_size)`, `fns` being the
-task's named prediction functions (`Task.predict_fns()`: `predict` always; `adapt_batch_norm`
-and `apply_train_bn` (batch-statistic BatchNorm, for TENT) for a classifier; the two-tower
-task's embedding functions and its `zeroshot` set-up). Here: building them, when each is due,
-running them, and their one-line summaries.
+adaptation (A-distance, AdaBN, TENT), zeroshot, zeroshot_tent (TENT on a two-tower model's
+image tower), gzsl, retrieval, itm, conse. An evaluator never sees the task: it is built as
+`Evaluator(name, cfg, fns, mesh, batch_size)`, `fns` being the task's named prediction
+functions (`Task.predict_fns()`: `predict` always; `adapt_batch_norm` and `apply_train_bn`
+(batch-statistic BatchNorm, for TENT) for a classifier; the two-tower task's embedding
+functions and its `zeroshot` set-up). Here: building them, when each is due, running them, and
+their one-line summaries.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EVALUATORS = {
     "zeroshot": "xmodal_jax.evaluators.zeroshot:ZeroShot",
     "zeroshot_unseen": "xmodal_jax.evaluators.zeroshot:ZeroShotUnseen",
     "zeroshot_control": "xmodal_jax.evaluators.zeroshot:ZeroShotControl",
+    "zeroshot_tent": "xmodal_jax.evaluators.zeroshot_tent:ZeroShotTent",
     "gzsl": "xmodal_jax.evaluators.gzsl:GeneralizedZeroShot",
     "retrieval": "xmodal_jax.evaluators.retrieval:Retrieval",
     "itm": "xmodal_jax.evaluators.itm:ImageTextMatching",

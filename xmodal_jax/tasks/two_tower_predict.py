@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.objectives import contrastive
+from xmodal_jax.objectives.adaptation import tent
 from xmodal_jax.tasks import Variables, feature_cache
 
 
@@ -47,6 +49,9 @@ class TwoTowerPredictions:
         fns = {
             "predict": self.predict,
             "image_embeddings": self.image_embeddings,
+            "tent_image_embeddings": self.tent_image_embeddings,
+            "image_tower_variables": self.image_tower_variables,
+            "logit_scales": self.logit_scales,
             "class_embeddings": self.class_embeddings,
             "text_embeddings": self.text_embeddings,
             "zeroshot": zs.ZeroShotSetup(
@@ -134,6 +139,40 @@ class TwoTowerPredictions:
             result["label"] = np.concatenate(labels)
         result["index"] = np.arange(len(result["feats"]))
         return result
+
+    def image_tower_variables(self, variables: Variables) -> Variables:
+        """The image tower's variables: as loaded when locked, else those in `variables`."""
+        if self.image_tower.locked:
+            return jax.tree.map(jnp.asarray, self.image_tower.variables)
+        return tower_variables(variables, "img")
+
+    def tent_image_embeddings(
+        self,
+        variables: Variables,
+        tower_vars: Variables,
+        images: jax.Array,
+        norm_params: dict | None = None,
+        mask: jax.Array | None = None,
+        batch_statistics: bool = True,
+    ) -> tuple[jax.Array, dict]:
+        """TENT's forward pass of the image side: `(image_emb [H, B, D], norm_params)`, the
+        tower (`tower_vars`, dropout off) with every BatchNorm normalising with the statistics
+        of the batch's rows where `mask` is set (or its running ones: `batch_statistics=False`),
+        its BN scales and biases replaced by `norm_params` when given
+        (`tent.apply_with_batch_stats`), then each head's projection, L2-normalised. Raises
+        ValueError when the tower has no BatchNorm."""
+        out, norm = tent.apply_with_batch_stats(
+            self.image_tower.module, tower_vars, images, norm_params, mask, batch_statistics
+        )
+        hv = head_variables(variables["params"], variables)
+        zi = self.heads_module.apply(hv, out["pooled"].astype(jnp.float32), method="embed_image")
+        return contrastive.l2_normalize(zi), norm
+
+    def logit_scales(self, variables: Variables) -> np.ndarray:
+        """`[H]`: each head's logit scale `exp(log_scale)` (clamped as in training)."""
+        hv = nn.unbox(head_variables(variables["params"], variables))
+        apply = lambda v: self.head_module.apply(v, method="logit_params")[0]
+        return np.asarray(jnp.exp(self.logit_scale(jax.vmap(apply)(hv))))
 
     def _predict_fn(self, mesh):
         cache = self.__dict__.setdefault("_predict_fns", {})

@@ -87,10 +87,12 @@ def apply_with_batch_stats(
     x: Any,
     norm_params: Mapping[str, Any] | None = None,
     mask: Array | None = None,
+    batch_statistics: bool = True,
     **apply_kwargs: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """`(outputs, norm_params)` of `module` on `x`, every BatchNorm normalising with the batch
-    statistics of the rows where `mask` ([B], default all) is set.
+    statistics of the rows where `mask` ([B], default all) is set (`batch_statistics=False`:
+    with its running statistics, as loaded; only the affine parameters are then substituted).
 
     `norm_params` (`{path: {'scale', 'bias'}}`, as returned) replaces those BN parameters of
     `variables['params']`; None uses the given ones. `apply_kwargs` go to `module.apply` (e.g.
@@ -108,6 +110,8 @@ def apply_with_batch_stats(
         if not (isinstance(mod, nn.BatchNorm) and context.method_name == "__call__"):
             return next_fun(*args, **kwargs)
         found.append(tuple(mod.path))
+        if not batch_statistics:
+            return next_fun(*args, **kwargs)
         h = args[0].astype(jnp.float32)
         feat = {a % h.ndim for a in (mod.axis if isinstance(mod.axis, tuple) else (mod.axis,))}
         red = tuple(i for i in range(h.ndim) if i not in feat)
