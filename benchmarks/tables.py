@@ -1,6 +1,7 @@
 """Markdown tables of `xmodal bench --json` results (BENCHMARKS.md), of test-run timing
 records (`pytest --timing-record`, tests/conftest.py; the README's figure for `make test-slow`)
-and of the towers' parameter counts (`benchmarks/tower_params.py`; the README's table).
+of the towers' parameter counts (`benchmarks/tower_params.py`; the README's table) and of the
+step's peak memory two ways (`benchmarks/memory_check.py`).
 
     .venv/bin/python benchmarks/tables.py benchmarks/results/*.json          # print them
     .venv/bin/python benchmarks/tables.py --write benchmarks/results/*.json  # NAME.md beside each
@@ -197,6 +198,36 @@ def quickstart_timing(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_check(r: dict) -> str:
+    """The step's peak memory from XLA's buffer plan against the process's resident memory,
+    per case, and the growth of each from a workload's smallest batch to its largest."""
+    v, commit = r["versions"], (r["git"]["commit"] or "unknown")[:7]
+    lines = [
+        f"*`{r['command']}` ({r['date']}; {r['cpu']}, {r['usable_cpus']} cores; jax {v['jax']}, "
+        f"commit {commit}{' + changes' if r['git']['dirty'] else ''})*",
+        "",
+        "| workload | batch | plan peak MiB (bench) | plan beyond arguments MiB | resident in the "
+        "steps above baseline MiB | resident / plan | process peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_workload: dict[str, list[dict]] = {}
+    for c in r["cases"]:
+        plan, rss = c["plan_beyond_arguments_bytes"], c["rss_step_above_baseline_bytes"]
+        lines.append(
+            f"| {c['workload']} | {c['batch']} | {_mib(c['plan_peak_bytes'])} | {_mib(plan)} | "
+            f"{_mib(rss)} | {rss / plan:.2f} | {_mib(c['process_peak_bytes'])} |"
+        )
+        by_workload.setdefault(c["workload"], []).append(c)
+    lines += ["", "| workload | batches | plan peak growth MiB | process peak growth MiB |"]
+    lines += ["|---|---|---:|---:|"]
+    for name, cases in by_workload.items():
+        lo, hi = min(cases, key=lambda c: c["batch"]), max(cases, key=lambda c: c["batch"])
+        plan = hi["plan_peak_bytes"] - lo["plan_peak_bytes"]
+        proc = hi["process_peak_bytes"] - lo["process_peak_bytes"]
+        lines.append(f"| {name} | {lo['batch']} → {hi['batch']} | {_mib(plan)} | {_mib(proc)} |")
+    return "\n".join(lines) + "\n"
+
+
 def tables(r: dict) -> str:
     """The run's line (command, machine, load, ceilings), its step table (workloads other than
     the pipeline), pipeline figures and ablation tables; for a test-run record, its line; for a
@@ -209,6 +240,8 @@ def tables(r: dict) -> str:
         return quickstart_timing(r)
     if r.get("kind") == "parity":
         return parity(r)
+    if r.get("kind") == "memory_check":
+        return memory_check(r)
     parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
@@ -234,7 +267,9 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
-        if r.get("kind") in ("test_run", "tower_params", "quickstart_timing", "parity"):
+        if r.get("kind") in (
+            "test_run", "tower_params", "quickstart_timing", "parity", "memory_check",
+        ):  # fmt: skip
             print(tables(r))
             continue
         print(f"### {path}\n\n{header(r)}\n")
