@@ -61,8 +61,11 @@ def steps(r: dict) -> str:
                 first = f"; first step {t['compile_s']:.1f} s" if kind == "torch_compile" else ""
                 cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×{first})")
         flops = w["flops_per_step"]
+        v = w.get("variant")
+        label = f"{name} (scan, remat {v['remat']})" if v and v["scan"] else name
+        label = f"{name} (remat {v['remat']})" if v and not v["scan"] else label
         rows.append(
-            f"| {name} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
+            f"| {label} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
             f"{w['examples_per_s']:.2f} | {flops / 1e9:.1f} | "
             f"{w['achieved_flops_per_s'] / 1e9:.1f} | {_pct(w['mfu'])} | "
             f"{_mib(w['peak_bytes'])} | {cells[0]} | {cells[1]} |"

@@ -180,3 +180,14 @@ def test_peak_memory_counts_the_activations():
     peaks = {b: measure.compile_jit(grad, w, jnp.ones((b, width))).peak_bytes for b in (8, 512)}
     saved = depth * (512 - 8) * width * 4  # tanh outputs kept for the backward pass
     assert peaks[512] - peaks[8] >= saved
+
+
+def test_clip_layer_stack_flags_build_the_scanned_remat_step_and_name_it(tfds_dir, capsys):
+    import benchmarks.tables as bench_tables
+
+    out = cli.run(["--small", "--workloads", "clip", "--scan", "--remat", "dots", "--steps", "1"])
+    clip = out["workloads"]["clip"]
+    assert clip["variant"] == {"scan": True, "remat": "dots"} and clip["step_s"] > 0
+    assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
+    plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
+    assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -2,11 +2,14 @@
 
     xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,pipeline]
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
-                 [--ablations scan_remat,donation,bf16,depthwise]
+                 [--scan] [--remat none|dots|full]
+                 [--ablations scan_remat,donation,bf16,depthwise,cpu_backends]
 
 Per workload: compile time, median step time over `--steps` timed steps after warm-up, examples/s,
 FLOPs per step from XLA's cost analysis, achieved FLOP/s, MFU against the matmul peak measured in
 the same run (float32 or bfloat16, as the step computes), and the peak memory of XLA's buffer plan.
+`--scan` and `--remat` set the CLIP step's layer stacks (`nn.scan`, remat policy; the other
+steps have none), as a model config's `scan_layers` and `remat_policy` do.
 With `--torch`, the same step in PyTorch eager and `torch.compile`, timed in rounds alternating
 with ours in this process; `speedup_vs_*` is their step time over ours.
 """
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="alternation rounds with --torch")
     p.add_argument("--batch", type=int, default=None, help="batch of every train step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--scan", action="store_true", help="clip: layer stacks with nn.scan")
+    p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+                   help="clip: remat policy of each layer")  # fmt: skip
     p.add_argument("--ablations", default="", help=",".join(ABLATIONS) + " or all")
     return p
 
@@ -78,7 +84,9 @@ def run(argv: list[str]) -> dict[str, Any]:
             batch, batches = (8, 20) if args.small else (64, 40)
             results["workloads"][name] = {"batch": batch, **pipelines.measure(batch, batches)}
         else:
-            results["workloads"][name] = runner.run_step(name, args, peaks, dtype)
+            layers = {"scan": args.scan, "remat": args.remat}
+            variant = layers if name == "clip" and (args.scan or args.remat != "none") else {}
+            results["workloads"][name] = runner.run_step(name, args, peaks, dtype, **variant)
         report.print_workload(name, results["workloads"][name])
         _save(results, args.json)
     results["ablations"] = {}

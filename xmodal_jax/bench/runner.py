@@ -84,6 +84,8 @@ def run_step(
     out = _summary(built, medians["ours"], peaks[peak_name], peak_name)
     out["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sz.items()}
     out["dtype"] = jnp.dtype(dtype).name
+    if variant:
+        out["variant"] = dict(variant)
     for kind, ref in refs.items():
         if isinstance(ref, Exception):
             out[kind] = {"error": f"{type(ref).__name__}: {str(ref)[:200]}"}

@@ -101,6 +101,16 @@ class AdaBNClassification(classification.Classification):
         return super().run(adapted)
 
 
+def tent_options(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """TENT's options of an evaluator block (`tent.DEFAULTS` where `cfg` is silent), checked."""
+    opts = {k: cfg.get(k, v) for k, v in tent.DEFAULTS.items()}
+    if opts["optimizer"] not in tent.OPTIMIZERS:
+        raise UserError(f"{where}.optimizer={opts['optimizer']!r}: use one of {tent.OPTIMIZERS}.")
+    if int(opts["steps"]) < 1 or float(opts["lr"]) <= 0:
+        raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {opts}.")
+    return opts
+
+
 @functools.lru_cache(maxsize=16)
 def _tent_step(apply_train_bn: Callable, options: tuple, num_classes: int) -> tuple[Any, Any]:
     """TENT's jitted `(variables, norm, opt_state, batch) -> (norm, opt_state, sums)` and its
@@ -148,13 +158,7 @@ class TentClassification(classification.Classification):
                 f"{where}.type='tent_classification' adapts BatchNorm layers; use it with a "
                 "classification, domain_adaptation or finetune task."
             )
-        self.opts = {k: cfg.get(k, v) for k, v in tent.DEFAULTS.items()}
-        if self.opts["optimizer"] not in tent.OPTIMIZERS:
-            raise UserError(
-                f"{where}.optimizer={self.opts['optimizer']!r}: use one of {tent.OPTIMIZERS}."
-            )
-        if int(self.opts["steps"]) < 1 or float(self.opts["lr"]) <= 0:
-            raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {self.opts}.")
+        self.opts = tent_options(cfg, where)
         self._apply = fns["apply_train_bn"]
         options = tuple(sorted((k, v) for k, v in self.opts.items() if k != "episodic"))
         self._adapt, self._tx = _tent_step(self._apply, options, len(self.class_names))

@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 
 from xmodal_jax.data import pipeline, preprocess
 from xmodal_jax.errors import UserError
+from xmodal_jax.evaluators.adaptation import tent_options
 from xmodal_jax.evaluators.zeroshot import ZeroShot, split_key
 from xmodal_jax.objectives.adaptation import tent
 
@@ -88,18 +89,11 @@ class ZeroShotTent(ZeroShot):
             raise UserError(
                 f"{where}.type='zeroshot_tent' runs in one process; evaluate with one host."
             )
-        self.opts = {k: cfg.get(k, v) for k, v in tent.DEFAULTS.items()}
-        self.opts["statistics"] = cfg.get("statistics", "batch")
+        self.opts = {**tent_options(cfg, where), "statistics": cfg.get("statistics", "batch")}
         if self.opts["statistics"] not in STATISTICS:
             raise UserError(
                 f"{where}.statistics={self.opts['statistics']!r}: use one of {STATISTICS}."
             )
-        if self.opts["optimizer"] not in tent.OPTIMIZERS:
-            raise UserError(
-                f"{where}.optimizer={self.opts['optimizer']!r}: use one of {tent.OPTIMIZERS}."
-            )
-        if int(self.opts["steps"]) < 1 or float(self.opts["lr"]) <= 0:
-            raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {self.opts}.")
         options = tuple(sorted((k, v) for k, v in self.opts.items() if k != "episodic"))
         self._embed = fns["tent_image_embeddings"]
         self._adapt, self._tx = _step(self._embed, options)
