@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one bounded run on one CUDA GPU: workloads (1)-(3) of
-# `xmodal bench` at full size in bfloat16, MFU against the card's bf16 matmul peak measured in
-# the same run, PyTorch eager and torch.compile alternating with ours in the same process, then
-# the CLIP step with its layers scanned and rematerialised ('dots') at twice the batch.
+# The GPU figures of BENCHMARKS.md in bounded runs on one CUDA GPU. Stage `steps`: workloads
+# (1)-(3) of `xmodal bench` at full size in bfloat16, MFU against the card's bf16 matmul peak
+# measured in the same run, PyTorch eager and torch.compile alternating with ours in the same
+# process (at most 6 minutes). Stage `ablations`: the CLIP step scanned with remat='dots', the
+# trainer's FSDP path on this chip beside the plain step, and the largest CLIP batch that fits,
+# scanned and unrolled (at most 9 minutes). Each stage fits one 10-minute command.
 #
 #   benchmarks/gpu_wheels.sh          # first, where there is network: .gpu_wheels/
-#   benchmarks/gpu.sh                 # on the GPU machine (H100 / H200): batch 128
+#   benchmarks/gpu.sh [steps|ablations|all]   # on the GPU machine (H100 / H200): batch 128
 #   benchmarks/gpu.sh --small         # the same script on CPU at tiny sizes (a smoke test)
 #
 # PYTHON (default: .venv/bin/python, else python3, the image's Python with CUDA JAX and
 # PyTorch), BATCH (128; per domain for DANN) and RESULTS (benchmarks/results) override the
 # defaults. Where .gpu_wheels/ exists, what the image lacks of the runtime dependencies is
 # installed from it without an index; the package itself runs from the checkout (PYTHONPATH).
-# Records: RESULTS/gpu_versions.json (the software stack), gpu_steps.json, gpu_clip_scan.json;
-# each bench step is bounded by `timeout` (compilation included) and keeps what it finished.
+# Records: RESULTS/gpu_versions.json (the software stack), gpu_steps.json,
+# gpu_clip_ablations.json; each bench is bounded by `timeout` (compilation included) and keeps
+# what it finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z ${PYTHON:-} ]]; then
@@ -26,9 +29,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 small=()
 batch=(--batch "$BATCH")
-batch2=(--batch "$((2 * BATCH))")
+memory=()
+stage=all
 for arg in "$@"; do
-  if [[ $arg == --small ]]; then small=(--small); batch=(); batch2=(); fi
+  case $arg in
+    --small) small=(--small); batch=(); memory=(--memory-gib 0.05) ;;
+    steps | ablations | all) stage=$arg ;;
+    *) echo "gpu.sh: unknown argument $arg (use --small, steps, ablations or all)" >&2; exit 2 ;;
+  esac
 done
 
 if [[ -d .gpu_wheels ]]; then
@@ -53,7 +61,12 @@ print(json.dumps(record))
 EOF
 
 bench() { timeout "$1" "$PYTHON" -m xmodal_jax.main bench "${@:2}" || echo "bench exited $?"; }
-bench 420 --torch --workloads clip,resnet50,mnv2_dann --dtype bfloat16 --steps 20 --rounds 2 \
-  "${small[@]}" "${batch[@]}" --json "$RESULTS/gpu_steps.json"
-bench 150 --workloads clip --scan --remat dots --dtype bfloat16 --steps 20 \
-  "${small[@]}" "${batch2[@]}" --json "$RESULTS/gpu_clip_scan.json"
+if [[ $stage == all || $stage == steps ]]; then
+  bench 360 --torch --workloads clip,resnet50,mnv2_dann --dtype bfloat16 --steps 20 --rounds 2 \
+    "${small[@]}" "${batch[@]}" --json "$RESULTS/gpu_steps.json"
+fi
+if [[ $stage == all || $stage == ablations ]]; then
+  bench 540 --workloads clip --scan --remat dots --dtype bfloat16 --steps 10 \
+    --ablations fsdp,max_batch "${small[@]}" "${batch[@]}" "${memory[@]}" \
+    --json "$RESULTS/gpu_clip_ablations.json"
+fi

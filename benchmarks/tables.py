@@ -83,6 +83,31 @@ def pipeline(r: dict) -> str:
     )
 
 
+def max_batch(a: dict) -> list[str]:
+    """The largest CLIP batch that fits per variant, and every batch tried (plan peak MiB)."""
+    rows = [
+        f"Memory to fit: {_mib(a['memory_limit_bytes'])} MiB.",
+        "",
+        "| variant | largest batch that fits | smallest batch found not to | tried: batch (peak "
+        "MiB, fits) |",
+        "|---|---|---|---|",
+    ]
+    for label, v in a.items():
+        if label == "memory_limit_bytes":
+            continue
+        tried = ", ".join(
+            f"{b} ({_mib(t['peak_bytes'])}, {'yes' if t['fits'] else 'no'})"
+            for b, t in sorted(v["tried"].items(), key=lambda kv: int(kv[0]))
+        )
+        unfinished = v["largest"] is None and v["smallest_not_fitting"] is None
+        found = "not finished" if unfinished else None
+        rows.append(
+            f"| {label} | {found or v['largest']} | {found or v['smallest_not_fitting']} | "
+            f"{tried} |"
+        )
+    return rows
+
+
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
@@ -91,6 +116,8 @@ def ablations(r: dict) -> str:
             rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
         elif name == "cpu_backends":
             rows = cpu_backends(a)
+        elif name == "max_batch":
+            rows = max_batch(a)
         else:
             rows = ["| variant | compile s | step ms | ex/s | peak MiB |", "|---|---|---|---|---|"]
             for label, v in a.items():

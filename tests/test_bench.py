@@ -191,3 +191,41 @@ def test_clip_layer_stack_flags_build_the_scanned_remat_step_and_name_it(tfds_di
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 4, 5, 7, 8, 100, 129, 256, 1000])
+def test_largest_batch_search_agrees_with_trying_every_batch(threshold):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= threshold
+
+    largest, above = ablations.search_largest(fits, start=4, cap=256)
+    if threshold < 4:
+        assert (largest, above) == (None, 4)
+        return
+    if threshold >= 256:  # nothing above the cap is tried
+        assert (largest, above) == (256, 257) and max(calls) == 256
+        return
+    assert largest is not None and largest <= threshold < above
+    assert above - largest <= max(1, largest // 4)
+    assert len(set(calls)) == len(calls)  # each batch tried once
+
+
+@pytest.mark.slow  # a dozen small CLIP compiles
+def test_fsdp_and_max_batch_ablations_at_small_size(tfds_dir, capsys):
+    import benchmarks.tables as bench_tables
+
+    argv = ["--small", "--workloads", "clip", "--ablations", "fsdp,max_batch", "--steps", "1"]
+    out = cli.run([*argv, "--batch", "8", "--memory-gib", "0.03"])
+    fsdp = out["ablations"]["fsdp"]
+    assert fsdp["fsdp_path"]["step_s"] > 0 and fsdp["one_device_jit"]["step_s"] > 0
+    for label in ("unrolled", "scan_remat_dots"):
+        m = out["ablations"]["max_batch"][label]
+        tried = {int(b): t for b, t in m["tried"].items()}
+        assert tried[m["largest"]]["fits"] and not tried[m["smallest_not_fitting"]]["fits"]
+        peaks = [tried[b]["peak_bytes"] for b in sorted(tried)]
+        assert peaks == sorted(peaks)  # the plan grows with the batch
+        assert all(t["fits"] == (t["peak_bytes"] <= 0.03 * 2**30) for t in tried.values())
+    assert "| unrolled |" in bench_tables.ablations(out)

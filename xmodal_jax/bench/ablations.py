@@ -3,11 +3,15 @@
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
-`cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`).
+`cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`); for an
+accelerator, named only: `fsdp` (the CLIP step plain and through the trainer's sharded path)
+and `max_batch` (the largest CLIP batch that fits, unrolled and scanned with remat).
 """
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xmodal_jax.bench import measure, runner, workloads
+from xmodal_jax.errors import UserError
 from xmodal_jax.models import zoo
 
 
@@ -65,6 +70,75 @@ def variant_ablation(name: str, args, peaks: dict, variants: dict[str, dict]) ->
     return out
 
 
+def search_largest(fits: Callable[[int], bool], start: int, cap: int) -> tuple[int | None, int]:
+    """`(largest batch that fits, smallest found not to)`: doubling from `start` up to `cap`
+    (`cap` + 1 stands for "not found" above it), then bisecting the gap to a quarter of the
+    last fitting batch. `fits` is called once per batch tried."""
+    if not fits(start):
+        return None, start
+    lo, hi = start, None
+    while hi is None:
+        if 2 * lo > cap:
+            return lo, cap + 1
+        if fits(2 * lo):
+            lo *= 2
+        else:
+            hi = 2 * lo
+    grain = max(1, lo // 4)
+    while hi - lo > grain:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
+
+
+def _device_memory(args) -> int:
+    if args.memory_gib:
+        return int(args.memory_gib * 2**30)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise UserError(
+            "--ablations max_batch: this device reports no memory limit; give --memory-gib."
+        )
+    return int(stats["bytes_limit"])
+
+
+def max_batch_ablation(
+    args, variants: dict[str, dict], progress: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """Per variant of the CLIP step: the largest batch whose buffer plan fits the device's
+    memory and whose step then runs, every batch tried, and the bound found above it."""
+    limit = _device_memory(args)
+    start = workloads.sizes("clip", args.small, args.batch)["batch"]
+    out: dict[str, Any] = {"memory_limit_bytes": limit}
+    for label, variant in variants.items():
+        tried: dict[str, Any] = {}
+
+        def fits(batch: int, variant=variant, tried=tried, label=label) -> bool:
+            sz = workloads.sizes("clip", args.small, batch)
+            try:
+                built = workloads.build("clip", sz, **variant)
+                peak = built.runner.compiled.peak_bytes
+                ok = peak is not None and peak <= limit
+                if ok:
+                    built.runner.step()
+            except Exception as e:  # noqa: BLE001 - out of memory, at compile time or at run
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    raise
+                peak, ok = None, False
+            finally:
+                built = None
+                gc.collect()
+            tried[str(batch)] = {"peak_bytes": peak, "fits": ok}
+            out[label] = {"largest": None, "smallest_not_fitting": None, "tried": tried}
+            if progress:
+                progress(out)
+            return ok
+
+        largest, above = search_largest(fits, start, cap=16 * start)
+        out[label] = {"largest": largest, "smallest_not_fitting": above, "tried": tried}
+    return out
+
+
 def mobilenet_forward(args) -> dict[str, float]:
     """Images/s of ImageNet MobileNetV2 inference (1000 classes) with each depthwise form, and
     of PyTorch eager with `--torch`: batch 64 at 112 px (`--small`: 8 at 32 px, width 0.25)."""
@@ -91,10 +165,21 @@ def mobilenet_forward(args) -> dict[str, float]:
     return out
 
 
-def run(name: str, args, peaks: dict) -> dict[str, Any]:
-    """Runs the ablation `name` (one of `names.ABLATIONS`)."""
+def args_dtype(args) -> Any:
+    return jnp.bfloat16 if getattr(args, "dtype", "float32") == "bfloat16" else jnp.float32
+
+
+def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = None) -> dict:
+    """Runs the ablation `name` (one of `names.ABLATIONS`); `progress` is handed what is
+    measured so far (by `max_batch`, after every batch tried), so a run cut short keeps it."""
     if name == "depthwise":
         return depthwise_ablation(args)
+    if name == "max_batch":  # the scanned step first: it compiles several times faster
+        variants = {
+            "scan_remat_dots": {"dtype": args_dtype(args), "scan": True, "remat": "dots"},
+            "unrolled": {"dtype": args_dtype(args)},
+        }
+        return max_batch_ablation(args, variants, progress)
     if name == "cpu_backends":
         from xmodal_jax.bench import backends
 
@@ -109,5 +194,9 @@ def run(name: str, args, peaks: dict) -> dict[str, Any]:
         },
         "donation": {"donated": {"donate": True}, "not_donated": {"donate": False}},
         "bf16": {"float32": {"dtype": jnp.float32}, "bfloat16": {"dtype": jnp.bfloat16}},
+        "fsdp": {
+            "one_device_jit": {"dtype": args_dtype(args)},
+            "fsdp_path": {"dtype": args_dtype(args), "fsdp": True},
+        },
     }[name]
     return variant_ablation("clip", args, peaks, variants)

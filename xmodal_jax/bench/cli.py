@@ -3,7 +3,8 @@
     xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,pipeline]
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
                  [--scan] [--remat none|dots|full]
-                 [--ablations scan_remat,donation,bf16,depthwise,cpu_backends]
+                 [--ablations scan_remat,donation,bf16,depthwise,cpu_backends|all]
+                 [--ablations fsdp,max_batch [--memory-gib G]]   # for an accelerator
 
 Per workload: compile time, median step time over `--steps` timed steps after warm-up, examples/s,
 FLOPs per step from XLA's cost analysis, achieved FLOP/s, MFU against the matmul peak measured in
@@ -20,7 +21,7 @@ import argparse
 import json
 from typing import Any
 
-from xmodal_jax.bench.names import ABLATIONS, STEPS
+from xmodal_jax.bench.names import ABLATIONS, ACCELERATOR_ABLATIONS, STEPS
 from xmodal_jax.errors import UserError
 
 WORKLOADS = (*STEPS, "pipeline")
@@ -50,7 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="clip: layer stacks with nn.scan")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                    help="clip: remat policy of each layer")  # fmt: skip
-    p.add_argument("--ablations", default="", help=",".join(ABLATIONS) + " or all")
+    p.add_argument(
+        "--ablations",
+        default="",
+        help=f"{','.join(ABLATIONS)} or all; also {','.join(ACCELERATOR_ABLATIONS)}",
+    )
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="max_batch: the memory to fit (default: the device's own limit)",
+    )
     return p
 
 
@@ -65,7 +76,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         ablation_names = (
             list(ABLATIONS)
             if args.ablations == "all"
-            else _names(args.ablations, ABLATIONS, "ablations")
+            else _names(args.ablations, (*ABLATIONS, *ACCELERATOR_ABLATIONS), "ablations")
         )
     import jax.numpy as jnp  # after parsing: `--help` and a bad argument need no JAX
 
@@ -91,7 +102,12 @@ def run(argv: list[str]) -> dict[str, Any]:
         _save(results, args.json)
     results["ablations"] = {}
     for name in ablation_names:
-        results["ablations"][name] = ablations.run(name, args, peaks)
+
+        def keep(partial: dict, name: str = name) -> None:
+            results["ablations"][name] = partial
+            _save(results, args.json)
+
+        results["ablations"][name] = ablations.run(name, args, peaks, keep)
         report.print_ablation(name, results["ablations"][name])
         _save(results, args.json)
     _save(results, args.json)

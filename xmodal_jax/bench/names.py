@@ -3,3 +3,5 @@ parses its arguments (and answers `--help`) from these before it imports JAX."""
 
 STEPS = ("clip", "resnet50", "mnv2_dann")  # train steps, defined in `workloads`
 ABLATIONS = ("scan_remat", "donation", "bf16", "depthwise", "cpu_backends")  # `ablations`
+# Named only, never part of `all`: sized for an accelerator (`ablations.fsdp`, `max_batch`).
+ACCELERATOR_ABLATIONS = ("fsdp", "max_batch")

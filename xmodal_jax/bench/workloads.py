@@ -9,6 +9,7 @@ target batches. `sizes(name, small)` fixes the architecture and batch; the PyTor
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import numpy as np
 from xmodal_jax.bench import measure
 from xmodal_jax.models import zoo
 from xmodal_jax.objectives import contrastive
+from xmodal_jax.parallel import mesh as mesh_lib
 from xmodal_jax.tasks.classification import Classification
 from xmodal_jax.tasks.domain_adaptation import DomainAdaptation
 from xmodal_jax.train import optim
@@ -166,6 +168,27 @@ class Built:
     params: int
 
 
+def _build_sharded(task, batch: dict, tx, lr_fn, examples: int) -> Built:
+    """The trainer's sharded step on a mesh of every local device on `fsdp` (see `build`)."""
+    axes = {"data": 1, "fsdp": -1, "model": 1}
+    config = ml_collections.ConfigDict(
+        {"seed": 0, "total_steps": 1000, "batch_size": examples, "mesh": axes}
+    )
+    mesh = mesh_lib.make_mesh(axes)
+    step_lib.check_batch(config, mesh)
+    batch = mesh_lib.global_batch(batch, mesh)
+    init_fn, abstract = step_lib.init_state(config, task, tx, mesh, batch)
+    start = time.perf_counter()
+    compiled = step_lib.compile_train_step(config, task, tx, lr_fn, abstract, mesh, batch)
+    seconds = time.perf_counter() - start
+    timed = measure.Compiled(
+        compiled, seconds, measure.flops_of(compiled), measure.peak_bytes_of(compiled)
+    )
+    state = init_fn(batch)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    return Built(measure.StepRunner(timed, state, batch), examples, n_params)
+
+
 def build(
     name: str,
     sz: dict,
@@ -175,8 +198,12 @@ def build(
     remat: str = "none",
     depthwise: str = "auto",
     donate: bool = True,
+    fsdp: bool = False,
 ) -> Built:
-    """Our train step for workload `name` at sizes `sz`, compiled for one device."""
+    """Our train step for workload `name` at sizes `sz`, compiled for one device; with `fsdp`,
+    the trainer's own sharded path instead (`step.init_state` and `step.compile_train_step`:
+    the state placed by the sharding rules with FSDP over every local device, the batch split
+    over them), so that its cost beside the plain step is known before a pod."""
     if name == "clip":
         task, batch = _clip(sz, dtype, scan, remat)
         examples = sz["batch"]
@@ -188,6 +215,8 @@ def build(
         task, batch = _dann(sz, dtype, depthwise)
         examples = 2 * sz["batch"]
     tx, lr_fn = optim.build(_optimizer(name))
+    if fsdp:
+        return _build_sharded(task, batch, tx, lr_fn, examples)
     batch = jax.device_put(batch)
     variables = dict(jax.jit(lambda b: nn.unbox(task.init(jax.random.key(0), b)))(batch))
     params = variables.pop("params")
