@@ -2,7 +2,8 @@
 # The GPU figures of BENCHMARKS.md in bounded runs on one CUDA GPU. Stage `steps`: workloads
 # (1)-(3) of `xmodal bench` at full size in bfloat16, MFU against the card's bf16 matmul peak
 # measured in the same run, PyTorch eager and torch.compile alternating with ours in the same
-# process (at most 6 minutes). Stage `ablations`: the CLIP step scanned with remat='dots', the
+# process, and where each of our steps spends its time (3 traced steps: the ops and op kinds
+# with the most time) (at most 6 minutes). Stage `ablations`: the CLIP step scanned with remat='dots', the
 # trainer's FSDP path on this chip beside the plain step, and the largest CLIP batch that fits,
 # scanned and unrolled (at most 9 minutes). Each stage fits one 10-minute command.
 #
@@ -62,8 +63,8 @@ EOF
 
 bench() { timeout "$1" "$PYTHON" -m xmodal_jax.main bench "${@:2}" || echo "bench exited $?"; }
 if [[ $stage == all || $stage == steps ]]; then
-  bench 360 --torch --workloads clip,resnet50,mnv2_dann --dtype bfloat16 --steps 20 --rounds 2 \
-    "${small[@]}" "${batch[@]}" --json "$RESULTS/gpu_steps.json"
+  bench 360 --torch --profile --workloads clip,resnet50,mnv2_dann --dtype bfloat16 --steps 20 \
+    --rounds 2 "${small[@]}" "${batch[@]}" --json "$RESULTS/gpu_steps.json"
 fi
 if [[ $stage == all || $stage == ablations ]]; then
   bench 540 --workloads clip --scan --remat dots --dtype bfloat16 --steps 10 \

@@ -73,6 +73,25 @@ def steps(r: dict) -> str:
     return "\n".join(rows)
 
 
+def profiles(r: dict) -> str:
+    """Per profiled workload, the op kinds and the ops that took the most time in its traced
+    steps (`xmodal bench --profile`)."""
+    out = []
+    for name, w in r["workloads"].items():
+        p = w.get("profile")
+        if not p:
+            continue
+        for title, rows_in in (("op kinds", p["by_kind"]), ("ops", p["top_ops"])):
+            rows = [f"**{name}: {title} with the most time** ({p['steps']} traced steps)", "",
+                    "| op | ms | share | calls |", "|---|---:|---:|---:|"]  # fmt: skip
+            rows += [
+                f"| `{o['name']}` | {o['ms']:,.1f} | {_pct(o['share'])} | {o['calls']} |"
+                for o in rows_in
+            ]
+            out.append("\n".join(rows))
+    return "\n\n".join(out)
+
+
 def pipeline(r: dict) -> str:
     p = r["workloads"].get("pipeline")
     if not p:
@@ -275,6 +294,8 @@ def tables(r: dict) -> str:
     parts = [f"*{header(r)}*"]
     if any(k != "pipeline" for k in r["workloads"]):
         parts.append(steps(r))
+    if any(w.get("profile") for w in r["workloads"].values()):
+        parts.append(profiles(r))
     if r["workloads"].get("pipeline"):
         parts.append(pipeline(r))
     if r.get("ablations"):
@@ -305,6 +326,7 @@ def main(paths: list[str]) -> None:
         print(f"### {path}\n\n{header(r)}\n")
         if any(k != "pipeline" for k in r["workloads"]):
             print(steps(r) + "\n")
+        print(profiles(r) + "\n")
         print(pipeline(r) + "\n")
         print(ablations(r) + "\n")
 

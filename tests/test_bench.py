@@ -182,12 +182,20 @@ def test_peak_memory_counts_the_activations():
     assert peaks[512] - peaks[8] >= saved
 
 
-def test_clip_layer_stack_flags_build_the_scanned_remat_step_and_name_it(tfds_dir, capsys):
+def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, capsys):
     import benchmarks.tables as bench_tables
 
-    out = cli.run(["--small", "--workloads", "clip", "--scan", "--remat", "dots", "--steps", "1"])
+    argv = ["--small", "--workloads", "clip", "--scan", "--remat", "dots", "--steps", "1"]
+    out = cli.run([*argv, "--profile"])
     clip = out["workloads"]["clip"]
     assert clip["variant"] == {"scan": True, "remat": "dots"} and clip["step_s"] > 0
+    # the profile: ops by time, their shares of the ops' time, and the same summed by kind
+    ops, kinds = clip["profile"]["top_ops"], clip["profile"]["by_kind"]
+    assert ops and [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+    assert all(0 < o["share"] <= 1 and o["calls"] >= 1 for o in ops)
+    assert sum(k["share"] for k in kinds) == pytest.approx(1.0, abs=1e-6) or len(kinds) == 15
+    assert any(k["name"] in ("dot", "ynn_fusion", "fusion") for k in kinds)
+    assert "**clip: op kinds with the most time**" in bench_tables.profiles(out)
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

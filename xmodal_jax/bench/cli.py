@@ -2,7 +2,7 @@
 
     xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,pipeline]
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
-                 [--scan] [--remat none|dots|full]
+                 [--scan] [--remat none|dots|full] [--profile]
                  [--ablations scan_remat,donation,bf16,depthwise,cpu_backends|all]
                  [--ablations fsdp,max_batch [--memory-gib G]]   # for an accelerator
 
@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="alternation rounds with --torch")
     p.add_argument("--batch", type=int, default=None, help="batch of every train step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace 3 more steps of each workload: the ops that take the most time",
+    )
     p.add_argument("--scan", action="store_true", help="clip: layer stacks with nn.scan")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                    help="clip: remat policy of each layer")  # fmt: skip

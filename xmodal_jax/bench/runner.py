@@ -86,6 +86,10 @@ def run_step(
     out["dtype"] = jnp.dtype(dtype).name
     if variant:
         out["variant"] = dict(variant)
+    if getattr(args, "profile", False):
+        from xmodal_jax.bench import profile
+
+        out["profile"] = profile.profile_step(built.runner.step)
     for kind, ref in refs.items():
         if isinstance(ref, Exception):
             out[kind] = {"error": f"{type(ref).__name__}: {str(ref)[:200]}"}
