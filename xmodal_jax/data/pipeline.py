@@ -256,6 +256,18 @@ def paired_iterator(
     return iter(zipped.map(lambda st: {"source": st[0], "target": st[1]}).to_iter_dataset())
 
 
+def row_batches(
+    cfg: Mapping[str, Any], rows: np.ndarray, key: str, batch_size: int
+) -> Iterator[np.ndarray]:
+    """Field `key` of split `cfg` (`name`, `split`, `pp`, `data_dir`) at `rows`, in that order,
+    preprocessed, stacked in batches of `batch_size` (the last one short)."""
+    src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
+    pp = preprocess.compose(cfg.get("pp", ""))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        yield np.stack([np.asarray(pp(dict(src[int(i)]))[key]) for i in chunk])
+
+
 def eval_data(
     cfg: Mapping[str, Any], where: str, default: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

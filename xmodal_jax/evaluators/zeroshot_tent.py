@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluators.adaptation import tent_options
 from xmodal_jax.evaluators.zeroshot import ZeroShot, split_key
@@ -109,14 +109,12 @@ class ZeroShotTent(ZeroShot):
                 f"config.evals.{self.name}: {cfg['name']}:{cfg['split']} has no example of "
                 f"classes {classes.tolist()}."
             )
-        src = pipeline.source(cfg["name"], cfg["split"], cfg.get("data_dir"))
-        pp = preprocess.compose(cfg.get("pp", ""))
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            images = np.stack([np.asarray(pp(dict(src[int(i)]))["image"]) for i in chunk])
-            pad = np.zeros((self.batch_size - len(chunk), *images.shape[1:]), images.dtype)
-            mask = np.arange(self.batch_size) < len(chunk)
-            yield np.concatenate([images, pad]), labels[chunk], mask
+        batches = pipeline.row_batches(cfg, rows, "image", self.batch_size)
+        for start, images in zip(range(0, len(rows), self.batch_size), batches, strict=True):
+            n = len(images)
+            pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
+            mask = np.arange(self.batch_size) < n
+            yield np.concatenate([images, pad]), labels[rows[start : start + n]], mask
 
     def initial(self, variables, tower_vars, images, mask) -> tuple[Any, Any]:
         """The loaded BN affine parameters of the image tower and a fresh optimiser state."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.tasks.two_tower_heads import Head
@@ -51,13 +51,10 @@ def target_images(
     """The preprocessed target images of `rows` (None: all) in batches, the last one short (no
     padding: a padded row would enter the statistics)."""
     src = pipeline.source(target["name"], target["split"], target.get("data_dir"))
-    pp = preprocess.compose(target.get("pp", ""))
     rows = np.arange(len(src)) if rows is None else np.asarray(rows)
     if not len(rows):
         raise UserError(f"config.data.target {target['name']}:{target['split']} has no rows.")
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        yield np.stack([np.asarray(pp(dict(src[int(i)]))[input_key]) for i in chunk])
+    return pipeline.row_batches(target, rows, input_key, batch_size)
 
 
 def adapted_tower(tower: Tower, images: Iterator[np.ndarray]) -> Tower:
