@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from xmodal_jax.tables import cli, embed, records, spec
+from xmodal_jax.tables import cli, embed, jobs, records, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "tables", "results")
@@ -33,6 +33,17 @@ def test_committed_table_equals_what_its_records_give(name):
     for ext, text in texts.items():
         with open(os.path.join(RESULTS, f"{name}.{ext}")) as f:
             assert f.read() == text, f"{name}.{ext} differs from its records: run make tables"
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_committed_records_are_runs_of_the_configs_as_they_stand(name, monkeypatch):
+    """A config changed after its runs were recorded makes their figures stale: the records'
+    `config_hash` must still be what the table's jobs give (rerun them, or withdraw them)."""
+    monkeypatch.chdir(ROOT)
+    _, table = spec.load(os.path.join("experiments", "tables", f"{name}.py"))
+    recs = records.load(os.path.join(RESULTS, f"{name}.runs.jsonl"))
+    _, dropped = records.current(recs, jobs.expand(table))
+    assert not dropped, f"{name}: stale records: {dropped[:3]}"
 
 
 @pytest.mark.parametrize("doc", embed.DOCUMENTS)

@@ -403,8 +403,8 @@ def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monke
         for ext in ("md", "tex", "csv"):
             written = open(os.path.join(root, f"fake.{ext}")).read()
             assert (out / f"fake.{ext}").read_text() == written
-    with pytest.raises(UserError, match="--records writes a table from its records only"):
-        cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--root", root])
+    with pytest.raises(UserError, match="--records without --root writes a table from its"):
+        cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--only", "good"])
 
 
 def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
@@ -721,3 +721,65 @@ def test_a_row_with_many_unfinished_runs_is_one_line(tmp_path):
     assert f"Missing: {n + 1}." in md  # the big row's unfinished runs and the other row's one
     assert f"- big: {n} runs not finished ({n} not run); --dry-run lists them" in md
     assert "- one, seed 0: not run (" in md
+
+
+# A trainer that records the config hash as `xmodal train` does (load, overrides, hash).
+HASHING_TRAINER = FAKE_TRAINER + textwrap.dedent(
+    """
+    from xmodal_jax import config as config_lib, provenance
+    config = config_lib.load(spec)
+    config_lib.apply_overrides(config, argv[argv.index("--workdir") + 2:])
+    with open(os.path.join(wd, "provenance.json"), "w") as f:
+        json.dump({"config_hash": provenance.config_hash(config.to_dict())}, f)
+    """
+)
+
+
+REQUIRED = dict.fromkeys(config_lib.REQUIRED_KEYS, 1)
+
+
+def test_committed_records_resume_a_table_in_a_new_root(tmp_path, monkeypatch, capsys):
+    """`--records FILE --root DIR`: recorded runs are not run again in an empty root, new runs
+    are added to FILE, and a record whose config file changed since is dropped and rerun."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(HASHING_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('a', GOOD, 'base=0.5'), Row('b', BAD, 'base=0.2')")
+    for name, lr in (("good.py", 0.1), ("bad.py", 0.1)):
+        (tmp_path / name).write_text(
+            "import ml_collections\n"
+            "def get_config(arg=None):\n"
+            f"    return ml_collections.ConfigDict({{**{REQUIRED!r}, 'lr': {lr}}})\n"
+        )
+    recs, out = str(tmp_path / "results" / "fake.runs.jsonl"), tmp_path / "results"
+    calls = lambda root: (tmp_path / root / "fake" / "calls.txt").read_text().split()  # noqa: E731
+
+    cli.run([table, "--root", str(tmp_path / "r1"), "--records", recs, "--only", "^a$"])
+    assert len(calls("r1")) == 2
+    assert [r["row"] for r in records_lib.load(recs)] == ["a", "a"]
+    assert "| a | **50.5 ± 0.7** (2) |" in (out / "fake.md").read_text()
+
+    # A new root (another machine, a later day): only row b runs; the file gains its runs.
+    capsys.readouterr()
+    result = cli.run([table, "--root", str(tmp_path / "r2"), "--records", recs])
+    assert "2 of 4 jobs are recorded in" in capsys.readouterr().out
+    assert result["done"] == 2 and len(calls("r2")) == 2
+    assert [r["row"] for r in records_lib.load(recs)] == ["a", "a", "b", "b"]
+    _, t = spec_lib.load(table)
+    by_key = {j.key: j for j in jobs_lib.expand(t)}
+    for rec in records_lib.load(recs):  # the hash the job computes is the trainer's
+        assert rec["provenance"]["config_hash"] == by_key[rec["key"]].config_hash()
+    md = (out / "fake.md").read_text()
+    assert "| a | **50.5 ± 0.7** (2) |" in md and "| b | 20.5 ± 0.7 (2) |" in md
+    assert cli.run([table, "--root", str(tmp_path / "r3"), "--records", recs])["done"] == 0
+
+    # b's config changes: its records are dropped (not shown) and its runs made again.
+    (tmp_path / "bad.py").write_text((tmp_path / "bad.py").read_text().replace("0.1", "0.2"))
+    capsys.readouterr()
+    cli.run([table, "--root", str(tmp_path / "r4"), "--records", recs, "--dry-run"])
+    printed = capsys.readouterr()
+    assert printed.out.count("its config changed since the run") == 2
+    assert printed.out.count("train --config") == 2 and "bad.py" in printed.out
+    assert cli.run([table, "--root", str(tmp_path / "r4"), "--records", recs])["done"] == 2
+    assert len(records_lib.load(recs)) == 4
+    assert cli.run([table, "--root", str(tmp_path / "r5"), "--records", recs])["done"] == 0

@@ -7,6 +7,11 @@ jobs to some rows and seeds (the table still shows every finished run). A job an
 running (its workdir lock is held) is skipped. Exits 2 when a job failed, 75 when a job was
 preempted (it resumes on the next run). A root on `gs://` takes `--dry-run` (commands for a
 cluster, whose jobs write there) and `--collect-only`.
+
+`--records FILE` with `--root` resumes from committed records: a job recorded in FILE is not run
+again (unless a job to run needs its workdir), the root's finished runs are added to FILE, and
+the table is written from FILE (into `--out`, default FILE's directory). A record whose config
+file has changed since its run (its `config_hash`) is dropped from FILE, and its job runs again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="where the jobs' workdirs go (DIR/NAME/<hash>)")
     p.add_argument(
         "--records",
-        help="write the table from this NAME.runs.jsonl alone (no root, nothing run)",
+        help="NAME.runs.jsonl: alone, write the table from it (nothing run); with --root, its "
+        "runs count as done and the root's finished runs are added to it",
     )
     p.add_argument("--jobs", type=int, default=1, help="jobs run at a time (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -104,6 +110,21 @@ def write_tables(
     return paths
 
 
+def _merge_records(
+    table: spec.Table, name: str, root: str, kept: dict[str, dict], path: str, out: str, rule
+) -> list[str]:
+    """Writes `path` (the `kept` records and the root's finished runs, the root's first) and
+    the table from it into `out`. Returns the paths written."""
+    merged = dict(kept)
+    for rec in records_lib.collect(jobs_lib.expand(table), root, name, table):
+        merged[rec["key"]] = rec
+    recs = sorted(merged.values(), key=lambda r: (r["row"], r["seed"], r["key"]))
+    target = metrics_lib.workdir_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    metrics_lib.write_text(target, records_lib.dumps(recs))
+    return [path, *write_tables(table, name, None, out, rule, records_lib.RecordRuns(recs))]
+
+
 def _only_seeds(jobs: list[jobs_lib.Job], text: str, table: spec.Table) -> list[jobs_lib.Job]:
     try:
         seeds = {int(s) for s in text.split(",") if s.strip()}
@@ -119,11 +140,11 @@ def _only_seeds(jobs: list[jobs_lib.Job], text: str, table: spec.Table) -> list[
 def run(argv: list[str]) -> dict:
     """Runs `xmodal table ARGS`; returns counts of jobs by outcome and the written paths."""
     args = _parser().parse_args(argv)
-    if args.records:
-        if args.root or args.dry_run or args.only or args.seeds:
+    if args.records and not args.root:
+        if args.dry_run or args.only or args.seeds:
             raise UserError(
-                "--records writes a table from its records only; drop the other "
-                "options but --out and --select."
+                "--records without --root writes a table from its records only; drop the "
+                "other options but --out and --select, or give --root to run the missing jobs."
             )
         name, table = spec.load(args.table)
         runs = records_lib.RecordRuns(records_lib.load(args.records))
@@ -150,6 +171,17 @@ def run(argv: list[str]) -> dict:
             raise UserError(f"--only {args.only!r} matches no row label of {labels}.")
     if args.seeds is not None:
         jobs = _only_seeds(jobs, args.seeds, table)
+    kept: dict[str, dict] = {}
+    if args.records:
+        recs = records_lib.load(args.records) if os.path.exists(args.records) else []
+        kept, dropped = records_lib.current(recs, jobs_lib.expand(table))
+        for line in dropped:
+            print(f"{args.records}: dropped {line}.")
+        needed = {key for j in jobs if j.key not in kept for _, key in j.needs}
+        recorded = [j for j in jobs if j.key in kept and j.key not in needed]
+        if recorded:
+            print(f"{len(recorded)} of {len(jobs)} jobs are recorded in {args.records} (not run).")
+        jobs = [j for j in jobs if j.key not in kept or j.key in needed]
     if args.dry_run:
         lines = dry_run_lines(jobs, args.root, name)
         print("\n".join(lines))
@@ -169,7 +201,11 @@ def run(argv: list[str]) -> dict:
     if not args.collect_only:
         workdirs = [j.workdir(args.root, name) for j in jobs]
         outcome = runner.run(jobs, workdirs, args.jobs)
-    paths = write_tables(table, name, args.root, args.out or args.root, rule)
+    if args.records:
+        out = args.out or os.path.dirname(os.path.abspath(args.records))
+        paths = _merge_records(table, name, args.root, kept, args.records, out, rule)
+    else:
+        paths = write_tables(table, name, args.root, args.out or args.root, rule)
     print("Wrote " + ", ".join(paths))
     result = {"jobs": len(jobs), **{k: len(v) for k, v in outcome.items()}, "paths": paths}
     if outcome["failed"]:

@@ -81,10 +81,23 @@ class Job:
         if self.needs:
             extra = ",".join(f"{k}={v}" for k, v in self.needed_workdirs(workdir).items())
             spec += ("," if self.args else ":") + extra
-        cmd = [*program, "train", "--config", spec, "--workdir", workdir]
-        cmd.append(f"--config.seed={self.seed}")
-        cmd += [f"--config.{k}={v}" for k, v in self.overrides]
-        return cmd
+        return [*program, "train", "--config", spec, "--workdir", workdir, *self.config_overrides()]
+
+    def config_overrides(self) -> list[str]:
+        """The `--config.KEY=VALUE` arguments of its command: the seed, then the overrides."""
+        return [f"--config.seed={self.seed}", *(f"--config.{k}={v}" for k, v in self.overrides)]
+
+    def config_hash(self) -> str | None:
+        """The `config_hash` its run's provenance records, from the config file as it is now;
+        None for a job that needs another (its arguments name workdirs, which vary by root)."""
+        if self.needs:
+            return None
+        from xmodal_jax import config as config_lib
+        from xmodal_jax import provenance
+
+        config = config_lib.load(self.spec)
+        config_lib.apply_overrides(config, self.config_overrides())
+        return provenance.config_hash(config.to_dict())
 
     def describe(self) -> dict:
         out = {

@@ -110,3 +110,31 @@ class RecordRuns:
         rec = self.by_key[os.path.basename(workdir)]
         history = {int(step): values for step, values in rec["history"].items()}
         return rec["summary"], history
+
+
+def current(
+    recs: Sequence[dict], jobs: Sequence[jobs_lib.Job]
+) -> tuple[dict[str, dict], list[str]]:
+    """The records (by key) that are runs of `jobs` as their config files stand now, and one
+    line per record left out: not a job of the table (a row removed or changed), or made from
+    a config that differs from today's (its provenance's `config_hash`: the run must be made
+    again). A record without provenance, or of a job that needs another, is kept as it is."""
+    by_key = {j.key: j for j in jobs}
+    kept, dropped = {}, []
+    for rec in recs:
+        job = by_key.get(rec["key"])
+        if job is None:
+            dropped.append(
+                f"{rec['row']} seed={rec['seed']} ({rec['key']}): not a run of the table"
+            )
+            continue
+        recorded = (rec.get("provenance") or {}).get("config_hash")
+        now = job.config_hash() if recorded else None
+        if recorded and now and recorded != now:
+            dropped.append(
+                f"{rec['row']} seed={rec['seed']} ({rec['key']}): its config changed since "
+                f"the run (config_hash {recorded} then, {now} now)"
+            )
+            continue
+        kept[rec["key"]] = rec
+    return kept, dropped
