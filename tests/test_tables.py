@@ -161,6 +161,33 @@ def test_digits_table_covers_every_config_both_directions_three_seeds():
     assert {e.split for k, e in config.evals.items() if k.startswith("target")} == {"test"}
 
 
+def test_digit_shift_table_runs_the_digits_rows_from_the_full_mnist():
+    """The shift table has the digits table's rows and grids, with the full MNIST's own
+    validation split choosing, and one channel count per run (MNIST made RGB beside a colour
+    target)."""
+    _, da = spec_lib.load("experiments/tables/digits_da.py")
+    _, shift = spec_lib.load("experiments/tables/digits_shift.py")
+    assert [(r.label, r.config, r.grid, r.needs) for r in shift.rows] == [
+        (r.label, r.config, r.grid, r.needs) for r in da.rows
+    ]
+    assert len(jobs_lib.expand(shift)) == len(jobs_lib.expand(da)) // 2 * 3
+    dann = {d: config_lib.load(f"experiments/digits/dann.py:direction={d}") for d in
+            ("mf2u", "mf2mm", "mf2syn")}  # fmt: skip
+    for direction, c in dann.items():
+        assert (c.data.source.name, c.data.source.split) == ("digits_mnist", "train")
+        assert (c.evals.source_val.dataset, c.evals.source_val.split) == (
+            "digits_mnist",
+            "validation",
+        )
+        rgb = direction != "mf2u"  # UCI is grey: MNIST stays grey beside it
+        mnist = [c.data.source, c.evals.source_val, c.evals.source, c.evals.a_distance.source]
+        target = [c.data.target, c.evals.target, c.evals.a_distance.target]
+        assert all(("grey_to_rgb" in d.pp) == rgb for d in mnist)
+        assert not any("grey_to_rgb" in d.pp for d in target)  # colour, or grey beside grey
+    oracle = config_lib.load("experiments/digits/target_oracle.py:direction=mf2syn")
+    assert oracle.data.name == "syn_digits_like" and "resize(28)" in oracle.data.pp
+
+
 def test_missing_config_file_is_one_clear_error(tmp_path):
     path = tmp_path / "t.py"
     path.write_text(

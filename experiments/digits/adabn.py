@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.model.norm = "batch"
     _, target = DIRECTIONS[c.direction]
     c.evals.target_no_adabn = dict(c.evals.target)
-    adapt = domain_data(target, "train")
+    adapt = domain_data(target, "train", c.direction)
     c.evals.target.type = "adabn_classification"
     c.evals.target.adapt = {"dataset": adapt["name"], "split": "train", "pp": adapt["pp"]}
     return c

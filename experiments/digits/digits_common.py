@@ -15,14 +15,34 @@ from xmodal_jax.config import parse_arg
 DOMAINS = {
     "mnist": ("digits_mnist5k", "value_range(0, 1)"),
     "uci": ("digits_uci", "value_range(0, 1, in_hi=16)|resize(28)"),
+    "mnist_full": ("digits_mnist", "value_range(0, 1)"),
+    "mnist_m_like": ("mnist_m_like", "value_range(0, 1)"),
+    "syn_digits_like": ("syn_digits_like", "value_range(0, 1)|resize(28)"),
 }
-DIRECTIONS = {"m2u": ("mnist", "uci"), "u2m": ("uci", "mnist")}
+COLOUR = {"mnist_m_like", "syn_digits_like"}  # RGB: a grey domain beside one is repeated x3
+DIRECTIONS = {
+    "m2u": ("mnist", "uci"),
+    "u2m": ("uci", "mnist"),
+    # The shift benchmarks (experiments/tables/digits_shift.py): the full MNIST as source.
+    "mf2u": ("mnist_full", "uci"),
+    "mf2mm": ("mnist_full", "mnist_m_like"),
+    "mf2syn": ("mnist_full", "syn_digits_like"),
+}
 SOURCE_TRAIN, SOURCE_VAL = "train[:90%]", "train[90%:]"
+SOURCE_SPLITS = {"mnist_full": ("train", "validation")}  # else (SOURCE_TRAIN, SOURCE_VAL)
 
 
-def domain_data(domain: str, split: str) -> dict:
+def domain_data(domain: str, split: str, direction: str | None = None) -> dict:
+    """Dataset keys of `domain`; in a `direction` with a colour domain, grey images become RGB."""
     name, pp = DOMAINS[domain]
+    if direction and domain not in COLOUR and COLOUR & set(DIRECTIONS[direction]):
+        pp += "|grey_to_rgb"
     return {"name": name, "split": split, "pp": pp + "|keep('image', 'label')"}
+
+
+def source_splits(direction: str) -> tuple[str, str]:
+    """(train, validation) splits of the direction's source."""
+    return SOURCE_SPLITS.get(DIRECTIONS[direction][0], (SOURCE_TRAIN, SOURCE_VAL))
 
 
 def base_config(arg: str | None) -> ml_collections.ConfigDict:
@@ -31,6 +51,8 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     if args.direction not in DIRECTIONS:
         raise ValueError(f"direction={args.direction!r}: use one of {sorted(DIRECTIONS)}.")
     source, target = DIRECTIONS[args.direction]
+    train, val = source_splits(args.direction)
+    d = args.direction
 
     c = ml_collections.ConfigDict()
     c.seed = args.seed
@@ -47,15 +69,15 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
     c.mesh = {"data": -1, "fsdp": 1, "model": 1}
     c.model = {"name": "lenet", "num_classes": 10, "bottleneck": 256}
     c.task = "classification"
-    c.data = domain_data(source, SOURCE_TRAIN)
+    c.data = domain_data(source, train, d)
     c.evals = {
-        "source_val": {"type": "classification", **_eval_data(source, SOURCE_VAL)},
-        "source": {"type": "classification", **_eval_data(source)},
-        "target": {"type": "classification", **_eval_data(target)},
+        "source_val": {"type": "classification", **_eval_data(source, d, val)},
+        "source": {"type": "classification", **_eval_data(source, d)},
+        "target": {"type": "classification", **_eval_data(target, d)},
         "a_distance": {
             "type": "a_distance",
-            "source": _eval_data(source),
-            "target": _eval_data(target),
+            "source": _eval_data(source, d),
+            "target": _eval_data(target, d),
             "tsne_points": 1000,  # the t-SNE plot at the end (0: none; 7 s of a run on CPU)
         },
     }
@@ -69,11 +91,14 @@ def adaptation_config(arg: str | None, method: str, **options) -> ml_collections
     c = base_config(arg)
     source, target = DIRECTIONS[c.direction]
     c.task = "domain_adaptation"
-    c.data = {"source": domain_data(source, SOURCE_TRAIN), "target": domain_data(target, "train")}
+    c.data = {
+        "source": domain_data(source, source_splits(c.direction)[0], c.direction),
+        "target": domain_data(target, "train", c.direction),
+    }
     c.adaptation = {"method": method, **options}
     return c
 
 
-def _eval_data(domain: str, split: str = "test") -> dict:
-    d = domain_data(domain, split)
+def _eval_data(domain: str, direction: str, split: str = "test") -> dict:
+    d = domain_data(domain, split, direction)
     return {"dataset": d["name"], "split": d["split"], "pp": d["pp"]}

@@ -12,5 +12,5 @@ from experiments.digits.digits_common import DIRECTIONS, base_config, domain_dat
 
 def get_config(arg=None):
     c = base_config(arg)
-    c.data = domain_data(DIRECTIONS[c.direction][1], "train")
+    c.data = domain_data(DIRECTIONS[c.direction][1], "train", c.direction)
     return c
