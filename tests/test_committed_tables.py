@@ -42,6 +42,7 @@ def test_committed_records_are_runs_of_the_configs_as_they_stand(name, monkeypat
     monkeypatch.chdir(ROOT)
     _, table = spec.load(os.path.join("experiments", "tables", f"{name}.py"))
     recs = records.load(os.path.join(RESULTS, f"{name}.runs.jsonl"))
+    assert all(r["provenance"] for r in recs), f"{name}: a record without provenance"
     _, dropped = records.current(recs, jobs.expand(table))
     assert not dropped, f"{name}: stale records: {dropped[:3]}"
 
