@@ -78,7 +78,8 @@ TABLE = Table(
     notes=(
         "The control trains the same heads with the class names deranged: the gap between the "
         "unseen and the control column is what the names' meaning explains (no bold there: "
-        "a control has no best). Seen accuracy of the one-split rows is 7-way over split 0's "
-        "seen classes."
+        "a control has no best). Seen accuracy of the rows that train on one split a run is "
+        "7-way over that split's seen classes (lit: split 0; locked_text and unlocked: the "
+        "mean over the 5 splits)."
     ),
 )
