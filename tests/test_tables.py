@@ -818,3 +818,26 @@ def test_committed_records_resume_a_table_in_a_new_root(tmp_path, monkeypatch, c
     assert cli.run([table, "--root", str(tmp_path / "r4"), "--records", recs])["done"] == 2
     assert len(records_lib.load(recs)) == 4
     assert cli.run([table, "--root", str(tmp_path / "r5"), "--records", recs])["done"] == 0
+
+
+def test_a_recorded_run_that_an_unrecorded_one_needs_is_run_again(tmp_path, monkeypatch, capsys):
+    """SHOT-like rows read the workdir of the run they need: in a new root, a recorded source
+    run is made again when its adapted run is not recorded yet, and only then."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    rows = "Row('src', GOOD, 'base=0.5'), Row('adapt', GOOD, 'base=0.1', needs={'source': 'src'})"
+    table, recs = _write_table(tmp_path, rows), str(tmp_path / "fake.runs.jsonl")
+    cli.run([table, "--root", str(tmp_path / "r1"), "--records", recs, "--only", "^src$"])
+    assert [r["row"] for r in records_lib.load(recs)] == ["src", "src"]
+    capsys.readouterr()
+    cli.run([table, "--root", str(tmp_path / "r2"), "--records", recs, "--seeds", "0"])
+    calls = (tmp_path / "r2" / "fake" / "calls.txt").read_text().split()
+    _, t = spec_lib.load(table)
+    by_wd = {j.workdir(str(tmp_path / "r2"), "fake"): j for j in jobs_lib.expand(t)}
+    assert [(by_wd[c].row, by_wd[c].seed) for c in calls] == [("src", 0), ("adapt", 0)]
+    assert sorted(r["row"] for r in records_lib.load(recs)) == ["adapt", "src", "src"]
+    assert (
+        cli.run([table, "--root", str(tmp_path / "r3"), "--records", recs, "--seeds", "0"])["done"]
+        == 0
+    )
