@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import fake_gcs
+import numpy as np
 import pytest
 
 from xmodal_jax import config as config_lib
@@ -841,3 +842,45 @@ def test_a_recorded_run_that_an_unrecorded_one_needs_is_run_again(tmp_path, monk
         cli.run([table, "--root", str(tmp_path / "r3"), "--records", recs, "--seeds", "0"])["done"]
         == 0
     )
+
+
+def test_each_cell_is_compared_with_the_baseline_row(tmp_path):
+    """`baseline=`: the difference of means and its standard error (float64 numpy here), ↑ only
+    beyond 2 standard errors; nothing for the baseline itself or a cell without runs."""
+    table, root = dataclasses.replace(_hand_table(), baseline="base"), str(tmp_path)
+    values = {
+        ("base", "A"): [0.60, 0.62, 0.65],
+        ("new", "A"): [0.70, 0.66, 0.71],
+        ("oracle", "A"): [0.61, 0.66, 0.60],
+    }
+    for (row_label, _), accs in values.items():
+        row = next(r for r in table.rows if r.label == row_label)
+        for job, acc in zip(jobs_lib.row_jobs(table, row, "d=a"), accs, strict=True):
+            _finish(job.workdir(root, "hand"), {"step": 9, "eval/target/accuracy": acc})
+    cells = aggregate.collect(table, "hand", root, "last")
+    base = np.array(values["base", "A"], np.float64)
+    expected = {}
+    for label in ("new", "oracle"):
+        x = np.array(values[label, "A"], np.float64)
+        se = np.sqrt(x.var(ddof=1) / 3 + base.var(ddof=1) / 3)
+        expected[label] = (100 * (x.mean() - base.mean()), 100 * se)
+    assert expected["new"][0] > 2 * expected["new"][1]  # 6.7 against 2 x 2.1
+    assert expected["oracle"][0] < 2 * expected["oracle"][1]  # 0.0 against 2 x 2.3
+    md = render.markdown(table, cells, "last", "last")
+    d, s = expected["new"]
+    assert f"| new | **69.0 ± 2.6** (3), Δ {d:+.1f} ± {s:.1f} ↑ | — | missing (0 of 3) |" in md
+    d, s = expected["oracle"]
+    assert f"| oracle † | 62.3 ± 3.2 (3), Δ {d:+.1f} ± {s:.1f} | — | n/a |" in md
+    assert "| base | 62.3 ± 2.5 (3) | 61.5 ± 0.4 [1] | missing (0 of 3) |" in md
+    assert "↑: better than base by more than 2 standard errors" in md
+    rows = list(csv.DictReader(io.StringIO(render.csv_text(table, cells, "last"))))
+    by = {(r["row"], r["column"]): r for r in rows}
+    assert float(by["new", "A"]["delta"]) == pytest.approx(expected["new"][0])
+    assert float(by["new", "A"]["delta_se"]) == pytest.approx(expected["new"][1])
+    assert by["new", "A"]["better_than_baseline"] == "1"
+    assert by["oracle", "A"]["better_than_baseline"] == "0"
+    assert by["base", "A"]["delta"] == "" and by["new", "B"]["delta"] == ""
+    tex = render.latex(table, cells, "last", "last")
+    assert r"$\Delta$ +" in tex and r"$\uparrow$" in tex
+    with pytest.raises(UserError, match="baseline='nope' is not a row label"):
+        spec_lib.check(dataclasses.replace(table, baseline="nope"))

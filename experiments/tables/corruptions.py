@@ -88,6 +88,7 @@ TABLE = Table(
     columns=COLUMNS,
     seeds=(0, 1, 2),
     select="last",
+    baseline="source only",  # each cell's difference to it, with its standard error
     select_metric="eval/source_val/accuracy",
     notes=(
         "The corruptions are ImageNet-C's (Hendrycks & Dietterich, ICLR 2019; corrupt-tta "

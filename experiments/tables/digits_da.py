@@ -57,5 +57,6 @@ TABLE = Table(
     ],
     seeds=(0, 1, 2),
     select="last",
+    baseline="source_only",  # each cell's difference to it, with its standard error
     select_metric="eval/source_val/accuracy",  # held out of source training
 )

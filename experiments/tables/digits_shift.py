@@ -44,5 +44,6 @@ TABLE = Table(
     ],
     seeds=(0, 1, 2),
     select="last",
+    baseline="source_only",  # each cell's difference to it, with its standard error
     select_metric="eval/source_val/accuracy",  # MNIST's validation split
 )

@@ -53,5 +53,6 @@ TABLE = Table(
     columns=[Column(LABELS[t], "eval/target/accuracy", args=f"task={t}") for t in TASKS],
     seeds=(0, 1, 2),
     select="last",
+    baseline="source only",  # each cell's difference to it, with its standard error
     select_metric="eval/source/accuracy",
 )

@@ -27,4 +27,5 @@ TABLE = Table(
     columns=[Column("test accuracy", "eval/test/accuracy")],
     seeds=(0, 1, 2),
     select="last",
+    baseline="full fine-tune",  # each cell's difference to it, with its standard error
 )

@@ -95,4 +95,5 @@ TABLE = Table(
     columns=COLUMNS,
     seeds=(0, 1, 2),
     select="last",
+    baseline="source only (quick start)",  # each cell's difference to it, with its standard error
 )

@@ -48,6 +48,15 @@ class Cell:
         return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
 
+def difference(cell: Cell, base: Cell) -> tuple[float, float]:
+    """(mean - base mean, its standard error sqrt(s²/n + s_b²/n_b)), the seeds of the two
+    cells taken as independent samples; the error is NaN unless both have two seeds or more."""
+    delta = cell.mean - base.mean
+    if cell.n < 2 or base.n < 2:
+        return delta, math.nan
+    return delta, math.sqrt(cell.std**2 / cell.n + base.std**2 / base.n)
+
+
 class _Runs:
     """Reads each finished workdir's summary and eval history once."""
 

@@ -12,7 +12,7 @@ import io
 import math
 from collections import Counter
 
-from xmodal_jax.tables.aggregate import Cell
+from xmodal_jax.tables.aggregate import Cell, difference
 from xmodal_jax.tables.spec import Column, Reference, Table, metric_keys, metric_text
 
 DASH = "—"
@@ -51,6 +51,34 @@ def best_rows(table: Table, cells: dict[tuple[str, str], Cell]) -> set[tuple[str
             best = max(shown.values()) if col.higher_is_better else min(shown.values())
             out |= {(label, col.label) for label, v in shown.items() if v == best}
     return out
+
+
+def versus(
+    table: Table, row, col: Column, cells: dict[tuple[str, str], Cell]
+) -> tuple[float, float, bool] | None:
+    """(difference to the baseline row's mean, its standard error, whether it is better by more
+    than 2 standard errors) of a cell, unscaled; None for the baseline row itself, without a
+    baseline, or where either cell has no number."""
+    if table.baseline is None or row.label == table.baseline:
+        return None
+    cell, base = cells[row.label, col.label], cells[table.baseline, col.label]
+    if not cell.n or not base.n:
+        return None
+    delta, se = difference(cell, base)
+    sign = 1 if col.higher_is_better else -1
+    return delta, se, not math.isnan(se) and sign * delta > 2 * se
+
+
+def versus_text(table: Table, vs: tuple[float, float, bool] | None) -> str:
+    """`, Δ +9.2 ± 1.7 ↑` (↑: better than the baseline by more than 2 standard errors)."""
+    if vs is None:
+        return ""
+    delta, se, better = vs
+    d = table.digits
+    text = f", Δ {delta * table.scale:+.{d}f}"
+    if not math.isnan(se):
+        text += f" ± {se * table.scale:.{d}f}"
+    return text + (" ↑" if better else "")
 
 
 def reference_text(ref: Reference | None, column: str, digits: int) -> str | None:
@@ -144,6 +172,12 @@ def _legend(table: Table, rule_text: str) -> list[str]:
         )
         + ".",
     ]
+    if table.baseline:
+        lines.append(
+            f"Δ: difference to the {table.baseline} row's mean ± its standard error "
+            "(sqrt(s²/n + s_b²/n_b), the seeds as independent samples); ↑: better than "
+            f"{table.baseline} by more than 2 standard errors."
+        )
     hidden = [c.label for c in table.columns if c.csv_only]
     if hidden:
         lines.append(f"The CSV also has {len(hidden)} columns: {', '.join(hidden)}.")
@@ -215,7 +249,8 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
                 continue
             if (row.label, col.label) in bold:
                 text = f"**{text}**"
-            parts.append(f"{text} {count(cell)}{_chosen(row, cell)}")
+            vs = versus_text(table, versus(table, row, col, cells))
+            parts.append(f"{text} {count(cell)}{_chosen(row, cell)}{vs}")
         out.append(f"| {_row_label(row)} | " + " | ".join(parts) + " |")
     if sources:
         out += ["", "References:", ""]
@@ -231,7 +266,8 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
 def tex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"),
                  ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("→", r"$\to$"), ("±", r"$\pm$"),
-                 ("†", r"$^\dagger$"), ("—", "--")):  # fmt: skip
+                 ("†", r"$^\dagger$"), ("—", "--"), ("Δ", r"$\Delta$"), ("↑", r"$\uparrow$"),
+                 ("²", r"$^2$")):  # fmt: skip
         text = text.replace(a, b)
     return text
 
@@ -270,7 +306,9 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
             text = tex_escape(text)
             if (row.label, col.label) in bold:
                 text = rf"\textbf{{{text}}}"
-            chosen = tex_escape(_chosen(row, cell))
+            chosen = tex_escape(
+                _chosen(row, cell) + versus_text(table, versus(table, row, col, cells))
+            )
             parts.append(f"{text} {{\\scriptsize {count(cell)}{chosen}}}")
         out.append(" & ".join(parts) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
@@ -284,7 +322,7 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
 CSV_FIELDS = (
     "row", "column", "metric", "selection", "mean", "std", "n", "expected", "seeds",
     "missing_seeds", "not_reported_seeds", "steps", "hparams", "best", "ref_mean", "ref_std",
-    "ref_source",
+    "ref_source", "delta", "delta_se", "better_than_baseline",
 )  # fmt: skip
 
 
@@ -299,6 +337,7 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
             cell = cells[row.label, col.label]
             ref = row.reference.values.get(col.label) if row.reference else None
             ref_mean, ref_std = ref if isinstance(ref, tuple | list) else (ref, None)
+            vs = versus(table, row, col, cells)
             writer.writerow(
                 {
                     "row": row.label,
@@ -318,6 +357,9 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
                     "ref_mean": "" if ref_mean is None else ref_mean,
                     "ref_std": "" if ref_std is None else ref_std,
                     "ref_source": row.reference.source if ref is not None else "",
+                    "delta": "" if vs is None else _num(vs[0] * table.scale),
+                    "delta_se": "" if vs is None else _num(vs[1] * table.scale),
+                    "better_than_baseline": "" if vs is None else int(vs[2]),
                 }
             )
     return buf.getvalue()

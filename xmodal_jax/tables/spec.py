@@ -113,7 +113,9 @@ class Table:
 
     `grid` maps config keys to values tried (every combination, DomainBed-style); the selection
     rule picks one grid point per cell. `select_metric` is the training-domain validation metric
-    (`eval/source/accuracy`): `source_val` needs it, and so does a grid under `last`.
+    (`eval/source/accuracy`): `source_val` needs it, and so does a grid under `last`. `baseline`
+    names the row (e.g. source only) every other row's cells are compared with: the difference
+    of means and its standard error are shown beside each cell.
     """
 
     title: str
@@ -126,6 +128,7 @@ class Table:
     scale: float = 100.0
     digits: int = 1
     notes: str = ""
+    baseline: str | None = None
 
     def seeds_of(self, row: Row) -> tuple[int, ...]:
         return tuple(row.seeds if row.seeds is not None else self.seeds)
@@ -170,6 +173,8 @@ def check(table: Table, path: str = "table") -> None:
             raise UserError(f"{path}: column {col.label!r} reads no metric.")
     if table.select not in RULES:
         raise UserError(f"{path}: select={table.select!r}; use one of {sorted(RULES)}.")
+    if table.baseline is not None and table.baseline not in {r.label for r in table.rows}:
+        raise UserError(f"{path}: baseline={table.baseline!r} is not a row label.")
     for row in table.rows:
         if not table.seeds_of(row):
             raise UserError(f"{path}: row {row.label!r} has no seeds.")
