@@ -352,12 +352,18 @@ def test_a_row_grid_replaces_the_table_grid_and_its_choice_is_shown(tmp_path):
         ("tuned", (("adaptation.weight", "0.1"),)),
         ("tuned", (("adaptation.weight", "1.0"),)),
     ]
-    for job in jobs:
-        w = dict(job.grid_point).get("adaptation.weight", "none")
-        val = {"none": 0.5, "0.1": 0.9, "1.0": 0.6}[w]  # 0.1 wins on validation ...
-        tgt = {"none": 0.3, "0.1": 0.4, "1.0": 0.8}[w]  # ... 1.0 would win on target
-        summary = {"step": 5, "eval/source_val/accuracy": val, "eval/target/accuracy": tgt}
-        _finish(job.workdir(str(tmp_path), "g"), summary, [summary])
+    for done in (jobs[:2], jobs[2:]):
+        for job in done:
+            w = dict(job.grid_point).get("adaptation.weight", "none")
+            val = {"none": 0.5, "0.1": 0.9, "1.0": 0.6}[w]  # 0.1 wins on validation ...
+            tgt = {"none": 0.3, "0.1": 0.4, "1.0": 0.8}[w]  # ... 1.0 would win on target
+            summary = {"step": 5, "eval/source_val/accuracy": val, "eval/target/accuracy": tgt}
+            _finish(job.workdir(str(tmp_path), "g"), summary, [summary])
+        if len(done) == 2:  # one grid point has not run: the choice says it is not final
+            cells = aggregate.collect(table, "g", str(tmp_path), "last")
+            md = render.markdown(table, cells, "last", "last")
+            assert "| tuned | **40.0** (1) [weight=0.1; 1 of 2 points finished] |" in md
+            assert "- tuned, seed 0: not run (" in md and "Missing: 1." in md
     cells = aggregate.collect(table, "g", str(tmp_path), "last")
     assert cells["tuned", "T"].hparams == {"adaptation.weight": "0.1"}
     assert cells["tuned", "T"].mean == pytest.approx(0.4)

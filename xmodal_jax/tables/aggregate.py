@@ -33,6 +33,8 @@ class Cell:
     missing: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)  # (seed,
     # status, workdir) of runs not finished
     not_reported: list[int] = dataclasses.field(default_factory=list)  # finished, no metric
+    points: int = 1  # grid points the cell was chosen from
+    points_finished: int = 1  # of those, the ones whose every run finished
 
     @property
     def n(self) -> int:
@@ -145,13 +147,15 @@ def _best_point(
     only = (only,) if isinstance(only, str) else only
     for job in jobs_lib.row_jobs(table, row, col.args, only):
         by_point.setdefault(job.grid_point, []).append(job)
-    best, best_score = None, None
+    best, best_score, unfinished, finished = None, None, [], 0
     for point_jobs in by_point.values():
         workdirs = [j.workdir(root, name) for j in point_jobs]
         metric = (metric_keys(row.metric(col)), col.higher_is_better)
         cell, scores = _cell_for_point(
             point_jobs, workdirs, runs, rule, metric, table.select_metric
         )
+        unfinished.append(cell.missing)
+        finished += not cell.missing
         if best is None:
             best = cell
         if not scores:
@@ -160,4 +164,7 @@ def _best_point(
         higher = col.higher_is_better if rule == "oracle" else True
         if best_score is None or (score > best_score if higher else score < best_score):
             best, best_score = cell, score
+    # The runs a grid point still lacks are missing from the choice, whichever point it is.
+    best.missing = [m for point in unfinished for m in point]
+    best.points, best.points_finished = len(by_point), finished
     return best

@@ -219,7 +219,10 @@ def _chosen(row, cell: Cell) -> str:
     """The selected grid point of a row with a grid of its own, shown in its cells."""
     if not row.grid or not cell.hparams:
         return ""
-    return " [" + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.hparams.items()) + "]"
+    chosen = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.hparams.items())
+    if cell.points_finished < cell.points:  # the choice may change as the others finish
+        chosen += f"; {cell.points_finished} of {cell.points} points finished"
+    return f" [{chosen}]"
 
 
 def _row_label(row, tex: bool = False) -> str:
