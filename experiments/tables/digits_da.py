@@ -3,7 +3,7 @@
     xmodal table experiments/tables/digits_da.py --root workdirs/tables --jobs 2 \
         --records experiments/tables/results/digits_da.runs.jsonl
 
-120 runs (12 configs without a grid and 3 with a 3-point grid, x 2 directions x seeds 0, 1, 2),
+126 runs (12 configs without a grid and 3 with a 3-point grid, x 2 directions x seeds 0, 1, 2),
 5-15 min each on 2 CPU cores; with `--records` the table resumes from the committed records.
 Target test accuracy at the final step (`last`); where a row has a grid (a method's trade-off),
 the point with the best mean accuracy on the source's held-out validation split
