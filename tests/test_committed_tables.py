@@ -30,6 +30,7 @@ def test_committed_table_equals_what_its_records_give(name):
     assert recs and all(r["summary"] and r["done"] for r in recs)
     _, table = spec.load(os.path.join(ROOT, "experiments", "tables", f"{name}.py"))
     texts = cli.table_texts(table, name, None, runs=records.RecordRuns(recs))
+    assert ROOT not in texts["md"], f"{name}.md names this checkout's path"
     for ext, text in texts.items():
         with open(os.path.join(RESULTS, f"{name}.{ext}")) as f:
             assert f.read() == text, f"{name}.{ext} differs from its records: run make tables"

@@ -80,9 +80,13 @@ def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
 def table_texts(
     table: spec.Table, name: str, rule: str | None, root: str = "records", runs=None
 ) -> dict[str, str]:
-    """`{'md', 'tex', 'csv'}` texts of the table from the runs under `root` (or `runs`)."""
+    """`{'md', 'tex', 'csv'}` texts of the table from the runs under `root` (or `runs`). From
+    records, a missing run is named by its key (a workdir would name this checkout's path)."""
     rule, rule_text = spec.select_rule(table, rule)
     cells = aggregate.collect(table, name, root, rule, runs)
+    if runs is not None:
+        for cell in cells.values():
+            cell.missing = [(s, st, f"key {os.path.basename(wd)}") for s, st, wd in cell.missing]
     return {
         "md": render.markdown(table, cells, rule, rule_text),
         "tex": render.latex(table, cells, rule, rule_text),
