@@ -796,8 +796,20 @@ def test_committed_records_resume_a_table_in_a_new_root(tmp_path, monkeypatch, c
     recs, out = str(tmp_path / "results" / "fake.runs.jsonl"), tmp_path / "results"
     calls = lambda root: (tmp_path / root / "fake" / "calls.txt").read_text().split()  # noqa: E731
 
+    # Each finished run reaches the file as it finishes, not when the command ends.
+    seen, run = [], runner.run
+
+    def run_and_watch(*args, on_done, **kw):
+        def watch(wd):
+            on_done(wd)
+            seen.append(len(records_lib.load(recs)))
+
+        return run(*args, on_done=watch, **kw)
+
+    monkeypatch.setattr(runner, "run", run_and_watch)
     cli.run([table, "--root", str(tmp_path / "r1"), "--records", recs, "--only", "^a$"])
-    assert len(calls("r1")) == 2
+    assert len(calls("r1")) == 2 and seen == [1, 2]
+    monkeypatch.setattr(runner, "run", run)
     assert [r["row"] for r in records_lib.load(recs)] == ["a", "a"]
     assert "| a | **50.5 ± 0.7** (2) |" in (out / "fake.md").read_text()
 

@@ -9,9 +9,10 @@ preempted (it resumes on the next run). A root on `gs://` takes `--dry-run` (com
 cluster, whose jobs write there) and `--collect-only`.
 
 `--records FILE` with `--root` resumes from committed records: a job recorded in FILE is not run
-again (unless a job to run needs its workdir), the root's finished runs are added to FILE, and
-the table is written from FILE (into `--out`, default FILE's directory). A record whose config
-file has changed since its run (its `config_hash`) is dropped from FILE, and its job runs again.
+again (unless a job to run needs its workdir), the root's finished runs are added to FILE as
+each finishes, and the table is written from FILE (into `--out`, default FILE's directory). A
+record whose config file has changed since its run (its `config_hash`) is dropped from FILE,
+and its job runs again.
 """
 
 from __future__ import annotations
@@ -202,11 +203,15 @@ def run(argv: list[str]) -> dict:
             "local files). For a remote root, print the commands with --dry-run and send them "
             "to the cluster, then write the table with --collect-only."
         )
+    out = args.out or (os.path.dirname(os.path.abspath(args.records)) if args.records else None)
     if not args.collect_only:
         workdirs = [j.workdir(args.root, name) for j in jobs]
-        outcome = runner.run(jobs, workdirs, args.jobs)
+
+        def merge(_: str) -> None:  # each finished run reaches the records file at once
+            _merge_records(table, name, args.root, kept, args.records, out, rule)
+
+        outcome = runner.run(jobs, workdirs, args.jobs, on_done=merge if args.records else None)
     if args.records:
-        out = args.out or os.path.dirname(os.path.abspath(args.records))
         paths = _merge_records(table, name, args.root, kept, args.records, out, rule)
     else:
         paths = write_tables(table, name, args.root, args.out or args.root, rule)

@@ -98,12 +98,13 @@ def run(
     workdirs: Sequence[str],
     parallel: int = 1,
     report: Callable[[str], None] = lambda line: print(line, flush=True),
+    on_done: Callable[[str], None] | None = None,
 ) -> dict[str, list[str]]:
     """Runs the unfinished jobs, `parallel` at a time, a job that needs another (a row's
     `needs`) once that one is done; returns workdirs by outcome ('skipped', 'done', 'failed',
     'preempted': stopped by a signal, saved; 'busy': run by another process; 'blocked': a job it
-    needs did not finish). Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs
-    save first)."""
+    needs did not finish). `on_done(workdir)` is called as each job finishes successfully.
+    Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs save first)."""
     out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "preempted": [],
                                  "busy": [], "blocked": []}  # fmt: skip
     todo = []
@@ -162,6 +163,8 @@ def run(
                     "failed": f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})",
                 }[outcome]
                 report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
+                if outcome == "done" and on_done is not None:
+                    on_done(wd)
     except KeyboardInterrupt:
         # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes.
         for _, proc, _, _ in running.values():
