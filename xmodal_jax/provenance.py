@@ -17,8 +17,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
@@ -78,6 +76,8 @@ def usable_cpus() -> int:
 
 def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
     """The provenance of a run of `config` in this process."""
+    import jax  # here, so that `config_hash` serves tools that never start JAX
+
     devices = jax.devices()
     return {
         "config_hash": config_hash(config),
