@@ -902,3 +902,22 @@ def test_each_cell_is_compared_with_the_baseline_row(tmp_path):
     assert r"$\Delta$ +" in tex and r"$\uparrow$" in tex
     with pytest.raises(UserError, match="baseline='nope' is not a row label"):
         spec_lib.check(dataclasses.replace(table, baseline="nope"))
+
+
+def test_a_tie_in_the_selection_metric_goes_to_the_grid_point_listed_first(tmp_path):
+    """A small validation split ties often (90 UCI images): the first value listed wins."""
+    table = Table(
+        title="t",
+        rows=[Row("tuned", "b.py", grid={"adaptation.weight": [3.0, 0.3, 1.0]})],
+        columns=[Column("T", "eval/target/accuracy")],
+        seeds=(0,),
+        select_metric="eval/source_val/accuracy",
+    )
+    for job in jobs_lib.expand(table):
+        w = dict(job.grid_point)["adaptation.weight"]
+        summary = {"step": 5, "eval/source_val/accuracy": 0.9 if w != "0.3" else 0.8,
+                   "eval/target/accuracy": {"3.0": 0.5, "0.3": 0.9, "1.0": 0.7}[w]}  # fmt: skip
+        _finish(job.workdir(str(tmp_path), "t"), summary, [summary])
+    cells = aggregate.collect(table, "t", str(tmp_path), "last")
+    assert cells["tuned", "T"].hparams == {"adaptation.weight": "3.0"}
+    assert "(a tie goes to the point listed first)" in render.markdown(table, cells, "last", "")

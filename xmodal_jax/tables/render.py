@@ -200,11 +200,15 @@ def _legend(table: Table, rule_text: str) -> list[str]:
                 f"{_listed(row.average_over)}" + (f" ({own})" if own else "") + "."
             )
     if table.grid:
-        lines.append(f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV.")
+        lines.append(
+            f"Grid: {dict(table.grid)}; the selected point of each cell is in the CSV (a tie "
+            "goes to the point listed first)."
+        )
     for row in table.rows:
         if row.grid:
             lines.append(
-                f"Row {row.label}: grid {dict(row.grid)}; the selected point is beside each cell."
+                f"Row {row.label}: grid {dict(row.grid)}; the selected point is beside each cell "
+                "(a tie goes to the point listed first)."
             )
     return lines
 
