@@ -115,8 +115,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.getoption("--timing-record-append"):
         with open(path) as f:
             first = json.load(f)
-        if first.get("git") != record["git"]:
+        if (first.get("git") or {}).get("commit") != record["git"]["commit"]:
             raise pytest.UsageError(f"{path} records another commit; rerun the whole tier.")
+        record["git"] = first["git"]  # as the tier began: the first part's record dirties it
         record["command"] = f"{first['command']} && {record['command']}"
         for key in ("wall_s", "passed", "failed", "errors"):
             record[key] = round(first[key] + record[key], 1)
