@@ -89,12 +89,9 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
 def adaptation_config(arg: str | None, method: str, **options) -> ml_collections.ConfigDict:
     """Source-labelled + target-unlabelled training with the adaptation loss `method`."""
     c = base_config(arg)
-    source, target = DIRECTIONS[c.direction]
+    target = DIRECTIONS[c.direction][1]
     c.task = "domain_adaptation"
-    c.data = {
-        "source": domain_data(source, source_splits(c.direction)[0], c.direction),
-        "target": domain_data(target, "train", c.direction),
-    }
+    c.data = {"source": c.data.to_dict(), "target": domain_data(target, "train", c.direction)}
     c.adaptation = {"method": method, **options}
     return c
 

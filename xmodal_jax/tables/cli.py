@@ -145,6 +145,9 @@ def _only_seeds(jobs: list[jobs_lib.Job], text: str, table: spec.Table) -> list[
 def run(argv: list[str]) -> dict:
     """Runs `xmodal table ARGS`; returns counts of jobs by outcome and the written paths."""
     args = _parser().parse_args(argv)
+    records_out = args.out or (
+        os.path.dirname(os.path.abspath(args.records)) if args.records else None
+    )
     if args.records and not args.root:
         if args.dry_run or args.only or args.seeds:
             raise UserError(
@@ -153,8 +156,7 @@ def run(argv: list[str]) -> dict:
             )
         name, table = spec.load(args.table)
         runs = records_lib.RecordRuns(records_lib.load(args.records))
-        out = args.out or os.path.dirname(os.path.abspath(args.records))
-        paths = write_tables(table, name, None, out, args.select, runs)
+        paths = write_tables(table, name, None, records_out, args.select, runs)
         print("Wrote " + ", ".join(paths))
         return {"jobs": len(runs.by_key), "paths": paths}
     if not args.root:
@@ -203,16 +205,15 @@ def run(argv: list[str]) -> dict:
             "local files). For a remote root, print the commands with --dry-run and send them "
             "to the cluster, then write the table with --collect-only."
         )
-    out = args.out or (os.path.dirname(os.path.abspath(args.records)) if args.records else None)
     if not args.collect_only:
         workdirs = [j.workdir(args.root, name) for j in jobs]
 
         def merge(_: str) -> None:  # each finished run reaches the records file at once
-            _merge_records(table, name, args.root, kept, args.records, out, rule)
+            _merge_records(table, name, args.root, kept, args.records, records_out, rule)
 
         outcome = runner.run(jobs, workdirs, args.jobs, on_done=merge if args.records else None)
     if args.records:
-        paths = _merge_records(table, name, args.root, kept, args.records, out, rule)
+        paths = _merge_records(table, name, args.root, kept, args.records, records_out, rule)
     else:
         paths = write_tables(table, name, args.root, args.out or args.root, rule)
     print("Wrote " + ", ".join(paths))
