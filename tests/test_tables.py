@@ -772,7 +772,7 @@ HASHING_TRAINER = FAKE_TRAINER + textwrap.dedent(
     config = config_lib.load(spec)
     config_lib.apply_overrides(config, argv[argv.index("--workdir") + 2:])
     with open(os.path.join(wd, "provenance.json"), "w") as f:
-        json.dump({"config_hash": provenance.config_hash(config.to_dict())}, f)
+        json.dump({"config_hash": provenance.config_hash(config.to_dict()), "argv": sys.argv}, f)
     """
 )
 
@@ -860,6 +860,49 @@ def test_a_recorded_run_that_an_unrecorded_one_needs_is_run_again(tmp_path, monk
         cli.run([table, "--root", str(tmp_path / "r3"), "--records", recs, "--seeds", "0"])["done"]
         == 0
     )
+
+
+def test_a_record_of_a_run_that_needs_another_is_dropped_when_its_config_changes(
+    tmp_path, monkeypatch, capsys
+):
+    """The hash of a SHOT-like run covers the workdir it read (an argument that varies by
+    root): it is recomputed with the workdir its command line named, so a change of its config
+    file is found, and an unchanged one keeps its record."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(HASHING_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    adapt_py = str(tmp_path / "adapt.py")
+    table = _write_table(
+        tmp_path,
+        f"Row('src', GOOD, 'base=0.5'), Row('adapt', {adapt_py!r}, needs={{'source': 'src'}})",
+    )
+    for name in ("good.py", "adapt.py"):
+        (tmp_path / name).write_text(
+            "import ml_collections\n"
+            "def get_config(arg=None):\n"
+            f"    return ml_collections.ConfigDict({{**{REQUIRED!r}, 'lr': 0.1, 'arg': arg}})\n"
+        )
+    recs = str(tmp_path / "fake.runs.jsonl")
+    cli.run([table, "--root", str(tmp_path / "r1"), "--records", recs, "--seeds", "0"])
+    _, t = spec_lib.load(table)
+    by_key = {j.key: j for j in jobs_lib.expand(t)}
+    (adapt,) = [r for r in records_lib.load(recs) if r["row"] == "adapt"]
+    job = by_key[adapt["key"]]
+    needed = job.recorded_needs(adapt["provenance"]["argv"])
+    assert needed == {"source": by_key[job.needs[0][1]].workdir(str(tmp_path / "r1"), "fake")}
+    assert job.config_hash(needed) == adapt["provenance"]["config_hash"]
+    assert job.config_hash() is None and job.recorded_needs(["train"]) is None
+    assert (
+        cli.run([table, "--root", str(tmp_path / "r2"), "--records", recs, "--seeds", "0"])["done"]
+        == 0
+    )
+
+    (tmp_path / "adapt.py").write_text((tmp_path / "adapt.py").read_text().replace("0.1", "0.2"))
+    capsys.readouterr()
+    result = cli.run([table, "--root", str(tmp_path / "r3"), "--records", recs, "--seeds", "0"])
+    assert "adapt seed=0 (" in capsys.readouterr().out.split("its config changed since the run")[0]
+    assert result["done"] == 2  # the source again (its workdir is read), then the adaptation
+    assert len(records_lib.load(recs)) == 2
 
 
 def test_each_cell_is_compared_with_the_baseline_row(tmp_path):

@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -77,27 +77,42 @@ class Job:
     def command(self, workdir: str, program: list[str] | None = None) -> list[str]:
         """The `xmodal train` command line of this job."""
         program = program or [sys.executable, "-m", "xmodal_jax.main"]
-        spec = self.spec
-        if self.needs:
-            extra = ",".join(f"{k}={v}" for k, v in self.needed_workdirs(workdir).items())
-            spec += ("," if self.args else ":") + extra
+        spec = self.spec_with(self.needed_workdirs(workdir))
         return [*program, "train", "--config", spec, "--workdir", workdir, *self.config_overrides()]
+
+    def spec_with(self, needed: Mapping[str, str]) -> str:
+        """`spec` with the workdirs of the runs it needs (argument -> workdir) appended."""
+        if not self.needs:
+            return self.spec
+        extra = ",".join(f"{arg}={needed[arg]}" for arg, _ in self.needs)
+        return self.spec + ("," if self.args else ":") + extra
 
     def config_overrides(self) -> list[str]:
         """The `--config.KEY=VALUE` arguments of its command: the seed, then the overrides."""
         return [f"--config.seed={self.seed}", *(f"--config.{k}={v}" for k, v in self.overrides)]
 
-    def config_hash(self) -> str | None:
-        """The `config_hash` its run's provenance records, from the config file as it is now;
-        None for a job that needs another (its arguments name workdirs, which vary by root)."""
-        if self.needs:
+    def config_hash(self, needed: Mapping[str, str] | None = None) -> str | None:
+        """The `config_hash` its run's provenance records, from the config file as it is now.
+        A job that needs another names that run's workdir, which varies by root: `needed` gives
+        the workdirs its run was given (`recorded_needs`); None without them."""
+        if self.needs and (needed is None or set(needed) != {arg for arg, _ in self.needs}):
             return None
         from xmodal_jax import config as config_lib
         from xmodal_jax import provenance
 
-        config = config_lib.load(self.spec)
+        config = config_lib.load(self.spec_with(needed or {}))
         config_lib.apply_overrides(config, self.config_overrides())
         return provenance.config_hash(config.to_dict())
+
+    def recorded_needs(self, argv: Sequence[str]) -> dict[str, str] | None:
+        """The workdirs of the runs it needs, as the command line `argv` of its run gave them
+        (a record's provenance); None where `argv` does not name them all."""
+        if not self.needs or "--config" not in argv[:-1]:
+            return None
+        spec = argv[argv.index("--config") + 1]
+        given = dict(a.split("=", 1) for a in spec.partition(":")[2].split(",") if "=" in a)
+        out = {arg: given[arg] for arg, _ in self.needs if arg in given}
+        return out if len(out) == len(self.needs) else None
 
     def describe(self) -> dict:
         out = {

@@ -118,7 +118,8 @@ def current(
     """The records (by key) that are runs of `jobs` as their config files stand now, and one
     line per record left out: not a job of the table (a row removed or changed), or made from
     a config that differs from today's (its provenance's `config_hash`: the run must be made
-    again). A record without provenance, or of a job that needs another, is kept as it is."""
+    again). A record without provenance (or, for a job that needs another, without the command
+    line that names the workdirs it read) is kept as it is."""
     by_key = {j.key: j for j in jobs}
     kept, dropped = {}, []
     for rec in recs:
@@ -128,8 +129,9 @@ def current(
                 f"{rec['row']} seed={rec['seed']} ({rec['key']}): not a run of the table"
             )
             continue
-        recorded = (rec.get("provenance") or {}).get("config_hash")
-        now = job.config_hash() if recorded else None
+        prov = rec.get("provenance") or {}
+        recorded = prov.get("config_hash")
+        now = job.config_hash(job.recorded_needs(prov.get("argv", []))) if recorded else None
         if recorded and now and recorded != now:
             dropped.append(
                 f"{rec['row']} seed={rec['seed']} ({rec['key']}): its config changed since "
