@@ -906,43 +906,55 @@ def test_a_record_of_a_run_that_needs_another_is_dropped_when_its_config_changes
 
 
 def test_each_cell_is_compared_with_the_baseline_row(tmp_path):
-    """`baseline=`: the difference of means and its standard error (float64 numpy here), ↑ only
-    beyond 2 standard errors; nothing for the baseline itself or a cell without runs."""
-    table, root = dataclasses.replace(_hand_table(), baseline="base"), str(tmp_path)
+    """`baseline=`: the difference of means and its standard error (float64 numpy here), ↑ / ↓
+    only beyond 2 standard errors; nothing for the baseline itself or a cell without runs; the
+    verdicts listed per column, a cell judged only once all its runs have finished."""
+    hand = _hand_table()
+    rows = [*hand.rows, Row("worse", "d.py", columns=["A"]), Row("partial", "e.py")]
+    table = dataclasses.replace(hand, rows=rows, baseline="base")
+    root = str(tmp_path)
     values = {
         ("base", "A"): [0.60, 0.62, 0.65],
         ("new", "A"): [0.70, 0.66, 0.71],
         ("oracle", "A"): [0.61, 0.66, 0.60],
+        ("worse", "A"): [0.50, 0.53, 0.49],
+        ("partial", "A"): [0.40, 0.41],  # its seed 2 never finishes
     }
     for (row_label, _), accs in values.items():
         row = next(r for r in table.rows if r.label == row_label)
-        for job, acc in zip(jobs_lib.row_jobs(table, row, "d=a"), accs, strict=True):
+        for job, acc in zip(jobs_lib.row_jobs(table, row, "d=a"), accs, strict=False):
             _finish(job.workdir(root, "hand"), {"step": 9, "eval/target/accuracy": acc})
     cells = aggregate.collect(table, "hand", root, "last")
     base = np.array(values["base", "A"], np.float64)
     expected = {}
-    for label in ("new", "oracle"):
+    for label in ("new", "oracle", "worse"):
         x = np.array(values[label, "A"], np.float64)
         se = np.sqrt(x.var(ddof=1) / 3 + base.var(ddof=1) / 3)
         expected[label] = (100 * (x.mean() - base.mean()), 100 * se)
     assert expected["new"][0] > 2 * expected["new"][1]  # 6.7 against 2 x 2.1
     assert expected["oracle"][0] < 2 * expected["oracle"][1]  # 0.0 against 2 x 2.3
+    assert -expected["worse"][0] > 2 * expected["worse"][1]  # -11.7 against 2 x 1.9
     md = render.markdown(table, cells, "last", "last")
     d, s = expected["new"]
     assert f"| new | **69.0 ± 2.6** (3), Δ {d:+.1f} ± {s:.1f} ↑ | — | missing (0 of 3) |" in md
     d, s = expected["oracle"]
     assert f"| oracle † | 62.3 ± 3.2 (3), Δ {d:+.1f} ± {s:.1f} | — | n/a |" in md
     assert "| base | 62.3 ± 2.5 (3) | 61.5 ± 0.4 [1] | missing (0 of 3) |" in md
-    assert "↑: better than base by more than 2 standard errors" in md
+    d, s = expected["worse"]
+    assert f"| worse | 50.7 ± 2.1 (3), Δ {d:+.1f} ± {s:.1f} ↓ | — | n/a |" in md
+    assert "↑ / ↓: better / worse than base by more than 2 standard errors" in md
+    assert "- A: ↑ new; ↓ worse; not judged partial.\n- B: not judged new, partial.\n" in md
     rows = list(csv.DictReader(io.StringIO(render.csv_text(table, cells, "last"))))
     by = {(r["row"], r["column"]): r for r in rows}
     assert float(by["new", "A"]["delta"]) == pytest.approx(expected["new"][0])
     assert float(by["new", "A"]["delta_se"]) == pytest.approx(expected["new"][1])
     assert by["new", "A"]["better_than_baseline"] == "1"
     assert by["oracle", "A"]["better_than_baseline"] == "0"
+    assert by["worse", "A"]["worse_than_baseline"] == "1"
+    assert by["new", "A"]["worse_than_baseline"] == "0"
     assert by["base", "A"]["delta"] == "" and by["new", "B"]["delta"] == ""
     tex = render.latex(table, cells, "last", "last")
-    assert r"$\Delta$ +" in tex and r"$\uparrow$" in tex
+    assert r"$\Delta$ +" in tex and r"$\uparrow$" in tex and r"$\downarrow$" in tex
     with pytest.raises(UserError, match="baseline='nope' is not a row label"):
         spec_lib.check(dataclasses.replace(table, baseline="nope"))
 

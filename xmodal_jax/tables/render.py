@@ -55,30 +55,68 @@ def best_rows(table: Table, cells: dict[tuple[str, str], Cell]) -> set[tuple[str
 
 def versus(
     table: Table, row, col: Column, cells: dict[tuple[str, str], Cell]
-) -> tuple[float, float, bool] | None:
-    """(difference to the baseline row's mean, its standard error, whether it is better by more
-    than 2 standard errors) of a cell, unscaled; None for the baseline row itself, without a
-    baseline, or where either cell has no number."""
+) -> tuple[float, float, int] | None:
+    """(difference to the baseline row's mean, its standard error, verdict) of a cell, unscaled;
+    the verdict is 1 (better by more than 2 standard errors), -1 (worse by more) or 0. None for
+    the baseline row itself, without a baseline, or where either cell has no number."""
     if table.baseline is None or row.label == table.baseline:
         return None
     cell, base = cells[row.label, col.label], cells[table.baseline, col.label]
     if not cell.n or not base.n:
         return None
     delta, se = difference(cell, base)
-    sign = 1 if col.higher_is_better else -1
-    return delta, se, not math.isnan(se) and sign * delta > 2 * se
+    signed = delta if col.higher_is_better else -delta
+    if math.isnan(se) or abs(signed) <= 2 * se:
+        return delta, se, 0
+    return delta, se, 1 if signed > 0 else -1
 
 
-def versus_text(table: Table, vs: tuple[float, float, bool] | None) -> str:
-    """`, Δ +9.2 ± 1.7 ↑` (↑: better than the baseline by more than 2 standard errors)."""
+ARROWS = {1: " ↑", -1: " ↓", 0: ""}
+
+
+def versus_text(table: Table, vs: tuple[float, float, int] | None) -> str:
+    """`, Δ +9.2 ± 1.7 ↑` (↑ / ↓: better / worse than the baseline by more than 2 standard
+    errors)."""
     if vs is None:
         return ""
-    delta, se, better = vs
+    delta, se, verdict = vs
     d = table.digits
     text = f", Δ {delta * table.scale:+.{d}f}"
     if not math.isnan(se):
         text += f" ± {se * table.scale:.{d}f}"
-    return text + (" ↑" if better else "")
+    return text + ARROWS[verdict]
+
+
+def verdict_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """Per shown column: the rows better / worse than the baseline by more than 2 standard
+    errors and those within, judged only where every seed (and grid point) of the cell and of
+    the baseline's cell has finished; the others are named as not judged yet."""
+    if table.baseline is None:
+        return []
+    lines = []
+    for col in (c for c in table.columns if not c.csv_only):
+        base = cells[table.baseline, col.label]
+        groups: dict[str, list[str]] = {"↑": [], "↓": [], "within 2 SE": [], "not judged": []}
+        for row in table.rows:
+            if row.label == table.baseline or not row.compete or not table.fills(row, col):
+                continue
+            cell = cells[row.label, col.label]
+            vs = versus(table, row, col, cells)
+            done = all(c.n == c.expected and c.points_finished == c.points for c in (cell, base))
+            if vs is None or not done:
+                groups["not judged"].append(row.label)
+                continue
+            groups[{1: "↑", -1: "↓", 0: "within 2 SE"}[vs[2]]].append(row.label)
+        parts = [f"{k} {', '.join(v)}" for k, v in groups.items() if v]
+        if parts:
+            lines.append(f"- {col.label}: " + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    head = (
+        f"Against {table.baseline} (↑ / ↓: better / worse by more than 2 standard errors; "
+        "'not judged': a run of the cell or of its baseline has not finished):"
+    )
+    return [head, *lines]
 
 
 def reference_text(ref: Reference | None, column: str, digits: int) -> str | None:
@@ -175,8 +213,8 @@ def _legend(table: Table, rule_text: str) -> list[str]:
     if table.baseline:
         lines.append(
             f"Δ: difference to the {table.baseline} row's mean ± its standard error "
-            "(sqrt(s²/n + s_b²/n_b), the seeds as independent samples); ↑: better than "
-            f"{table.baseline} by more than 2 standard errors."
+            "(sqrt(s²/n + s_b²/n_b), the seeds as independent samples); ↑ / ↓: better / worse "
+            f"than {table.baseline} by more than 2 standard errors."
         )
     hidden = [c.label for c in table.columns if c.csv_only]
     if hidden:
@@ -259,6 +297,9 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
             vs = versus_text(table, versus(table, row, col, cells))
             parts.append(f"{text} {count(cell)}{_chosen(row, cell)}{vs}")
         out.append(f"| {_row_label(row)} | " + " | ".join(parts) + " |")
+    verdicts = verdict_lines(table, cells)
+    if verdicts:
+        out += ["", *verdicts]
     if sources:
         out += ["", "References:", ""]
         out += [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
@@ -274,7 +315,7 @@ def tex_escape(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"),
                  ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("→", r"$\to$"), ("±", r"$\pm$"),
                  ("†", r"$^\dagger$"), ("—", "--"), ("Δ", r"$\Delta$"), ("↑", r"$\uparrow$"),
-                 ("²", r"$^2$")):  # fmt: skip
+                 ("↓", r"$\downarrow$"), ("²", r"$^2$")):  # fmt: skip
         text = text.replace(a, b)
     return text
 
@@ -329,7 +370,7 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
 CSV_FIELDS = (
     "row", "column", "metric", "selection", "mean", "std", "n", "expected", "seeds",
     "missing_seeds", "not_reported_seeds", "steps", "hparams", "best", "ref_mean", "ref_std",
-    "ref_source", "delta", "delta_se", "better_than_baseline",
+    "ref_source", "delta", "delta_se", "better_than_baseline", "worse_than_baseline",
 )  # fmt: skip
 
 
@@ -366,7 +407,8 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
                     "ref_source": row.reference.source if ref is not None else "",
                     "delta": "" if vs is None else _num(vs[0] * table.scale),
                     "delta_se": "" if vs is None else _num(vs[1] * table.scale),
-                    "better_than_baseline": "" if vs is None else int(vs[2]),
+                    "better_than_baseline": "" if vs is None else int(vs[2] == 1),
+                    "worse_than_baseline": "" if vs is None else int(vs[2] == -1),
                 }
             )
     return buf.getvalue()
