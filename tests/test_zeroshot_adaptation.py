@@ -322,6 +322,18 @@ def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_pa
     assert c.evals.shift_conse.dataset == "animal_silhouettes_c/fog_3"
     task = tasks.build(on_embedded(c))
     evaluators.build_all(c, task.predict_fns(), None)
+    many = config_lib.load(f"{ANIMALS}/shift_source_only.py:corruptions=fog+snow,severity=5")
+    one = config_lib.load(f"{ANIMALS}/shift_source_only.py:corruption=snow,severity=5")
+    for name in ("shift_seen", "shift_unseen", "shift_unseen_control", "shift_gzsl", "shift_conse"):
+        assert many.evals[f"{name}_snow"].to_dict() == one.evals[name].to_dict()
+    assert many.evals.shift_conse_fog.dataset == "animal_silhouettes_c/fog_5"
+    assert one.evals.shift_gzsl.dataset == "animal_silhouettes_c/snow_5"
+    assert len(many.evals) == 2 * 5 + 1 and "val_pseudo_unseen" in many.evals
+    assert len(config_lib.load(f"{ANIMALS}/shift_source_only.py:corruptions=all").evals) == 96
+    with pytest.raises(UserError, match="unknown \\['smog'\\]"):
+        config_lib.load(f"{ANIMALS}/shift_source_only.py:corruptions=fog+smog")
+    with pytest.raises(UserError, match="Unknown config argument 'corruptions'"):
+        config_lib.load(f"{ANIMALS}/shift_adapt.py:corruptions=all")
     c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method=mcc,transductive=True")
     assert c.adaptation.transductive and "shift_unseen_transductive" in c.evals
     c.evals = {k.removesuffix("_transductive"): v for k, v in c.evals.items()}

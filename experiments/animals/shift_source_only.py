@@ -20,6 +20,10 @@ The clean `val_pseudo_unseen` of the quick start stays (model selection on sourc
 `split=k` keeps split k's heads only (AdaBN needs one split); its control and calibration heads
 are then drawn as a run's first split's are (`two_tower_heads.make_heads`), so compare such
 rows with each other, not with the 5-split run's per-split figures.
+`corruptions=all` (or `fog+snow`) evaluates the one trained model on each of those corrupted
+datasets at `severity`, its evaluators suffixed by the corruption (`shift_unseen_fog`, ...): the
+source-only and ConSE rows of `experiments/tables/zeroshot_shift.py` read one such run per seed,
+so the model is trained once rather than once per corruption.
 `shift_adapt.py` is the same with an adaptation term on unlabelled corrupted images.
 """
 
@@ -27,6 +31,8 @@ import ml_collections
 
 from experiments import quickstart
 from xmodal_jax.config import parse_arg
+from xmodal_jax.data.corruptions import CORRUPTIONS
+from xmodal_jax.errors import UserError
 
 DATASET = "animal_silhouettes_c"
 SHIFT_DEFAULTS = dict(corruption="fog", severity=3, target_split="train[:90%]")
@@ -61,5 +67,25 @@ def shift_config(
     return c, args
 
 
+def per_corruption(c: ml_collections.ConfigDict, corruptions: str, severity: int) -> None:
+    """Replaces the `shift_*` evaluators by one set per corruption (`all`, or `a+b`)."""
+    names = CORRUPTIONS if corruptions == "all" else tuple(corruptions.split("+"))
+    unknown = sorted(set(names) - set(CORRUPTIONS))
+    if unknown:
+        raise UserError(f"corruptions: unknown {unknown}; use 'all' or '+'-joined {CORRUPTIONS}.")
+    evals = {}
+    for name, ev in c.evals.items():
+        if not name.startswith("shift_"):
+            evals[name] = ev.to_dict()
+            continue
+        for corruption in names:
+            dataset = f"{DATASET}/{corruption}_{int(severity)}"
+            evals[f"{name}_{corruption}"] = {**ev.to_dict(), "dataset": dataset}
+    c.evals = evals
+
+
 def get_config(arg=None):
-    return shift_config(arg)[0]
+    c, args = shift_config(arg, corruptions="")
+    if args.corruptions:
+        per_corruption(c, args.corruptions, args.severity)
+    return c
