@@ -976,3 +976,58 @@ def test_a_tie_in_the_selection_metric_goes_to_the_grid_point_listed_first(tmp_p
     cells = aggregate.collect(table, "t", str(tmp_path), "last")
     assert cells["tuned", "T"].hparams == {"adaptation.weight": "3.0"}
     assert "(a tie goes to the point listed first)" in render.markdown(table, cells, "last", "")
+
+
+def test_a_table_says_what_its_runs_rest_on():
+    """Run count, compute, software, devices and commits from the records' `done` markers and
+    provenance; several stacks are counted, and a dirty checkout is told apart by what changed."""
+    soft = {"jax": "0.10.2", "flax": "0.12.8", "python": "3.11.7"}
+    cpu = {"device_kind": "cpu", "device_count": 1, "platform": "cpu", "usable_cpus": 2}
+
+    def rec(wall, commit, versions=soft, **git):
+        prov = {**cpu, "versions": versions, "git": {"commit": commit * 40, **git}}
+        return {"done": {"wall_s": wall}, "provenance": prov}
+
+    recs = [
+        rec(100.0, "a", dirty=False, changed=[]),
+        rec(300.0, "a", dirty=True, changed=["experiments/tables/results/x.runs.jsonl"]),
+        rec(200.0, "b", dirty=True, changed=["README.md", "xmodal_jax/tasks/two_tower.py"]),
+        rec(50.0, "b", {**soft, "jax": "0.11.2"}, dirty=False),
+        {"done": {"wall_s": 10.0}, "provenance": None},
+    ]
+    assert records_lib.describe(recs) == [
+        f"5 runs, {660 / 3600:.1f} h of compute in all (median 100 s a run).",
+        "Software (2 different): flax 0.12.8, jax 0.10.2, python 3.11.7 (3 runs); "
+        "flax 0.12.8, jax 0.11.2, python 3.11.7 (1 run).",
+        "Devices: cpu x1 (2 CPUs).",
+        "Commits (2 different): aaaaaaa (2 runs); bbbbbbb (2 runs); 2 runs from a checkout with "
+        "uncommitted changes (1 of them to code, 1 to records or docs only).",
+        "1 run without provenance.",
+    ]
+    older = [rec(1.0, "c", dirty=True), rec(1.0, "c", dirty=True, changed=["a.py"])]
+    assert records_lib.describe(older)[-1] == (
+        "Commits: ccccccc; 2 runs from a checkout with uncommitted changes."
+    )  # which files changed is unknown for the first: no split is claimed
+    assert records_lib.describe([]) == []
+
+
+def test_provenance_names_the_files_changed_since_the_commit(tmp_path):
+    import subprocess
+
+    from xmodal_jax import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("a.py", "b.md"):
+        (tmp_path / name).write_text("x\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    state = provenance.git_state(str(tmp_path))
+    assert len(state["commit"]) == 40 and state["dirty"] is False and state["changed"] == []
+    (tmp_path / "b.md").write_text("y\n")
+    (tmp_path / "a.py").write_text("y\n")
+    (tmp_path / "new.py").write_text("untracked: not a change of the checkout's code\n")
+    state = provenance.git_state(str(tmp_path))
+    assert state["dirty"] is True and state["changed"] == ["a.py", "b.md"]

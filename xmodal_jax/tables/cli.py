@@ -79,17 +79,26 @@ def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
 
 
 def table_texts(
-    table: spec.Table, name: str, rule: str | None, root: str = "records", runs=None
+    table: spec.Table,
+    name: str,
+    rule: str | None,
+    root: str = "records",
+    runs=None,
+    recs: list[dict] | None = None,
 ) -> dict[str, str]:
-    """`{'md', 'tex', 'csv'}` texts of the table from the runs under `root` (or `runs`). From
-    records, a missing run is named by its key (a workdir would name this checkout's path)."""
+    """`{'md', 'tex', 'csv'}` texts of the table from the runs under `root` (or `runs`); `recs`
+    are the records of the runs under `root` when already collected. From records, a missing
+    run is named by its key (a workdir would name this checkout's path)."""
     rule, rule_text = spec.select_rule(table, rule)
     cells = aggregate.collect(table, name, root, rule, runs)
     if runs is not None:
         for cell in cells.values():
             cell.missing = [(s, st, f"key {os.path.basename(wd)}") for s, st, wd in cell.missing]
+        recs = list(runs.by_key.values())
+    elif recs is None:
+        recs = records_lib.collect(jobs_lib.expand(table), root, name, table)
     return {
-        "md": render.markdown(table, cells, rule, rule_text),
+        "md": render.markdown(table, cells, rule, rule_text, records_lib.describe(recs)),
         "tex": render.latex(table, cells, rule, rule_text),
         "csv": render.csv_text(table, cells, rule),
     }
@@ -100,11 +109,10 @@ def write_tables(
 ) -> list[str]:
     """Writes NAME.md/.tex/.csv into `out` from the runs under `root` (or `runs`, records);
     from a root it also writes the runs' records, NAME.runs.jsonl. Returns the paths."""
-    texts = table_texts(table, name, rule, root or "records", runs)
-    if runs is None:
-        texts["runs.jsonl"] = records_lib.dumps(
-            records_lib.collect(jobs_lib.expand(table), root, name, table)
-        )
+    recs = None if runs else records_lib.collect(jobs_lib.expand(table), root, name, table)
+    texts = table_texts(table, name, rule, root or "records", runs, recs)
+    if recs is not None:
+        texts["runs.jsonl"] = records_lib.dumps(recs)
     out_dir = metrics_lib.workdir_path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

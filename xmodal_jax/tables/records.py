@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from xmodal_jax.errors import UserError
@@ -140,3 +141,84 @@ def current(
             continue
         kept[rec["key"]] = rec
     return kept, dropped
+
+
+def _software(prov: dict) -> str:
+    """`flax 0.12.8, ..., python 3.11.7`: the versions a run's provenance names."""
+    versions = prov.get("versions") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v) or "unrecorded"
+
+
+def _device(prov: dict) -> str:
+    """`cpu x1 (2 CPUs)`: the devices a run's provenance names."""
+    if not prov.get("device_kind"):
+        return "unrecorded"
+    text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
+    if prov.get("platform") == "cpu":
+        cpus = prov.get("usable_cpus")
+        text += f" ({cpus} CPUs)" if cpus else " (CPU count unrecorded)"
+    return text
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def _counted(what: str, counts: dict[str, int], limit: int = 3) -> str:
+    """`What: a` when every run agrees, else `What (n different): a (k runs); b (m runs)`."""
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ordered) == 1:
+        return f"{what}: {ordered[0][0]}"
+    shown = "; ".join(f"{k} ({_runs(n)})" for k, n in ordered[:limit])
+    more = f"; {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"{what} ({len(ordered)} different): {shown}{more}"
+
+
+# Files whose uncommitted changes cannot change a run (records and tables being written, docs).
+NOT_CODE = (".md", ".jsonl", ".csv", ".tex", ".png")
+
+
+def describe(recs: Sequence[dict]) -> list[str]:
+    """What a table's runs rest on, from their records: how many, their compute (the `done`
+    markers' wall times), and from their provenance the software, devices and commits."""
+    if not recs:
+        return []
+    walls = [float(r["done"]["wall_s"]) for r in recs if (r.get("done") or {}).get("wall_s")]
+    line = _runs(len(recs))
+    if walls:
+        median = float(np.median(walls))
+        line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run)"
+    software: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    commits: dict[str, int] = {}
+    dirty = bare = edited = 0
+    for r in recs:
+        prov = r.get("provenance")
+        if not prov:
+            bare += 1
+            continue
+        for counts, key in ((software, _software(prov)), (devices, _device(prov))):
+            counts[key] = counts.get(key, 0) + 1
+        git = prov.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:7]
+        commits[commit] = commits.get(commit, 0) + 1
+        if git.get("dirty"):
+            dirty += 1
+            changed = git.get("changed")
+            if changed is None:  # an older record: which files changed is unknown
+                edited = None
+            elif edited is not None:
+                edited += any(not p.endswith(NOT_CODE) for p in changed)
+    lines = [line + "."]
+    if software:
+        lines.append(_counted("Software", software) + ".")
+        lines.append(_counted("Devices", devices) + ".")
+        code = _counted("Commits", commits)
+        if dirty:
+            code += f"; {_runs(dirty)} from a checkout with uncommitted changes"
+            if edited is not None:
+                code += f" ({edited} of them to code, {dirty - edited} to records or docs only)"
+        lines.append(code + ".")
+    if bare:
+        lines.append(f"{_runs(bare)} without provenance.")
+    return lines

@@ -11,6 +11,7 @@ import csv
 import io
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 from xmodal_jax.tables.aggregate import Cell, difference
 from xmodal_jax.tables.spec import Column, Reference, Table, metric_keys, metric_text
@@ -272,7 +273,14 @@ def _row_label(row, tex: bool = False) -> str:
     return label if row.compete else label + (r"$^\dagger$" if tex else " †")
 
 
-def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text: str) -> str:
+def markdown(
+    table: Table,
+    cells: dict[tuple[str, str], Cell],
+    rule: str,
+    rule_text: str,
+    runs: Sequence[str] = (),
+) -> str:
+    """The table in Markdown; `runs`: lines on what its runs rest on (`records.describe`)."""
     bold, sources = best_rows(table, cells), _sources(table)
     header = _header(table)
     suffix = " (oracle selection)" if rule == "oracle" else ""
@@ -305,6 +313,8 @@ def markdown(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_t
         out += [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
     if table.notes:
         out += ["", table.notes.strip()]
+    if runs:
+        out += ["", "What the runs rest on (their records):", *(f"- {line}" for line in runs)]
     n, missing = _missing_lines(table, cells)
     out += ["", f"Missing: {n or 'none'}."]
     out += [f"- {line}" for line in missing]
