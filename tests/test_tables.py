@@ -141,8 +141,13 @@ def test_digits_table_covers_every_config_both_directions_three_seeds():
     configs = sorted(f for f in os.listdir("experiments/digits") if f.endswith(".py"))
     configs.remove("digits_common.py")
     configs.remove("__init__.py")
-    assert sorted(os.path.basename(r.config) for r in table.rows) == configs
-    points = {r.label: len(jobs_lib.grid_points(dict(table.grid_of(r)))) for r in table.rows}
+    own = [r for r in table.rows if not r.metrics]  # the BatchNorm source row reads adabn's
+    assert sorted(os.path.basename(r.config) for r in own) == configs
+    (bn,) = [r for r in table.rows if r.metrics]
+    assert bn.config == "experiments/digits/adabn.py" and set(bn.metrics.values()) == {
+        "eval/target_no_adabn/accuracy"
+    }
+    points = {r.label: len(jobs_lib.grid_points(dict(table.grid_of(r)))) for r in own}
     assert len(jobs) == sum(points.values()) * 2 * 3
     assert {(j.args, j.seed) for j in jobs if j.row == "dann"} == {
         ((("direction", d),), s) for d in ("m2u", "u2m") for s in (0, 1, 2)
@@ -729,6 +734,7 @@ def test_a_row_that_needs_another_runs_after_it_and_reads_its_workdir(tmp_path, 
         assert f"base=0.1,source={src[job.seed].workdir(root, 'fake')}" in " ".join(cmd)
     lines = cli.dry_run_lines(jobs, root, "fake")
     assert len(lines) == 5 and lines[2].startswith("# The lines below read runs above")
+    assert cli.run([table, "--root", root, "--dry-run"])["to_run"] == 4  # not the comment
 
     cli.run([table, "--root", root, "--jobs", "2"])
     calls = (tmp_path / "root" / "fake" / "calls.txt").read_text().split()

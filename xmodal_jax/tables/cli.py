@@ -200,12 +200,13 @@ def run(argv: list[str]) -> dict:
     if args.dry_run:
         lines = dry_run_lines(jobs, args.root, name)
         print("\n".join(lines))
+        to_run = sum(not line.startswith("#") for line in lines)
         print(
-            f"# {len(lines)} of {len(jobs)} jobs to run; none run (--dry-run). A line exits "
+            f"# {to_run} of {len(jobs)} jobs to run; none run (--dry-run). A line exits "
             f"{EXIT_PREEMPTED} when its job is preempted (saved, not done): run it again.",
             file=sys.stderr,
         )
-        return {"jobs": len(jobs), "to_run": len(lines)}
+        return {"jobs": len(jobs), "to_run": to_run}
     outcome = {"skipped": [], "done": [], "failed": [], "preempted": [], "busy": [], "blocked": []}
     if not args.collect_only and metrics_lib.is_remote(args.root):
         raise UserError(
