@@ -26,13 +26,10 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-MAX_CHANGED = 50
-
-
 def git_state(path: str | None = None) -> dict[str, Any]:
     """`{'commit': sha or None, 'dirty': bool or None, 'changed': [paths]}` of the checkout
-    holding this package; `changed` names the tracked files with uncommitted changes (up to
-    `MAX_CHANGED`), so a reader can tell edited code from, say, a records file being written."""
+    holding this package; `changed` names the tracked files with uncommitted changes, so a
+    reader can tell edited code from, say, a records file being written."""
     path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args: str) -> str | None:
@@ -51,7 +48,7 @@ def git_state(path: str | None = None) -> dict[str, Any]:
     if status is None:
         return {"commit": commit, "dirty": None}
     changed = sorted(line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip())
-    return {"commit": commit, "dirty": bool(changed), "changed": changed[:MAX_CHANGED]}
+    return {"commit": commit, "dirty": bool(changed), "changed": changed}
 
 
 def versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
