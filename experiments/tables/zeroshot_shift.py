@@ -48,20 +48,16 @@ def _row(label: str, config: str, args: str = "", **kw) -> Row:
     return Row(label, config, args, average_over=SETS, column_args=PER_CORRUPTION, **kw)
 
 
-def _evaluated(metric: str) -> tuple[str, ...]:
-    """`eval/<name>_<corruption>/<metric>` of a `corruptions=all` run, for every corruption;
-    `metric` is `<name>/<metric>`."""
-    name, key = metric.split("/")
-    return tuple(f"eval/{name}_{c}/{key}" for c in CORRUPTIONS)
+def _evaluated(evaluator: str, metric: str) -> tuple[str, ...]:
+    """`eval/<evaluator>_<corruption>/<metric>` of a `corruptions=all` run, per corruption."""
+    return tuple(f"eval/{evaluator}_{c}/{metric}" for c in CORRUPTIONS)
 
 
-def _source_row(label: str, shown: dict[str, str], **kw) -> Row:
+def _source_row(label: str, shown: dict[str, tuple[str, str]], **kw) -> Row:
     """A row read from the evaluators of one `shift_source_only.py:corruptions=all` run per
-    seed: `shown` maps the table's shown columns to `<evaluator>/<metric>`."""
-    metrics = {col: _evaluated(m) for col, m in shown.items()}
-    unseen = shown[UNSEEN].split("/")
-    for label_c, c in zip(PER_CORRUPTION, CORRUPTIONS, strict=True):
-        metrics[label_c] = f"eval/{unseen[0]}_{c}/{unseen[1]}"
+    seed: `shown` maps the table's shown columns to (evaluator, metric)."""
+    metrics = {col: _evaluated(*m) for col, m in shown.items()}
+    metrics |= dict(zip(PER_CORRUPTION, metrics[UNSEEN], strict=True))
     return Row(label, SOURCE, "corruptions=all", metrics=metrics, **kw)
 
 
@@ -81,15 +77,15 @@ TABLE = Table(
         _source_row(
             "source only (quick start)",
             {
-                SEEN: "shift_seen/accuracy",
-                UNSEEN: "shift_unseen/accuracy",
-                CONTROL: "shift_unseen_control/accuracy",
-                GZSL: "shift_gzsl/harmonic_mean",
+                SEEN: ("shift_seen", "accuracy"),
+                UNSEEN: ("shift_unseen", "accuracy"),
+                CONTROL: ("shift_unseen_control", "accuracy"),
+                GZSL: ("shift_gzsl", "harmonic_mean"),
             },
         ),
         _source_row(
             "ConSE (training-free)",
-            {UNSEEN: "shift_conse/accuracy"},
+            {UNSEEN: ("shift_conse", "accuracy")},
             columns=PER_CORRUPTION_COLUMNS,
         ),
         _adabn("AdaBN (inductive)"),

@@ -109,7 +109,7 @@ def write_tables(
 ) -> list[str]:
     """Writes NAME.md/.tex/.csv into `out` from the runs under `root` (or `runs`, records);
     from a root it also writes the runs' records, NAME.runs.jsonl. Returns the paths."""
-    recs = None if runs else records_lib.collect(jobs_lib.expand(table), root, name, table)
+    recs = records_lib.collect(jobs_lib.expand(table), root, name, table) if runs is None else None
     texts = table_texts(table, name, rule, root or "records", runs, recs)
     if recs is not None:
         texts["runs.jsonl"] = records_lib.dumps(recs)

@@ -110,7 +110,7 @@ class Job:
         if not self.needs or "--config" not in argv[:-1]:
             return None
         spec = argv[argv.index("--config") + 1]
-        given = dict(a.split("=", 1) for a in spec.partition(":")[2].split(",") if "=" in a)
+        given = parse_args(spec.partition(":")[2])
         out = {arg: given[arg] for arg, _ in self.needs if arg in given}
         return out if len(out) == len(self.needs) else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -164,7 +165,7 @@ def _runs(n: int) -> str:
     return f"{n} run" if n == 1 else f"{n} runs"
 
 
-def _counted(what: str, counts: dict[str, int], limit: int = 3) -> str:
+def _counted(what: str, counts: Counter, limit: int = 3) -> str:
     """`What: a` when every run agrees, else `What (n different): a (k runs); b (m runs)`."""
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if len(ordered) == 1:
@@ -188,20 +189,17 @@ def describe(recs: Sequence[dict]) -> list[str]:
     if walls:
         median = float(np.median(walls))
         line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run)"
-    software: dict[str, int] = {}
-    devices: dict[str, int] = {}
-    commits: dict[str, int] = {}
+    software, devices, commits = Counter(), Counter(), Counter()
     dirty = bare = edited = 0
     for r in recs:
         prov = r.get("provenance")
         if not prov:
             bare += 1
             continue
-        for counts, key in ((software, _software(prov)), (devices, _device(prov))):
-            counts[key] = counts.get(key, 0) + 1
+        software[_software(prov)] += 1
+        devices[_device(prov)] += 1
         git = prov.get("git") or {}
-        commit = (git.get("commit") or "unknown")[:7]
-        commits[commit] = commits.get(commit, 0) + 1
+        commits[(git.get("commit") or "unknown")[:7]] += 1
         if git.get("dirty"):
             dirty += 1
             changed = git.get("changed")
