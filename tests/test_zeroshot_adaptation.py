@@ -349,8 +349,8 @@ def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_pa
 # ------------------------------------------------------------------ AdaBN on the image tower
 
 
-def adabn_config(**options):
-    c = adapt_config("none", batch_size=16, adabn=True, **options)
+def adabn_config(method="none", **options):
+    c = adapt_config(method, batch_size=16, adabn=True, **options)
     tiny_resnet = {"width": 0.125, "stage_sizes": (1, 1, 1, 1)}  # BatchNorm, 64-d features
     c.model.image = {"tower": "resnet18", "overrides": tiny_resnet, "locked": True}
     c.data.split, c.data.target.split = "train[:2%]", "train[4%:6%]"
@@ -367,7 +367,7 @@ def _images(split, pp, rows=None):
 def test_adabn_statistics_come_from_seen_class_target_images_and_feed_the_target_domain(
     tfds_dir,
 ):
-    task = tasks.build(adabn_config())
+    task = tasks.build(adabn_config("entropy"))
     labels = pipeline.split_labels("animal_silhouettes", "train[4%:6%]")
     seen = np.flatnonzero(np.isin(labels, task.heads[0].train_classes))
     assert 0 < len(seen) < len(labels)
@@ -404,8 +404,34 @@ def test_adabn_statistics_come_from_seen_class_target_images_and_feed_the_target
     cfg = {"name": "animal_silhouettes", "split": "test[:1%]", "pp": SHIFTED_PP}
     feats = task.image_embeddings(variables, cfg, batch_size=16)["feats"]
     np.testing.assert_allclose(feats, apply(adapted, _images("test[:1%]", SHIFTED_PP)), atol=1e-4)
+
+
+def test_adabn_alone_trains_on_source_batches_only_and_caches_its_statistics(tfds_dir, monkeypatch):
+    passes = []
+    adapt = adabn_lib.adapt_batch_norm
+    monkeypatch.setattr(
+        adabn_lib, "adapt_batch_norm", lambda *a, **k: passes.append(1) or adapt(*a, **k)
+    )
+    task = tasks.build(adabn_config())  # method 'none'
+    read = []
+    features = task.cached_image_features
+    task.cached_image_features = lambda cfg: read.append(cfg["split"]) or features(cfg)
+    batch = next(task.train_iterator(0, 1))
+    assert set(batch) == {"source"} and read == ["train[:2%]"] and not passes
+    with_term = next(tasks.build(adabn_config("entropy")).train_iterator(0, 1))["source"]
+    jax.tree.map(np.testing.assert_array_equal, batch["source"], with_term)
+    variables = task.init(jax.random.key(0), batch)
     _, (_, metrics) = task.loss(variables["params"], _state(variables), batch, jax.random.key(1), 1)
-    assert not any(k.startswith("adapt/") for k in metrics)  # method 'none': no term
+    assert not any(k.startswith("adapt/") for k in metrics)  # no term
+    stats = task.adabn_tower.variables["batch_stats"]
+    c = adabn_config()
+    c.batch_size = 8  # another run, same tower and target images: the statistics read, not redone
+    again = tasks.build(c).adabn_tower.variables["batch_stats"]
+    assert len(passes) == 1
+    jax.tree.map(np.testing.assert_array_equal, again, stats)
+    c.data.target.split = "train[4%:7%]"  # other target images: estimated again
+    tasks.build(c).adabn_tower  # noqa: B018
+    assert len(passes) == 2
 
 
 def test_adabn_errors(tfds_dir):

@@ -152,6 +152,28 @@ class FeatureCache:
         return arrays
 
 
+def split_description(data_cfg: Mapping[str, Any], input_key: str) -> dict[str, Any]:
+    """What a split's preprocessed `input_key` fields depend on, for a cache key: the dataset
+    (name, split, version, size, a digest of three examples), the preprocessing and the field.
+    One error when the preprocessing draws random numbers (nothing about it could be cached)."""
+    src = pipeline.source(data_cfg["name"], data_cfg["split"], data_cfg.get("data_dir"))
+    pp = data_cfg.get("pp", "")
+    if len(src) and uses_randomness(pp, src[0]):
+        raise ValueError(
+            f"Preprocessing {pp!r} draws random numbers, so the tower's outputs change every "
+            "step and cannot be cached; set the tower's cache=False or drop the random ops."
+        )
+    version = str(pipeline.builder(data_cfg["name"], data_cfg.get("data_dir")).info.version)
+    return {
+        "dataset": data_cfg["name"],
+        "split": data_cfg["split"],
+        "version": version,
+        "source": source_digest(src),
+        "pp": pp,
+        "input_key": input_key,
+    }
+
+
 def tower_outputs(
     apply_fn: Callable[[np.ndarray], Mapping[str, Any]],
     data_cfg: Mapping[str, Any],
@@ -172,20 +194,9 @@ def tower_outputs(
     """
     src = pipeline.source(data_cfg["name"], data_cfg["split"], data_cfg.get("data_dir"))
     pp = data_cfg.get("pp", "")
-    if len(src) and uses_randomness(pp, src[0]):
-        raise ValueError(
-            f"Preprocessing {pp!r} draws random numbers, so the tower's outputs change every "
-            "step and cannot be cached; set the tower's cache=False or drop the random ops."
-        )
-    version = str(pipeline.builder(data_cfg["name"], data_cfg.get("data_dir")).info.version)
     description = {
         "tower": dict(tower),
-        "dataset": data_cfg["name"],
-        "split": data_cfg["split"],
-        "version": version,
-        "source": source_digest(src),
-        "pp": pp,
-        "input_key": input_key,
+        **split_description(data_cfg, input_key),
         "outputs": list(outputs),
     }
 

@@ -7,7 +7,8 @@ target domain, training and evaluation alike; the source domain keeps the tower 
 A split belongs to the target domain when it has the target's dataset name and `pp` (the
 evaluators' `dataset` and `pp`), so a shifted test split evaluated with the target's `pp` is
 seen through the adapted statistics. Its features are cached like the tower's own (the key
-holds the adapted statistics' digest).
+holds the adapted statistics' digest), and so are the statistics (a run of another seed reads
+them).
 
 Which target images set the statistics follows the run's setting: inductive, the rows of the
 classes the heads train on (the labels serve that filter only); transductive, every row. The
@@ -19,14 +20,18 @@ setting (statistics of the test stream itself) is not offered here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
+from xmodal_jax import timing
 from xmodal_jax.data import pipeline
 from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.adaptation import adabn
+from xmodal_jax.tasks import feature_cache
 from xmodal_jax.tasks.two_tower_heads import Head
 from xmodal_jax.tasks.two_tower_towers import Tower
 
@@ -57,15 +62,41 @@ def target_images(
     return pipeline.row_batches(target, rows, input_key, batch_size)
 
 
-def adapted_tower(tower: Tower, images: Iterator[np.ndarray]) -> Tower:
-    """`tower` with its BatchNorm statistics re-estimated on `images` (inference mode)."""
+def adapted_tower(
+    tower: Tower,
+    target: Mapping[str, Any],
+    rows: np.ndarray | None,
+    input_key: str,
+    batch_size: int,
+    cache: feature_cache.FeatureCache,
+) -> Tower:
+    """`tower` with its BatchNorm statistics re-estimated on the target images of `rows` (None:
+    all), in inference mode. The statistics depend on the tower, the images and the batching
+    only, not on the seed or the heads' training, so they are cached like features: the runs of
+    other seeds (and other heads of the same classes) read them instead of another pass."""
     if "batch_stats" not in (tower.variables or {}):
         raise UserError(
             f"config.adaptation.adabn: the image tower {tower.opts['pretrained'] or ''}"
             f"{tower.opts['tower'] or ''} has no BatchNorm statistics to adapt."
         )
-    variables = adabn.adapt_batch_norm(tower.module, tower.variables, images)
-    return dataclasses.replace(tower, variables=variables)
+    every = rows is None
+    digest = "all" if every else hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()
+    description = {
+        "kind": "adabn_statistics",
+        "tower": tower.description(),
+        **feature_cache.split_description(target, input_key),
+        "rows": digest,
+        "batch_size": batch_size,
+    }
+
+    @timing.phase("AdaBN statistics")
+    def compute() -> dict[str, np.ndarray]:
+        images = target_images(target, rows, input_key, batch_size)
+        adapted = adabn.adapt_batch_norm(tower.module, tower.variables, images)
+        return traverse_util.flatten_dict(adapted["batch_stats"], sep="/")
+
+    stats = traverse_util.unflatten_dict(cache.get_or_compute(description, compute), sep="/")
+    return dataclasses.replace(tower, variables={**tower.variables, "batch_stats": stats})
 
 
 def same_domain(data_cfg: Mapping[str, Any], target: Mapping[str, Any]) -> bool:

@@ -47,8 +47,9 @@ held-out classes reaches its adversarial term either), its own logits and, for t
 losses, its own discriminator; the terms are summed over heads, as the contrastive losses are.
 Batches: `{'source': the two-tower batch, 'adapt_source': {'image_feats', 'index'},
 'target': {'image_feats', 'index'}}`, the last two `[B, H, ...]` (row b of head h at `[b, h]`;
-`index`: the row of the split). Parameters: those of `two_tower`, plus `discriminator`
-(`head_<i>`: one per head) for the adversarial losses.
+`index`: the row of the split); with `method='none'`, `{'source'}` alone, the same source
+batches, no target image read in training. Parameters: those of `two_tower`, plus
+`discriminator` (`head_<i>`: one per head) for the adversarial losses.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class ZeroShotAdaptation(TwoTower):
         rows = self._rows_of(self._adabn_classes, "the heads")
         key, size = self.image_opts["input_key"], int(self.image_opts["batch_size"])
         return zeroshot_adabn.adapted_tower(
-            self.image_tower, zeroshot_adabn.target_images(self.target, rows, key, size)
+            self.image_tower, self.target, rows, key, size, self._cache
         )
 
     def cached_image_features(self, data_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -235,6 +236,9 @@ class ZeroShotAdaptation(TwoTower):
         rows = None if keep is None else np.flatnonzero(np.isin(arrays["label"], keep))
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
         parts = [stream(fields, rows, cfg.seed, self.data["name"])]
+        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=PREFETCH_BATCHES)
+        if self.spec is None:  # no adaptation term: training reads no target image
+            return iter(parts[0].map(lambda b: {"source": b}).to_iter_dataset(read))
         own = {"image_feats": arrays["pooled"], "index": arrays["index"]}
         for i, h in enumerate(self.heads):
             rows = np.flatnonzero(np.isin(arrays["label"], h.train_classes))
@@ -259,7 +263,6 @@ class ZeroShotAdaptation(TwoTower):
         zipped = grain.experimental.ZipMapDataset(parents=parts)
         # A batch holds 1 + 2H feature batches; grain's default read-ahead (500 of them) would
         # hold tens of GB with 15 heads of 1280-d features, so read a few batches ahead only.
-        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=PREFETCH_BATCHES)
         return iter(zipped.map(assemble).to_iter_dataset(read))
 
     # -------------------------------------------------------------- init
