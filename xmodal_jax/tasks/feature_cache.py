@@ -192,8 +192,6 @@ def tower_outputs(
     `weights_digest`. Returns `{output: [N, ...], 'label': [N] (if the split has labels),
     'index': [N]}` in the order of the split.
     """
-    src = pipeline.source(data_cfg["name"], data_cfg["split"], data_cfg.get("data_dir"))
-    pp = data_cfg.get("pp", "")
     description = {
         "tower": dict(tower),
         **split_description(data_cfg, input_key),
@@ -202,6 +200,8 @@ def tower_outputs(
 
     @timing.phase("feature extraction")
     def compute() -> dict[str, np.ndarray]:
+        src = pipeline.source(data_cfg["name"], data_cfg["split"], data_cfg.get("data_dir"))
+        pp = data_cfg.get("pp", "")
         found: dict[str, list[np.ndarray]] = {k: [] for k in (*outputs, "label")}
         keys = (input_key, "label") if "label" in src[0] else (input_key,)
         keep = "|".join(filter(None, [pp, f"keep{keys!r}".replace(",)", ")")]))

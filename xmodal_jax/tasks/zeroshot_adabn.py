@@ -79,8 +79,9 @@ def adapted_tower(
             f"config.adaptation.adabn: the image tower {tower.opts['pretrained'] or ''}"
             f"{tower.opts['tower'] or ''} has no BatchNorm statistics to adapt."
         )
-    every = rows is None
-    digest = "all" if every else hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()
+    digest = (
+        "all" if rows is None else hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()
+    )
     description = {
         "kind": "adabn_statistics",
         "tower": tower.description(),

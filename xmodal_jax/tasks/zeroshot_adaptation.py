@@ -236,6 +236,8 @@ class ZeroShotAdaptation(TwoTower):
         rows = None if keep is None else np.flatnonzero(np.isin(arrays["label"], keep))
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
         parts = [stream(fields, rows, cfg.seed, self.data["name"])]
+        # A batch holds 1 + 2H feature batches; grain's default read-ahead (500 of them) would
+        # hold tens of GB with 15 heads of 1280-d features, so read a few batches ahead only.
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=PREFETCH_BATCHES)
         if self.spec is None:  # no adaptation term: training reads no target image
             return iter(parts[0].map(lambda b: {"source": b}).to_iter_dataset(read))
@@ -261,8 +263,6 @@ class ZeroShotAdaptation(TwoTower):
             }
 
         zipped = grain.experimental.ZipMapDataset(parents=parts)
-        # A batch holds 1 + 2H feature batches; grain's default read-ahead (500 of them) would
-        # hold tens of GB with 15 heads of 1280-d features, so read a few batches ahead only.
         return iter(zipped.map(assemble).to_iter_dataset(read))
 
     # -------------------------------------------------------------- init
