@@ -3,6 +3,8 @@ evaluator and run reads, and a source run, its AdaBN / TENT evaluators and a SHO
 a stand-in for the corrupted data (the embedded `animal_silhouettes`, inverted; the corrupted
 datasets themselves are built and tested in test_shift_data.py)."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from xmodal_jax.data.corruptions import CORRUPTIONS, SEVERITIES
 from xmodal_jax.errors import UserError
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import records, spec
-from xmodal_jax.train import trainer
+from xmodal_jax.train import plots, trainer
 
 TABLE = "experiments/tables/corruptions.py"
 
@@ -135,6 +137,26 @@ def test_severity_plot_reads_the_severity_columns_of_the_csv(tmp_path):
     out = plot_corruptions.plot(str(path))
     assert out == str(tmp_path / "corruptions_severity.png")
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("evaluations", [3, 3 * len(CORRUPTIONS) * len(SEVERITIES)])
+def test_training_curves_of_a_run_with_every_corruption_stay_legible(
+    evaluations, tmp_path, monkeypatch
+):
+    """A source run has 285 accuracy series: its curves panel draws them without a legend
+    (which could not fit, and made matplotlib give up on the layout); a few keep theirs."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    keys = [f"eval/e{i}/accuracy" for i in range(evaluations)]
+    rows = [{"step": 1, "train/loss": 1.0}, {"step": 2, **{k: 0.5 for k in keys}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.curves(rows, tmp_path / "curves.png")
+    acc = figures[0].axes[1]
+    assert len(acc.lines) == evaluations
+    few = evaluations <= plots.MAX_LEGEND
+    assert (acc.get_legend() is not None) == few
+    assert acc.get_title().startswith("evaluations" if few else f"{evaluations} evaluations")
 
 
 @pytest.mark.parametrize("table_file", [TABLE, "experiments/tables/zeroshot_shift.py"])

@@ -38,6 +38,11 @@ def _save(fig, path: epath.PathLike) -> None:
     metrics.write_bytes(path, buffer.getvalue())
 
 
+# A legend of more series than this would not fit beside the panel (a run evaluating every
+# corruption and severity has hundreds): the panel then shows the lines without one.
+MAX_LEGEND = 12
+
+
 def curves(rows: Sequence[dict], path: epath.PathLike) -> None:
     """One panel for `train/loss`, one for the evaluations' accuracies (top-1, few-shot;
     per-class series are left to TensorBoard)."""
@@ -60,12 +65,14 @@ def curves(rows: Sequence[dict], path: epath.PathLike) -> None:
     if loss is not None:
         ax_loss.plot(*loss, label="train/loss")
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    labelled = len(keys) <= MAX_LEGEND
     for k in keys:
-        ax_acc.plot(*series(k), marker="o", label=k)
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="evaluations", ylim=(0, 1))
+        ax_acc.plot(*series(k), marker="o", label=k if labelled else None)
+    title = "evaluations" if labelled else f"{len(keys)} evaluations (see summary.json)"
+    ax_acc.set(xlabel="step", ylabel="accuracy", title=title, ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
