@@ -8,17 +8,20 @@ import io
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import fake_gcs
 import numpy as np
 import pytest
 
 from xmodal_jax import config as config_lib
-from xmodal_jax.errors import UserError
+from xmodal_jax.errors import Preempted, UserError
 from xmodal_jax.tables import Column, Reference, Row, Table, aggregate, cli, render, runner, select
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import records as records_lib
@@ -452,6 +455,52 @@ def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monke
             assert (out / f"fake.{ext}").read_text() == written
     with pytest.raises(UserError, match="--records without --root writes a table from its"):
         cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--only", "good"])
+
+
+SIGNALLED_TRAINER = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    argv = sys.argv[1:]
+    wd = argv[argv.index("--workdir") + 1]
+    finish = "finish=1" in argv[argv.index("--config") + 1]
+
+    def stop(signum, frame):
+        if finish:  # past its last step: the run ends, its summary written
+            with open(os.path.join(wd, "summary.json"), "w") as f:
+                json.dump({"step": 2, "eval/target/accuracy": 0.5}, f)
+            sys.exit(0)
+        sys.exit(75)  # saved a checkpoint: the run resumes next time
+
+    signal.signal(signal.SIGTERM, stop)
+    open(os.path.join(wd, "started"), "w").close()
+    time.sleep(60)
+    sys.exit(3)
+    """
+)
+
+
+def test_a_job_that_ends_its_run_while_the_table_stops_is_marked_done(tmp_path, monkeypatch):
+    script = tmp_path / "signalled_trainer.py"
+    script.write_text(SIGNALLED_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    jobs = [_job(row="ends", args=(("finish", "1"),)), _job(row="saves")]
+    workdirs = [str(tmp_path / j.row) for j in jobs]
+    for wd in workdirs:
+        os.makedirs(wd)
+
+    def stop_when_both_run():
+        while not all(os.path.exists(os.path.join(wd, "started")) for wd in workdirs):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_both_run, daemon=True).start()
+    lines = []
+    with pytest.raises(Preempted, match="1 running job\\(s\\) saved, 1 finished and 0 not"):
+        runner.run(jobs, workdirs, parallel=2, report=lines.append)
+    assert jobs_lib.status(workdirs[0]) == "done"
+    assert jobs_lib.status(workdirs[1]) != "done"  # unfinished: resumed by the next command
+    assert not os.path.exists(os.path.join(workdirs[1], jobs_lib.FAILED))
+    assert "done while stopping: ends seed=0" in lines
 
 
 def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):

@@ -8,7 +8,8 @@ preemption code (75: stopped by a signal after saving) gets no marker: it is unf
 next command resumes it. A running job holds an exclusive lock on its workdir's `lock` file
 (`workdir_lock`; handed to its trainer process, so the lock lasts as long as either lives): a
 second table command on the same root, or an `xmodal train` there, is refused instead of running
-it twice. Ctrl-C or SIGTERM stops the running jobs (each saves) and raises `Preempted`.
+it twice. Ctrl-C or SIGTERM stops the running jobs (each saves, or, past its last step, ends its
+run and is marked done) and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -166,14 +167,19 @@ def run(
                 if outcome == "done" and on_done is not None:
                     on_done(wd)
     except KeyboardInterrupt:
-        # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes.
+        # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes. A
+        # trainer past its last step (in its final evaluation, say) ends its run instead: that
+        # job is done, and marked so, not run again.
         for _, proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
-        for _, proc, _, _ in running.values():
-            proc.wait()
+        ended = 0
+        for wd, (job, proc, t0, _) in running.items():
+            if proc.wait() == 0 and _finish(wd, 0, time.monotonic() - t0) == "done":
+                ended += 1
+                report(f"done while stopping: {job.row} seed={job.seed}")
         raise Preempted(
-            f"stopped; {len(running)} running job(s) saved and {len(todo)} not started. Rerun "
-            "the same command to resume them."
+            f"stopped; {len(running) - ended} running job(s) saved, {ended} finished and "
+            f"{len(todo)} not started. Rerun the same command to resume them."
         ) from None
     finally:
         if main_thread:
