@@ -494,9 +494,10 @@ def test_a_job_that_ends_its_run_while_the_table_stops_is_marked_done(tmp_path, 
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_both_run, daemon=True).start()
-    lines = []
+    lines, merged = [], []
     with pytest.raises(Preempted, match="1 running job\\(s\\) saved, 1 finished and 0 not"):
-        runner.run(jobs, workdirs, parallel=2, report=lines.append)
+        runner.run(jobs, workdirs, parallel=2, report=lines.append, on_done=merged.append)
+    assert merged == [workdirs[0]]  # its record is written, as for any finished job
     assert jobs_lib.status(workdirs[0]) == "done"
     assert jobs_lib.status(workdirs[1]) != "done"  # unfinished: resumed by the next command
     assert not os.path.exists(os.path.join(workdirs[1], jobs_lib.FAILED))

@@ -177,6 +177,8 @@ def run(
             if proc.wait() == 0 and _finish(wd, 0, time.monotonic() - t0) == "done":
                 ended += 1
                 report(f"done while stopping: {job.row} seed={job.seed}")
+                if on_done is not None:
+                    on_done(wd)
         raise Preempted(
             f"stopped; {len(running) - ended} running job(s) saved, {ended} finished and "
             f"{len(todo)} not started. Rerun the same command to resume them."
