@@ -12,10 +12,11 @@ the data order, not the splits): the spread is over seeds 0, 1, 2. `clip` is the
 the quick start (run once, seed 0: a check that the two give the same numbers). ConSE
 (Norouzi et al. 2014) uses the locked towers alone, nothing trained: MobileNetV2's ImageNet
 classifier and MiniLM's embeddings of ImageNet and animal names (one run: no seed enters it).
-`locked_text` and `unlocked` train MobileNetV2 on one split's seen classes a run (10-25 min a
-run on 2 CPU cores): a run per split and seed, 30 in all, averaged over the 5 splits per seed, so
-their unseen column is comparable with the quick start's; resume them from the records with
-`--records experiments/tables/results/animals_zeroshot.runs.jsonl`.
+`locked_text` and `unlocked` train MobileNetV2 on one split's seen classes a run (the longest
+runs of the table: the compute line under it gives their time): a run per split and seed, 30 in
+all, averaged over the 5 splits per seed, so their unseen column is comparable with the quick
+start's; resume them from the records with `--records
+experiments/tables/results/animals_zeroshot.runs.jsonl`.
 """
 
 from xmodal_jax.tables import Column, Row, Table

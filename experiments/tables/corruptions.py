@@ -13,7 +13,7 @@ severity). A LeNet with BatchNorm trained on the clean images (`experiments/corr
   online on the test stream);
 - DANN, CDAN+E, MCC and SHOT train once per corruption and severity (`adapt.py`: target = the
   unlabelled corrupted train split; SHOT source-free from the seed's `source.py` run): 95 runs
-  per method, dataset and seed (1,710 in all, 3-10 min each on 2 cores), beyond one machine:
+  per method, dataset and seed (1,710 in all, each a LeNet training run), beyond one machine:
   `--dry-run` prints them for a cluster. MCC's trade-off is chosen from a grid by the clean
   held-out `source_val` accuracy.
 No target label chooses anything; the rule is `last` (no grid) and, with a grid, the grid

@@ -8,11 +8,11 @@ full MNIST as source (`digits_mnist`: trained on its 50,000 train images, valida
 10,000 validation images) and three targets, seen unlabelled through their train split and
 reported on their test split: UCI optdigits (grey), MNIST-M-like and SynDigits-like (colour;
 MNIST is repeated to three channels beside them). 189 runs (21 row-grid points x 3 targets x 3
-seeds), 2-5 min each on 2 CPU cores. Target test accuracy at the final step; a grid row's
-trade-off is the point with the best mean source validation accuracy. The reference is the
-DANN paper's MNIST→MNIST-M (Ganin et al., JMLR 2016, Table 2): the original MNIST-M, built
-from BSDS500 photographs, is different target data from our MNIST-M-like (four photographs),
-so it is context, not a figure to match.
+seeds; their time: the compute line under the table). Target test accuracy at the final step; a
+grid row's trade-off is the point with the best mean source validation accuracy. The reference
+is the DANN paper's MNIST→MNIST-M (Ganin et al., JMLR 2016, Table 2): the original MNIST-M,
+built from BSDS500 photographs, is different target data from our MNIST-M-like (four
+photographs), so it is context, not a figure to match.
 """
 
 import dataclasses

@@ -15,8 +15,8 @@ rows run once per corruption (`average_over` the 19), as they adapt to it:
 tower's statistics on them, one split's heads per run, so its row also averages the 5 splits),
 and `shift_tent.py` (TENT on the image tower, online over each head's corrupted test images: the
 test-time setting, its own rows: as published, and keeping the tower's running statistics; no
-GZSL column, as its calibration assumes a fixed model; a run takes minutes on 2 cores, the image
-tower running in the evaluation).
+GZSL column, as its calibration assumes a fixed model; the image tower runs in its evaluation;
+the compute line under the table gives the runs' time).
 Each adaptation trade-off is 1, not tuned (no target label may tune it); the rule is `last`.
 The seen-class penalty of the GZSL column is chosen per run on labelled corrupted `train[90%:]`
 images of seen classes (one scalar, the same rule for every row). Transductive variants
