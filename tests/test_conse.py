@@ -47,7 +47,8 @@ def test_conse_predicts_the_nearest_target_name():
     assert conse.conse_predict(logits, source, target, 3).tolist() == [0, 1, 1]
 
 
-def test_conse_evaluator_equals_the_towers_applied_by_hand(tfds_dir):
+def test_conse_evaluator_equals_the_towers_applied_by_hand(tfds_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
     c = tiny_config(heads={"unseen": [("cat", "dog", "horse"), ("bear", "cow", "zebra")]})
     c.model.image.overrides = {**c.model.image.overrides, "num_classes": 1000}
     task = tasks.build(c)
@@ -82,6 +83,16 @@ def test_conse_evaluator_equals_the_towers_applied_by_hand(tfds_dir):
     assert got["split_1/accuracy"] == pytest.approx(accs[1], abs=1e-9)
     assert got["accuracy"] == pytest.approx(np.mean(accs), abs=1e-9)
     assert got["chance"] == pytest.approx(1 / 3)
+
+    # The name embeddings come from the feature cache: a second task (another run) embeds no
+    # name again, reads exactly what the text tower gives, and the evaluator agrees to the bit.
+    again = tasks.build(c)
+    cached = again.locked_text_classifier(imagenet_classes.names(), task.templates)
+    assert (again._cache.hits, again._cache.misses) == (1, 0)
+    np.testing.assert_array_equal(cached, source_emb)
+    assert evaluators.get("conse")("conse", cfg, again.predict_fns(), None, 64).run({}) == got
+    changed = again.locked_text_classifier(imagenet_classes.names(), ("a {}.",))
+    assert again._cache.misses == 1 and not np.array_equal(changed, source_emb)
 
     plain = tasks.build(tiny_config(heads={"unseen": [("cat", "dog", "horse")]}))
     with pytest.raises(UserError, match="ConSE needs a locked image tower"):

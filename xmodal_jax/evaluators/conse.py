@@ -16,7 +16,6 @@ import numpy as np
 
 from xmodal_jax.errors import UserError
 from xmodal_jax.evaluation import conse
-from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.evaluators.zeroshot import TwoTowerEvaluator, class_subset, split_key
 from xmodal_jax.models import imagenet_classes
 
@@ -39,9 +38,8 @@ class ConSE(TwoTowerEvaluator):
             class_subset(self.setup.class_names, head, self.classes, f"config.evals.{name}")
         self._source_emb: np.ndarray | None = None
 
-    def _embed(self, variables, names: list[str]) -> np.ndarray:
-        encode = lambda prompts: self.fns["text_features"](variables, prompts)
-        return zs.build_classifier(names, encode, self.templates)
+    def _embed(self, names: list[str]) -> np.ndarray:
+        return self.fns["text_classifier"](names, self.templates)
 
     def run(self, variables) -> dict[str, float]:
         out = self.fns["image_logits"](self.data_cfg, batch_size=self.batch_size)
@@ -52,8 +50,8 @@ class ConSE(TwoTowerEvaluator):
                 "classes; ConSE here reads ImageNet-1k names, so it needs a 1000-way head."
             )
         if self._source_emb is None:  # the text tower is locked: the same every evaluation
-            self._source_emb = self._embed(variables, imagenet_classes.names())
-        target_emb = self._embed(variables, list(self.setup.class_names))
+            self._source_emb = self._embed(imagenet_classes.names())
+        target_emb = self._embed(list(self.setup.class_names))
         per_head = {}
         for _, head in self.heads:
             classes = class_subset(

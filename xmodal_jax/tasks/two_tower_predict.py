@@ -61,7 +61,7 @@ class TwoTowerPredictions:
         if self.fusion_opts["name"]:
             fns["match_scores"] = self.match_scores
         if self.text_tower.locked:
-            fns["text_features"] = self.text_tower_features
+            fns["text_classifier"] = self.locked_text_classifier
         if self.image_tower.locked and "logits" in jax.eval_shape(
             self.image_tower.module.apply, self.image_tower.variables, self.dummy_image
         ):
@@ -89,6 +89,24 @@ class TwoTowerPredictions:
             full = np.concatenate([chunk, pad]) if len(pad) else chunk
             out.append(np.asarray(self._text_pooled(tv, full), np.float32)[: len(chunk)])
         return np.concatenate(out)
+
+    def locked_text_classifier(self, names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """`[len(names), Dt]`: the locked text tower's template-averaged, L2-normalised
+        embeddings of `names` (`evaluation.zeroshot.build_classifier`), from the feature cache:
+        the same for every run with these towers, so e.g. ConSE's 1000 ImageNet names are
+        embedded once per machine rather than by every evaluator of every run."""
+        if not self.text_tower.locked:
+            raise ValueError("locked_text_classifier needs a locked text tower.")
+        description = {
+            "kind": "text_classifier",
+            "tower": self.text_tower.description(),
+            "names": list(names),
+            "templates": list(templates),
+            "max_len": self.text_opts["max_len"],
+        }
+        encode = lambda prompts: self.text_tower_features(None, prompts)
+        compute = lambda: {"classifier": zs.build_classifier(list(names), encode, templates)}
+        return self._cache.get_or_compute(description, compute)["classifier"]
 
     def class_prompt_features(
         self, variables: Variables | None = None, templates: Sequence[str] | None = None
