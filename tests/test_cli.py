@@ -89,6 +89,14 @@ def test_train_resume_and_eval(tmp_path, tfds_dir, capsys):
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["20", "30"]
     assert {"curves.png", "confusion_target.png"} <= set(os.listdir(os.path.join(wd, "plots")))
 
+    # Run again when finished: nothing trains; the final evaluation is redone and timed as one.
+    finished = json.load(open(os.path.join(wd, "summary.json")))
+    r = run(capsys, *train, "--config.total_steps=30", NO_TSNE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(wd, "summary.json"))) == finished
+    timing = json.load(open(os.path.join(wd, "timing.json")))
+    assert timing["evaluation"] > 0 and timing["training"] < 1, timing
+
     r = run(capsys, "eval", "--config", CONFIG, "--workdir", wd)
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.load(open(os.path.join(wd, "summary.json")))

@@ -317,7 +317,9 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
     # ---------------------------------------------------------------- summary
     with timing.phase("summary and plots"):
         if not last_eval:  # resumed at the end already: evaluate for the summary
-            last_eval = evaluators.run_all(evals, {"params": state.params, **state.model_state})
+            with timing.phase("evaluation"):
+                variables = {"params": state.params, **state.model_state}
+                last_eval = evaluators.run_all(evals, variables)
         if is_main:
             lines = evaluators.headline(last_eval, every_metric=True)
             print(f"Final evaluation at step {step}:" + "".join(f"\n  {x}" for x in lines))
