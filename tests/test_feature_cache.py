@@ -1,6 +1,7 @@
 """Feature cache: hits and misses, what changes the key, random preprocessing, and the task's
 use of it (a second run does not recompute the locked tower)."""
 
+import grain
 import numpy as np
 import pytest
 from twotower_testing import tiny_config
@@ -152,3 +153,39 @@ def test_outputs_computed_in_two_threads_are_the_serial_ones(tfds_dir, tmp_path,
     threaded = outputs(tower, feature_cache.FeatureCache(str(tmp_path / "b")))
     for k in serial:
         np.testing.assert_array_equal(threaded[k], serial[k])
+
+
+@pytest.mark.parametrize(
+    "n, batch, processes, seed", [(37, 8, 2, 0), (50, 12, 3, 2**32 - 2), (16, 16, 1, 5)]
+)
+def test_whole_batches_are_grains_shuffled_rows(n, batch, processes, seed):
+    """Gathered batch by batch, the training batches hold the rows grain's own
+    `source.shuffle(seed).repeat().batch()[p::P]` gives, in its order, across epoch ends (n is
+    not a multiple of the batch), seeds near 2**32 and process shares; the iterator state is
+    grain's too, so checkpoints of either resume the other."""
+    rng = np.random.default_rng(0)
+    fields = {
+        "image_feats": rng.normal(size=(n, 3)).astype(np.float32),
+        "label": rng.integers(0, 9, n).astype(np.int32),
+        "index": np.arange(n),
+    }
+    grains = lambda ds: ds.shuffle(seed=seed).repeat()
+    for p in range(processes):
+        kw = dict(batch_size=batch, seed=seed, process_index=p, process_count=processes)
+        ours = feature_cache.train_dataset(fields, where="x", **kw)
+        reference = grain.MapDataset.source(feature_cache._ArraySource(fields))
+        reference = grains(reference).batch(batch // processes, drop_remainder=True)
+        reference = reference[p::processes]
+        assert len(ours) == len(reference)
+        for b in [*range(40), 12345]:
+            got, want = ours[b], reference[b]
+            assert got.keys() == want.keys()
+            for k in want:
+                assert got[k].dtype == want[k].dtype
+                np.testing.assert_array_equal(got[k], want[k])
+        it, ref_it = iter(ours.to_iter_dataset()), iter(reference.to_iter_dataset())
+        for _ in range(5):
+            next(it), next(ref_it)
+        assert it.get_state() == ref_it.get_state()
+        ref_it.set_state(it.get_state())
+        np.testing.assert_array_equal(next(it)["index"], next(ref_it)["index"])

@@ -456,12 +456,12 @@ def test_the_iterator_reads_only_a_few_batches_ahead(tfds_dir, monkeypatch):
 
     task = tasks.build(adapt_config())
     it = task.train_iterator(0, 1)
-    rows = []
-    get = feature_cache._ArraySource.__getitem__
+    batches = []
+    get = feature_cache._ShuffledBatches.__getitem__
     monkeypatch.setattr(
-        feature_cache._ArraySource, "__getitem__", lambda s, i: rows.append(i) or get(s, i)
+        feature_cache._ShuffledBatches, "__getitem__", lambda s, i: batches.append(i) or get(s, i)
     )
     next(it)
     time.sleep(2.0)
-    per_batch = 3 * 32  # the two-tower batch, one head's source and target rows
-    assert len(rows) <= 12 * per_batch  # read ahead, plus the batches in flight in 2 threads
+    per_step = 3  # the two-tower batch, one head's source and target batches
+    assert len(batches) <= 12 * per_step  # read ahead, plus the batches in flight in 2 threads
