@@ -89,6 +89,26 @@ def test_eval_batches_pad_and_shard(tfds_dir):
     assert sorted(rows) == sorted(src[i]["image"].tobytes() for i in range(len(src)))
 
 
+def test_eval_batches_read_small_splits_decoded_once(tfds_dir, monkeypatch):
+    """Every evaluation of a run reads the same splits: held in memory they are decoded once,
+    and the batches are the ones read from the files; the oldest split leaves first when the
+    held splits would pass `DECODED_BYTES`."""
+    monkeypatch.setattr(pipeline, "_DECODED", {})
+    cfg = {"name": "digits_uci", "split": "test", "pp": "value_range(0, 1)"}
+    files = list(pipeline.eval_batches({**cfg, "cache": False}, batch_size=96))
+    held = list(pipeline.eval_batches(cfg, batch_size=96))
+    assert _same(held, files)
+    assert pipeline.records(cfg) is pipeline.records(cfg)  # the same decoded records
+    size = {k[1]: n for k, (n, _) in pipeline._DECODED.items()}
+    src = pipeline.source("digits_uci", "train[:50%]")
+    budget = size["test"] + len(src) * (pipeline._nbytes(src[0]) + 1)  # less than all three
+    monkeypatch.setattr(pipeline, "DECODED_BYTES", budget)
+    pipeline.records({**cfg, "split": "train[:10]"})
+    assert [k[1] for k in pipeline._DECODED] == ["test", "train[:10]"]
+    pipeline.records({**cfg, "split": "train[:50%]"})  # the oldest leaves to make room
+    assert [k[1] for k in pipeline._DECODED] == ["train[:10]", "train[:50%]"]
+
+
 def test_catalogue_datasets_with_mock_data(tfds_dir):
     with tfds.testing.mock_data(num_examples=16):
         pp = "value_range(0, 1)|random_crop(28)|flip_lr"

@@ -126,23 +126,26 @@ def records(cfg: Mapping[str, Any]) -> Sequence:
     cache = cfg.get("cache", "auto")
     if cache not in (True, False, "auto"):
         raise UserError(f"data cache={cache!r}: use True, False or 'auto'.")
+    size = len(src) * _nbytes(src[0]) if len(src) else 0
     if cache == "auto":
-        cache = len(src) * _nbytes(src[0]) <= MEMORY_CACHE_BYTES
+        cache = size <= MEMORY_CACHE_BYTES
     if not cache or not len(src):
         return src
     # grain's CacheIterDataset caches one pass of an iterator (its order), so it cannot sit
     # below a shuffle; a random-access source needs the decoded records themselves.
     key = (cfg["name"], cfg["split"], data_dir(cfg.get("data_dir")), _fingerprint(src))
     if key not in _DECODED:
-        while len(_DECODED) >= 4:  # the oldest split goes first
-            _DECODED.pop(next(iter(_DECODED)))
-        _DECODED[key] = tuple(_read_only(src[i]) for i in range(len(src)))
-    return _DECODED[key]
+        while _DECODED and sum(n for n, _ in _DECODED.values()) + size > DECODED_BYTES:
+            _DECODED.pop(next(iter(_DECODED)))  # the oldest split goes first
+        _DECODED[key] = (size, tuple(_read_only(src[i]) for i in range(len(src))))
+    return _DECODED[key][1]
 
 
-# Decoded splits, once per process (a resumed iterator or a second task on the same split
-# would decode them again), keyed by what identifies their content.
-_DECODED: dict[tuple, tuple] = {}
+# Decoded splits (their size in bytes and records), once per process: a resumed iterator, a
+# second task on the same split and every evaluation of a run read them, keyed by what
+# identifies their content, within DECODED_BYTES in all.
+_DECODED: dict[tuple, tuple[int, tuple]] = {}
+DECODED_BYTES = 4 * MEMORY_CACHE_BYTES
 
 
 def _fingerprint(src: Sequence) -> str:
@@ -301,7 +304,7 @@ def eval_batches(
     one example shorter than another's.
     """
     local = _check_batch(batch_size, process_count)
-    src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
+    src = records(cfg)  # decoded once per process when small: a run evaluates many times
     ds = grain.MapDataset.source(src)[process_index::process_count]
     pp = preprocess.compose(cfg.get("pp", ""))
     ds = ds.map(lambda ex: {**pp(ex), "_mask": np.True_})
