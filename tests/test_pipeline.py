@@ -99,6 +99,11 @@ def test_eval_batches_read_small_splits_decoded_once(tfds_dir, monkeypatch):
     held = list(pipeline.eval_batches(cfg, batch_size=96))
     assert _same(held, files)
     assert pipeline.records(cfg) is pipeline.records(cfg)  # the same decoded records
+    rows = np.array([7, 3, 500, 4, 3])  # any rows, in their order (TENT's and AdaBN's reads)
+    by_rows = list(pipeline.row_batches(cfg, rows, "image", 2))
+    assert [len(b) for b in by_rows] == [2, 2, 1]
+    every = np.concatenate([b["image"] for b in files])
+    np.testing.assert_array_equal(np.concatenate(by_rows), every[rows])
     size = {k[1]: n for k, (n, _) in pipeline._DECODED.items()}
     src = pipeline.source("digits_uci", "train[:50%]")
     budget = size["test"] + len(src) * (pipeline._nbytes(src[0]) + 1)  # less than all three

@@ -264,7 +264,7 @@ def row_batches(
 ) -> Iterator[np.ndarray]:
     """Field `key` of split `cfg` (`name`, `split`, `pp`, `data_dir`) at `rows`, in that order,
     preprocessed, stacked in batches of `batch_size` (the last one short)."""
-    src = source(cfg["name"], cfg["split"], cfg.get("data_dir"))
+    src = records(cfg)  # decoded once per process when small: e.g. read again for every head
     pp = preprocess.compose(cfg.get("pp", ""))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
