@@ -43,6 +43,11 @@ FAKE_TRAINER = textwrap.dedent(
     print("training", spec, seed)
     if args.get("fail") == "1":
         sys.exit(5)
+    if args.get("diverge") == "1":  # as `xmodal train` says it, and its exit code
+        print("xmodal: training diverged: Non-finite training metrics at step 7: "
+              "{'train/grad_norm': inf}. Stopped; the last good checkpoint (none) is kept.",
+              file=sys.stderr)
+        sys.exit(3)
     acc = float(args.get("base", "0.5")) + 0.01 * seed
     if "source" in args:  # a run that reads another's result (a row's `needs`)
         with open(os.path.join(args["source"], "summary.json")) as f:
@@ -455,6 +460,53 @@ def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monke
             assert (out / f"fake.{ext}").read_text() == written
     with pytest.raises(UserError, match="--records without --root writes a table from its"):
         cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--only", "good"])
+
+
+def test_a_diverged_run_is_a_result_reported_and_not_retried(tmp_path, monkeypatch, capsys):
+    """A run whose training diverges (exit 3) is an outcome of its seed: the table lists it as
+    diverged, with what the trainer said, instead of 'not run'; its record says so too; the
+    command does not fail and no later command runs it again."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5'), Row('wild', BAD, 'diverge=1')")
+    root, recs = str(tmp_path / "root"), str(tmp_path / "results" / "fake.runs.jsonl")
+    argv = [table, "--root", root, "--records", recs]
+    result = cli.run(argv)
+    assert (result["done"], result["diverged"], result["failed"]) == (2, 2, 0)
+    said = "Non-finite training metrics at step 7: {'train/grad_norm': inf}"
+    assert f"diverged ({said}; reported as such, not retried): wild seed=0" in (
+        capsys.readouterr().out
+    )
+    _, t = spec_lib.load(table)
+    wild = [j.workdir(root, "fake") for j in jobs_lib.expand(t) if j.row == "wild"]
+    assert [jobs_lib.status(wd) for wd in wild] == ["diverged", "diverged"]
+    assert json.load(open(os.path.join(wild[0], "diverged")))["said"] == said
+
+    def line_of(md: str, seed: int) -> str:
+        return next(x for x in md.splitlines() if x.startswith(f"- wild, seed {seed}:"))
+
+    md = (tmp_path / "results" / "fake.md").read_text()
+    assert "| wild | missing (0 of 2) |" in md
+    assert line_of(md, 1).startswith(f"- wild, seed 1: diverged ({said})")
+    assert "4 runs (2 diverged), " in md
+    records = records_lib.load(recs)
+    assert sorted((r["row"], bool(r.get("diverged"))) for r in records) == [
+        ("good", False), ("good", False), ("wild", True), ("wild", True)
+    ]  # fmt: skip
+
+    # Not run again, from the same root or from the records in a new one.
+    calls = lambda root: (tmp_path / root / "fake" / "calls.txt").read_text().split()  # noqa: E731
+    assert cli.run(argv)["diverged"] == 0 and len(calls("root")) == 4
+    assert "4 of 4 jobs are recorded in" in capsys.readouterr().out
+    assert cli.run([table, "--root", root])["skipped"] == 4 and len(calls("root")) == 4
+    assert "4 of 4 jobs already done (skipped), 2 of them diverged" in capsys.readouterr().out
+    assert cli.run([table, "--root", str(tmp_path / "r2"), "--records", recs])["done"] == 0
+    assert not os.path.exists(tmp_path / "r2" / "fake" / "calls.txt")
+    # The table written from the records alone says the same.
+    cli.run([table, "--records", recs, "--out", str(tmp_path / "again")])
+    again = (tmp_path / "again" / "fake.md").read_text()
+    assert line_of(again, 0) == line_of(md, 0)
 
 
 SIGNALLED_TRAINER = textwrap.dedent(

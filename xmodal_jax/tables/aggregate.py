@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import records as records_lib
 from xmodal_jax.tables import select
 from xmodal_jax.tables.spec import Column, Row, Table, metric_keys
 from xmodal_jax.train import metrics as metrics_lib
@@ -66,7 +67,11 @@ class _Runs:
         self._cache: dict[str, tuple[dict, dict]] = {}
 
     def status(self, workdir: str) -> str:
-        return jobs_lib.status(workdir)
+        state = jobs_lib.status(workdir)
+        if state != "diverged":
+            return state
+        marker = json.loads((epath.Path(workdir) / jobs_lib.DIVERGED).read_text())
+        return records_lib.diverged_state(marker)
 
     def get(self, workdir: str) -> tuple[dict, dict]:
         if workdir not in self._cache:

@@ -25,6 +25,7 @@ from xmodal_jax.train import metrics as metrics_lib
 from xmodal_jax.train import workdir_lock
 
 DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", workdir_lock.LOCK
+DIVERGED = "diverged"  # the run diverged (exit 3): an outcome of its seed, reported, not retried
 
 
 def value_text(value: Any) -> str:
@@ -203,12 +204,15 @@ def locked(workdir: str) -> bool:
 
 
 def status(workdir: str) -> str:
-    """'done' (the `done` marker and `summary.json`), 'failed' (the `failed` marker), 'running'
+    """'done' (the `done` marker and `summary.json`), 'diverged' (the `diverged` marker: its
+    training diverged, which that seed will do again), 'failed' (the `failed` marker), 'running'
     (its lock is held), 'unfinished' (started, then stopped before the end: preempted, killed,
     or a `done` marker without a summary) or 'missing' (never started)."""
     path = epath.Path(workdir)
     if (path / DONE).exists() and (path / "summary.json").exists():
         return "done"
+    if (path / DIVERGED).exists():
+        return "diverged"
     if (path / FAILED).exists():
         return "failed"
     if locked(workdir):

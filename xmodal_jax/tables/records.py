@@ -41,7 +41,8 @@ def _read_json(path: epath.Path) -> Any:
 
 
 def record(job: jobs_lib.Job, workdir: str, metrics: set[str]) -> dict[str, Any]:
-    """The record of a finished job's workdir."""
+    """The record of a finished job's workdir; a diverged run's has no summary and says where
+    it diverged (`diverged`: the marker, with what the trainer said)."""
     wd = epath.Path(workdir)
     history = select.eval_history(metrics_lib.read(workdir))
     return {
@@ -60,17 +61,19 @@ def record(job: jobs_lib.Job, workdir: str, metrics: set[str]) -> dict[str, Any]
             if any(k in metrics for k in values)
         },
         "done": _read_json(wd / jobs_lib.DONE),
+        **({"diverged": diverged} if (diverged := _read_json(wd / jobs_lib.DIVERGED)) else {}),
         "provenance": _read_json(wd / "provenance.json"),
     }
 
 
 def collect(jobs: Sequence[jobs_lib.Job], root: str, name: str, table: Table) -> list[dict]:
-    """Records of every finished job under `root/name`, sorted by row, seed and key."""
+    """Records of every finished job (done or diverged) under `root/name`, sorted by row, seed
+    and key."""
     metrics = table_metrics(table)
     out = []
     for job in jobs:
         wd = job.workdir(root, name)
-        if jobs_lib.status(wd) == "done":
+        if jobs_lib.status(wd) in ("done", "diverged"):
             out.append(record(job, wd, metrics))
     return sorted(out, key=lambda r: (r["row"], r["seed"], r["key"]))
 
@@ -98,6 +101,11 @@ def load(path: str) -> list[dict]:
     return out
 
 
+def diverged_state(marker: dict) -> str:
+    """How a table's missing-run line names a diverged run: `diverged (what the trainer said)`."""
+    return f"diverged ({marker.get('said') or 'no message'})"
+
+
 class RecordRuns:
     """The runs of a records file, looked up by workdir as `aggregate.collect` asks for them
     (a job's workdir ends in its key)."""
@@ -106,7 +114,10 @@ class RecordRuns:
         self.by_key = {r["key"]: r for r in records}
 
     def status(self, workdir: str) -> str:
-        return "done" if os.path.basename(workdir) in self.by_key else "missing"
+        rec = self.by_key.get(os.path.basename(workdir))
+        if rec is None:
+            return "missing"
+        return diverged_state(rec["diverged"]) if rec.get("diverged") else "done"
 
     def get(self, workdir: str) -> tuple[dict, dict]:
         rec = self.by_key[os.path.basename(workdir)]
@@ -184,8 +195,11 @@ def describe(recs: Sequence[dict]) -> list[str]:
     markers' wall times), and from their provenance the software, devices and commits."""
     if not recs:
         return []
-    walls = [float(r["done"]["wall_s"]) for r in recs if (r.get("done") or {}).get("wall_s")]
+    ended = [r.get("done") or r.get("diverged") or {} for r in recs]
+    walls = [float(e["wall_s"]) for e in ended if e.get("wall_s")]
     line = _runs(len(recs))
+    if diverged := sum(bool(r.get("diverged")) for r in recs):
+        line += f" ({diverged} diverged)"
     if walls:
         median = float(np.median(walls))
         line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run)"

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from xmodal_jax.errors import EXIT_PREEMPTED, Preempted
+from xmodal_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED, Preempted
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.train import workdir_lock
 
@@ -62,11 +62,28 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
     return proc, time.monotonic()
 
 
+def divergence(workdir: str) -> str:
+    """What the trainer said when it stopped a diverged run (the last such line of its log)."""
+    said = ""
+    with open(os.path.join(workdir, jobs_lib.LOG), errors="replace") as log:
+        for line in log:
+            if DIVERGED_SAYS in line:
+                said = line.split(DIVERGED_SAYS, 1)[1].split(". Stopped;", 1)[0].strip()
+    return said or "diverged (no message in its log)"
+
+
+DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
+
+
 def _finish(workdir: str, rc: int, wall_s: float) -> str:
-    """'done', 'preempted' (no marker: the job is unfinished) or 'failed'; writes the marker."""
+    """'done', 'preempted' (no marker: the job is unfinished), 'diverged' or 'failed'; writes
+    the marker."""
     if rc == EXIT_PREEMPTED:
         return "preempted"
     info = {"rc": rc, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if rc == EXIT_DIVERGED:
+        _write(os.path.join(workdir, jobs_lib.DIVERGED), {**info, "said": divergence(workdir)})
+        return "diverged"
     ok = rc == 0 and os.path.exists(os.path.join(workdir, "summary.json"))
     _write(os.path.join(workdir, jobs_lib.DONE if ok else jobs_lib.FAILED), info)
     return "done" if ok else "failed"
@@ -102,20 +119,30 @@ def run(
     on_done: Callable[[str], None] | None = None,
 ) -> dict[str, list[str]]:
     """Runs the unfinished jobs, `parallel` at a time, a job that needs another (a row's
-    `needs`) once that one is done; returns workdirs by outcome ('skipped', 'done', 'failed',
-    'preempted': stopped by a signal, saved; 'busy': run by another process; 'blocked': a job it
-    needs did not finish). `on_done(workdir)` is called as each job finishes successfully.
+    `needs`) once that one is done; returns workdirs by outcome ('skipped', 'done', 'diverged':
+    its training diverged, an outcome not retried; 'failed', 'preempted': stopped by a signal,
+    saved; 'busy': run by another process; 'blocked': a job it needs did not finish).
+    `on_done(workdir)` is called as each job ends done or diverged (both are results).
     Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs save first)."""
-    out: dict[str, list[str]] = {"skipped": [], "done": [], "failed": [], "preempted": [],
-                                 "busy": [], "blocked": []}  # fmt: skip
+    out: dict[str, list[str]] = {"skipped": [], "done": [], "diverged": [], "failed": [],
+                                 "preempted": [], "busy": [], "blocked": []}  # fmt: skip
     todo = []
     for job, wd in zip(jobs, workdirs, strict=True):
-        if jobs_lib.status(wd) == "done":
+        if jobs_lib.status(wd) in ("done", "diverged"):
             out["skipped"].append(wd)
         else:
             todo.append((job, wd))
     if out["skipped"]:
-        report(f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped).")
+        ended = sum(jobs_lib.status(wd) == "diverged" for wd in out["skipped"])
+        report(
+            f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped)"
+            + (
+                f", {ended} of them diverged (delete a workdir's `{jobs_lib.DIVERGED}` file to "
+                "run it again)."
+                if ended
+                else "."
+            )
+        )
     running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float, int]] = {}
     total, finished = len(todo), 0
     main_thread = threading.current_thread() is threading.main_thread()
@@ -139,7 +166,7 @@ def run(
                     total -= 1
                     report(f"busy (another process runs it): {job.row} seed={job.seed} {wd}")
                     continue
-                if jobs_lib.status(wd) == "done":  # finished by another command meanwhile
+                if jobs_lib.status(wd) in ("done", "diverged"):  # ended by another command
                     os.close(fd)
                     out["skipped"].append(wd)
                     total -= 1
@@ -160,11 +187,12 @@ def run(
                 out[outcome].append(wd)
                 what = {
                     "done": "done",
+                    "diverged": f"diverged ({divergence(wd)}; reported as such, not retried)",
                     "preempted": f"preempted (exit {rc}; saved, resumes on the next run)",
                     "failed": f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})",
                 }[outcome]
                 report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
-                if outcome == "done" and on_done is not None:
+                if outcome in ("done", "diverged") and on_done is not None:
                     on_done(wd)
     except KeyboardInterrupt:
         # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes. A
