@@ -275,3 +275,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
         str(tmp_path / "checkpoints" / str(max(kept)) / "state")
     )
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(last["params"]))
+    # What ran it is recorded (a diverged run is a result), but no summary: it did not finish.
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["config_hash"] and prov["versions"]["jax"]
+    assert not (tmp_path / "summary.json").exists()

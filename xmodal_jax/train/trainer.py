@@ -298,6 +298,10 @@ def _train(config, workdir, setup: _Setup, lock, preemption: _Preemption) -> dic
                     with timing.phase("checkpoints"):
                         ckpt.save(step, state, train_iter, pending=history.fetched)
                     last_saved, timed, t0 = step, 0, time.perf_counter()
+    except FloatingPointError:  # a diverged run is a result too: say what ran it
+        if is_main:
+            metrics.write_json(workdir / "provenance.json", setup.provenance)
+        raise
     finally:
         bar.close()
         ckpt.wait()
