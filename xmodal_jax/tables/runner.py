@@ -62,6 +62,9 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
     return proc, time.monotonic()
 
 
+DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
+
+
 def divergence(workdir: str) -> str:
     """What the trainer said when it stopped a diverged run (the last such line of its log)."""
     said = ""
@@ -69,10 +72,7 @@ def divergence(workdir: str) -> str:
         for line in log:
             if DIVERGED_SAYS in line:
                 said = line.split(DIVERGED_SAYS, 1)[1].split(". Stopped;", 1)[0].strip()
-    return said or "diverged (no message in its log)"
-
-
-DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
+    return said or "no message in its log"
 
 
 def _finish(workdir: str, rc: int, wall_s: float) -> str:
@@ -133,16 +133,10 @@ def run(
         else:
             todo.append((job, wd))
     if out["skipped"]:
-        ended = sum(jobs_lib.status(wd) == "diverged" for wd in out["skipped"])
-        report(
-            f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped)"
-            + (
-                f", {ended} of them diverged (delete a workdir's `{jobs_lib.DIVERGED}` file to "
-                "run it again)."
-                if ended
-                else "."
-            )
-        )
+        line = f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped)"
+        if diverged := sum(jobs_lib.status(wd) == "diverged" for wd in out["skipped"]):
+            line += f", {diverged} of them diverged (delete a `{jobs_lib.DIVERGED}` file to retry)"
+        report(line + ".")
     running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float, int]] = {}
     total, finished = len(todo), 0
     main_thread = threading.current_thread() is threading.main_thread()
