@@ -238,19 +238,13 @@ class TwoTower(TwoTowerPredictions):
             rows = np.flatnonzero(np.isin(arrays["label"], keep))
             arrays = {k: v[rows] for k, v in arrays.items()}
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
-        add = None  # class names: the batch is the cached rows alone, gathered batch by batch
-        if not self.texts.cacheable_text:  # a caption drawn per row and step
-            image_key = self.image_opts["input_key"]
-            add = lambda ds: self.texts.add_text(ds, self.data, image_key, cfg.seed + 1)
+        key = self.image_opts["input_key"]  # captions: one drawn per row and step (`add`)
+        add = lambda ds: self.texts.add_text(ds, self.data, key, cfg.seed + 1)  # noqa: E731
         return feature_cache.train_iterator(
-            fields,
-            batch_size=batch_size,
-            seed=cfg.seed,
-            process_index=process_index,
-            process_count=process_count,
-            where=self.data["name"],
-            add=add,
-        )
+            fields, batch_size=batch_size, seed=cfg.seed, process_index=process_index,
+            process_count=process_count, where=self.data["name"],
+            add=None if self.texts.cacheable_text else add,  # class names: whole batches
+        )  # fmt: skip
 
     # -------------------------------------------------------------- init
 
