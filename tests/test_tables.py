@@ -496,7 +496,7 @@ def test_a_diverged_run_is_a_result_reported_and_not_retried(tmp_path, monkeypat
     ]  # fmt: skip
 
     # Not run again, from the same root or from the records in a new one.
-    calls = lambda root: (tmp_path / root / "fake" / "calls.txt").read_text().split()  # noqa: E731
+    calls = lambda root: (tmp_path / root / "fake" / "calls.txt").read_text().split()
     assert cli.run(argv)["diverged"] == 0 and len(calls("root")) == 4
     assert "4 of 4 jobs are recorded in" in capsys.readouterr().out
     assert cli.run([table, "--root", root])["skipped"] == 4 and len(calls("root")) == 4

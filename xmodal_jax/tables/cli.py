@@ -207,9 +207,7 @@ def run(argv: list[str]) -> dict:
             file=sys.stderr,
         )
         return {"jobs": len(jobs), "to_run": to_run}
-    outcome: dict[str, list] = {
-        k: [] for k in ("skipped", "done", "diverged", "failed", "preempted", "busy", "blocked")
-    }
+    outcome: dict[str, list] = {k: [] for k in runner.OUTCOMES}
     if not args.collect_only and metrics_lib.is_remote(args.root):
         raise UserError(
             f"--root {args.root}: jobs run here need a local root (their locks and logs are "

@@ -26,6 +26,7 @@ from xmodal_jax.train import workdir_lock
 
 DONE, FAILED, LOG, JOB, LOCK = "done", "failed", "log.txt", "job.json", workdir_lock.LOCK
 DIVERGED = "diverged"  # the run diverged (exit 3): an outcome of its seed, reported, not retried
+ENDED = ("done", "diverged")  # the states of a job that is a result, never run again
 
 
 def value_text(value: Any) -> str:

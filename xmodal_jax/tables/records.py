@@ -73,7 +73,7 @@ def collect(jobs: Sequence[jobs_lib.Job], root: str, name: str, table: Table) ->
     out = []
     for job in jobs:
         wd = job.workdir(root, name)
-        if jobs_lib.status(wd) in ("done", "diverged"):
+        if jobs_lib.status(wd) in jobs_lib.ENDED:
             out.append(record(job, wd, metrics))
     return sorted(out, key=lambda r: (r["row"], r["seed"], r["key"]))
 

@@ -63,6 +63,8 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
 
 
 DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
+# What `run` returns workdirs by (and `xmodal table` counts).
+OUTCOMES = ("skipped", "done", "diverged", "failed", "preempted", "busy", "blocked")
 
 
 def divergence(workdir: str) -> str:
@@ -73,6 +75,12 @@ def divergence(workdir: str) -> str:
             if DIVERGED_SAYS in line:
                 said = line.split(DIVERGED_SAYS, 1)[1].split(". Stopped;", 1)[0].strip()
     return said or "no message in its log"
+
+
+def said(workdir: str) -> str:
+    """What a diverged job's marker keeps of the trainer's message."""
+    with open(os.path.join(workdir, jobs_lib.DIVERGED)) as f:
+        return json.load(f)["said"]
 
 
 def _finish(workdir: str, rc: int, wall_s: float) -> str:
@@ -124,17 +132,18 @@ def run(
     saved; 'busy': run by another process; 'blocked': a job it needs did not finish).
     `on_done(workdir)` is called as each job ends done or diverged (both are results).
     Raises `Preempted` when Ctrl-C or SIGTERM stops it (the running jobs save first)."""
-    out: dict[str, list[str]] = {"skipped": [], "done": [], "diverged": [], "failed": [],
-                                 "preempted": [], "busy": [], "blocked": []}  # fmt: skip
-    todo = []
+    out: dict[str, list[str]] = {k: [] for k in OUTCOMES}
+    todo, diverged = [], 0
     for job, wd in zip(jobs, workdirs, strict=True):
-        if jobs_lib.status(wd) in ("done", "diverged"):
+        state = jobs_lib.status(wd)
+        if state in jobs_lib.ENDED:
             out["skipped"].append(wd)
+            diverged += state == "diverged"
         else:
             todo.append((job, wd))
     if out["skipped"]:
         line = f"{len(out['skipped'])} of {len(jobs)} jobs already done (skipped)"
-        if diverged := sum(jobs_lib.status(wd) == "diverged" for wd in out["skipped"]):
+        if diverged:
             line += f", {diverged} of them diverged (delete a `{jobs_lib.DIVERGED}` file to retry)"
         report(line + ".")
     running: dict[str, tuple[jobs_lib.Job, subprocess.Popen, float, int]] = {}
@@ -160,7 +169,7 @@ def run(
                     total -= 1
                     report(f"busy (another process runs it): {job.row} seed={job.seed} {wd}")
                     continue
-                if jobs_lib.status(wd) in ("done", "diverged"):  # ended by another command
+                if jobs_lib.status(wd) in jobs_lib.ENDED:  # ended by another command
                     os.close(fd)
                     out["skipped"].append(wd)
                     total -= 1
@@ -181,12 +190,14 @@ def run(
                 out[outcome].append(wd)
                 what = {
                     "done": "done",
-                    "diverged": f"diverged ({divergence(wd)}; reported as such, not retried)",
+                    "diverged": "diverged ({}; reported as such, not retried)",
                     "preempted": f"preempted (exit {rc}; saved, resumes on the next run)",
                     "failed": f"FAILED (exit {rc}; log: {wd}/{jobs_lib.LOG})",
                 }[outcome]
+                if outcome == "diverged":  # what the trainer said, as its marker keeps it
+                    what = what.format(said(wd))
                 report(f"[{finished}/{total}] {what}: {job.row} seed={job.seed} ({wall:.0f} s)")
-                if outcome in ("done", "diverged") and on_done is not None:
+                if outcome in jobs_lib.ENDED and on_done is not None:
                     on_done(wd)
     except KeyboardInterrupt:
         # SIGTERM makes each trainer save a checkpoint and exit 75: the next run resumes. A

@@ -239,7 +239,7 @@ class TwoTower(TwoTowerPredictions):
             arrays = {k: v[rows] for k, v in arrays.items()}
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
         key = self.image_opts["input_key"]  # captions: one drawn per row and step (`add`)
-        add = lambda ds: self.texts.add_text(ds, self.data, key, cfg.seed + 1)  # noqa: E731
+        add = lambda ds: self.texts.add_text(ds, self.data, key, cfg.seed + 1)
         return feature_cache.train_iterator(
             fields, batch_size=batch_size, seed=cfg.seed, process_index=process_index,
             process_count=process_count, where=self.data["name"],
