@@ -8,6 +8,7 @@ from twotower_testing import tiny_config
 
 from xmodal_jax import tasks
 from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.errors import UserError
 from xmodal_jax.tasks import feature_cache
 
 UCI = {"name": "digits_uci", "split": "test", "pp": "value_range(0, 1, in_hi=16)"}
@@ -189,3 +190,31 @@ def test_whole_batches_are_grains_shuffled_rows(n, batch, processes, seed):
         assert it.get_state() == ref_it.get_state()
         ref_it.set_state(it.get_state())
         np.testing.assert_array_equal(next(it)["index"], next(ref_it)["index"])
+
+
+def test_row_subsets_and_stacked_streams_read_what_copies_would():
+    """`rows=` shuffles those rows in place, as a copy of them would be; a stacked dataset's
+    batch is each stream's batch, stacked on axis 1 (a head per stream)."""
+    rng = np.random.default_rng(1)
+    n = 90
+    fields = {"image_feats": rng.normal(size=(n, 4)).astype(np.float32), "index": np.arange(n)}
+    subsets = [np.flatnonzero(rng.random(n) < 0.5), None, np.arange(0, n, 3)]
+    seeds = [3, 2**32 - 1, 40]
+    for p, processes in [(0, 1), (1, 2)]:
+        kw = dict(batch_size=16, process_index=p, process_count=processes, where="x")
+        stacked = feature_cache.stacked_train_dataset(fields, subsets, seeds, **kw)
+        alone = []
+        for rows, seed in zip(subsets, seeds, strict=True):
+            in_place = feature_cache.train_dataset(fields, seed=seed, rows=rows, **kw)
+            copied = {k: v if rows is None else v[rows] for k, v in fields.items()}
+            copy = feature_cache.train_dataset(copied, seed=seed, **kw)
+            for b in (0, 1, 7, 999):
+                for k in fields:
+                    np.testing.assert_array_equal(in_place[b][k], copy[b][k])
+            alone.append(in_place)
+        for b in (0, 5, 999):
+            for k in fields:
+                want = np.stack([ds[b][k] for ds in alone], axis=1)
+                np.testing.assert_array_equal(stacked[b][k], want)
+    with pytest.raises(UserError, match="fewer than the batch"):
+        feature_cache.stacked_train_dataset(fields, [np.arange(5)], [0], **kw)

@@ -457,9 +457,9 @@ def test_the_iterator_reads_only_a_few_batches_ahead(tfds_dir, monkeypatch):
     task = tasks.build(adapt_config())
     it = task.train_iterator(0, 1)
     batches = []
-    get = feature_cache._ShuffledBatches.__getitem__
+    get = feature_cache._ShuffledBatches.rows_of
     monkeypatch.setattr(
-        feature_cache._ShuffledBatches, "__getitem__", lambda s, i: batches.append(i) or get(s, i)
+        feature_cache._ShuffledBatches, "rows_of", lambda s, i: batches.append(i) or get(s, i)
     )
     next(it)
     time.sleep(2.0)

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 
 from xmodal_jax import provenance, timing
-from xmodal_jax.data import pipeline, preprocess
+from xmodal_jax.data import index_shuffle, pipeline, preprocess
 from xmodal_jax.errors import UserError
 
 CACHE_ENV = "XMODAL_CACHE"
@@ -275,15 +275,17 @@ class _ArraySource:
 class _ShuffledBatches:
     """grain's `MapDataset.source(rows).shuffle(seed).repeat().batch(size, drop_remainder=True)
     [offset::stride]` as a random-access source of whole batches: the same rows in the same
-    order (each epoch permuted by grain's own `index_shuffle`, seeded `seed + epoch` as its
-    shuffle is), gathered with one numpy take per field. Grain's row-by-row path costs tens of
-    microseconds a row, which was most of the step of a run on cached features with many heads
-    (31 streams of 256 rows a step in a zero-shot adaptation run)."""
+    order (each epoch permuted as grain's `index_shuffle` does, seeded `seed + epoch` as its
+    shuffle is, all positions at once: `data.index_shuffle`), gathered with one numpy take per
+    field. Grain's row-by-row path costs tens of microseconds a row, which was most of the step
+    of a run on cached features with many heads (31 streams of 256 rows a step in a zero-shot
+    adaptation run). `rows` (default: all) are the rows of `fields` shuffled, read in place."""
 
     def __init__(self, fields: Mapping[str, np.ndarray], size: int, seed: int, offset: int,
-                 stride: int):  # fmt: skip
+                 stride: int, rows: np.ndarray | None = None):  # fmt: skip
         self.fields = dict(fields)
-        self.n = len(next(iter(self.fields.values())))
+        self.rows = rows
+        self.n = len(next(iter(self.fields.values()))) if rows is None else len(rows)
         self.size, self.seed, self.offset, self.stride = size, seed, offset, stride
         self._perms: dict[int, np.ndarray] = {}  # the epochs in use (grain reads from 2 threads)
         self._lock = threading.Lock()
@@ -295,20 +297,50 @@ class _ShuffledBatches:
         with self._lock:
             perm = self._perms.get(epoch)
             if perm is None:
-                seed, last = (self.seed + epoch) % 2**32, self.n - 1
-                shuffle = grain.experimental.index_shuffle
-                perm = np.fromiter((shuffle(i, last, seed, 4) for i in range(self.n)), np.int64)
+                perm = index_shuffle.permutation(self.n, (self.seed + epoch) % 2**32)
+                if self.rows is not None:
+                    perm = self.rows[perm]
                 self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
                 self._perms[epoch] = perm
             return perm
 
-    def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    def rows_of(self, b: int) -> np.ndarray:
+        """The rows of `fields` in batch `b`."""
         start = (self.offset + b * self.stride) * self.size
         epochs, within = np.divmod(np.arange(start, start + self.size), self.n)
-        rows = np.concatenate(
+        return np.concatenate(
             [self._permutation(int(e))[within[epochs == e]] for e in np.unique(epochs)]
         )
+
+    def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+        rows = self.rows_of(b)
         return {k: v[rows] for k, v in self.fields.items()}
+
+
+class _StackedBatches:
+    """Batch `b` of several `_ShuffledBatches` over the same `fields`, stacked on axis 1
+    ([B, streams, ...]) by one gather per field."""
+
+    def __init__(self, streams: Sequence[_ShuffledBatches]):
+        self.streams, self.fields = list(streams), streams[0].fields
+
+    def __len__(self) -> int:
+        return len(self.streams[0])
+
+    def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+        rows = np.stack([s.rows_of(b) for s in self.streams], axis=1)
+        return {k: v[rows] for k, v in self.fields.items()}
+
+
+def _check_rows(n: int, batch_size: int, process_count: int, where: str) -> int:
+    """This process's share of the batch."""
+    if batch_size % process_count:
+        raise UserError(
+            f"batch_size={batch_size} is not divisible by the {process_count} processes."
+        )
+    if n < batch_size:
+        raise UserError(f"{where} has {n} examples, fewer than the batch.")
+    return batch_size // process_count
 
 
 def train_dataset(
@@ -320,25 +352,43 @@ def train_dataset(
     process_count: int,
     where: str,
     add: Callable[[grain.MapDataset], grain.MapDataset] | None = None,
+    rows: np.ndarray | None = None,
 ) -> grain.MapDataset:
-    """Training batches of cached features (`fields`: arrays with one row per example), shuffled
-    with `seed` and repeated; this process's share of each global batch. `add` maps the
-    shuffled examples first (e.g. drawing a caption per row); without it the batches are
-    gathered whole (`_ShuffledBatches`: the same rows in the same order)."""
-    if batch_size % process_count:
-        raise UserError(
-            f"batch_size={batch_size} is not divisible by the {process_count} processes."
-        )
-    n = len(next(iter(fields.values())))
-    if n < batch_size:
-        raise UserError(f"{where} has {n} examples, fewer than the batch.")
-    local = batch_size // process_count
+    """Training batches of cached features (`fields`: arrays with one row per example; `rows`
+    of them, default all), shuffled with `seed` and repeated; this process's share of each
+    global batch. `add` maps the shuffled examples first (e.g. drawing a caption per row);
+    without it the batches are gathered whole (`_ShuffledBatches`: the same rows in the same
+    order)."""
+    n = len(next(iter(fields.values()))) if rows is None else len(rows)
+    local = _check_rows(n, batch_size, process_count, where)
     if add is None:
         return grain.MapDataset.source(
-            _ShuffledBatches(fields, local, seed, process_index, process_count)
+            _ShuffledBatches(fields, local, seed, process_index, process_count, rows)
         )
+    if rows is not None:
+        fields = {k: v[rows] for k, v in fields.items()}
     ds = add(grain.MapDataset.source(_ArraySource(fields)).shuffle(seed=seed).repeat())
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def stacked_train_dataset(
+    fields: Mapping[str, np.ndarray],
+    rows: Sequence[np.ndarray | None],
+    seeds: Sequence[int],
+    *,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    where: str,
+) -> grain.MapDataset:
+    """`train_dataset(fields, rows=rows[i], seed=seeds[i])` for every i, batch b of each
+    stacked on axis 1 ([B, len(rows), ...]): a stream per head, gathered at once."""
+    streams = []
+    for r, seed in zip(rows, seeds, strict=True):
+        n = len(next(iter(fields.values()))) if r is None else len(r)
+        local = _check_rows(n, batch_size, process_count, where)
+        streams.append(_ShuffledBatches(fields, local, seed, process_index, process_count, r))
+    return grain.MapDataset.source(_StackedBatches(streams))
 
 
 def train_iterator(fields: Mapping[str, np.ndarray], **kwargs) -> grain.DatasetIterator:

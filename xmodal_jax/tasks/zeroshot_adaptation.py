@@ -226,44 +226,36 @@ class ZeroShotAdaptation(TwoTower):
         common = dict(
             batch_size=cfg.batch_size, process_index=process_index, process_count=process_count
         )
-
-        def stream(fields, rows, seed, where):
-            fields = fields if rows is None else {k: v[rows] for k, v in fields.items()}
-            return feature_cache.train_dataset(fields, seed=seed, where=where, **common)
-
         arrays = self._train_split_features()
         keep = self.trained_classes()
         rows = None if keep is None else np.flatnonzero(np.isin(arrays["label"], keep))
         fields = {"image_feats": arrays["pooled"], **self.texts.cached_fields(arrays)}
-        parts = [stream(fields, rows, cfg.seed, self.data["name"])]
+        clip_batches = feature_cache.train_dataset(
+            fields, seed=cfg.seed, where=self.data["name"], rows=rows, **common
+        )
         # A batch holds 1 + 2H feature batches; grain's default read-ahead (500 of them) would
         # hold tens of GB with 15 heads of 1280-d features, so read a few batches ahead only.
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=PREFETCH_BATCHES)
         if self.spec is None:  # no adaptation term: training reads no target image
-            return iter(parts[0].map(lambda b: {"source": b}).to_iter_dataset(read))
+            return iter(clip_batches.map(lambda b: {"source": b}).to_iter_dataset(read))
+        n = self.num_heads
         own = {"image_feats": arrays["pooled"], "index": arrays["index"]}
-        for i, h in enumerate(self.heads):
-            rows = np.flatnonzero(np.isin(arrays["label"], h.train_classes))
-            parts.append(stream(own, rows, cfg.seed + SOURCE_SEED_OFFSET + i, self.data["name"]))
+        own_rows = [np.flatnonzero(np.isin(arrays["label"], h.train_classes)) for h in self.heads]
+        seeds = [cfg.seed + SOURCE_SEED_OFFSET + i for i in range(n)]
+        adapt_source = feature_cache.stacked_train_dataset(
+            own, own_rows, seeds, where=self.data["name"], **common
+        )
         target = self.cached_image_features(self.target)
         fields = {"image_feats": target["pooled"], "index": target["index"]}  # no labels
+        seeds = [cfg.seed + TARGET_SEED_OFFSET + i for i in range(n)]
         where = f"config.data.target {self.target['name']}:{self.target['split']}"
-        for i, h in enumerate(self.heads):
-            seed = cfg.seed + TARGET_SEED_OFFSET + i
-            parts.append(stream(fields, self.target_rows(h), seed, where))
-        n = self.num_heads
-
-        def assemble(batches):
-            stack = lambda bs, k: np.stack([b[k] for b in bs], axis=1)  # [B, H, ...]
-            adapt_s, adapt_t = batches[1 : 1 + n], batches[1 + n :]
-            return {
-                "source": batches[0],
-                "adapt_source": {k: stack(adapt_s, k) for k in ("image_feats", "index")},
-                "target": {k: stack(adapt_t, k) for k in ("image_feats", "index")},
-            }
-
+        target = feature_cache.stacked_train_dataset(
+            fields, [self.target_rows(h) for h in self.heads], seeds, where=where, **common
+        )
+        parts = [clip_batches, adapt_source, target]  # batches [B, ...], [B, H, ...], [B, H, ...]
         zipped = grain.experimental.ZipMapDataset(parents=parts)
-        return iter(zipped.map(assemble).to_iter_dataset(read))
+        names = ("source", "adapt_source", "target")
+        return iter(zipped.map(lambda b: dict(zip(names, b, strict=True))).to_iter_dataset(read))
 
     # -------------------------------------------------------------- init
 
