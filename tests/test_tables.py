@@ -1139,3 +1139,18 @@ def test_provenance_names_the_files_changed_since_the_commit(tmp_path):
     (tmp_path / "new.py").write_text("untracked: not a change of the checkout's code\n")
     state = provenance.git_state(str(tmp_path))
     assert state["dirty"] is True and state["changed"] == ["a.py", "b.md"]
+
+
+def test_jobs_share_a_compilation_cache_per_machine(monkeypatch, tmp_path):
+    """A table's trainers get JAX's persistent compilation cache under the cache root, one
+    directory per host; a directory the user set is kept; the lock descriptor is passed."""
+    import socket
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    env = runner.trainer_env(7)
+    want = tmp_path / "jax_compilation" / socket.gethostname()
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(want)
+    assert env[runner.workdir_lock.FD_ENV] == "7" and env["XMODAL_CACHE"] == str(tmp_path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/mine")
+    assert runner.trainer_env(7)["JAX_COMPILATION_CACHE_DIR"] == "/mine"

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from xmodal_jax import cache_dirs
 from xmodal_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED, Preempted
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.train import workdir_lock
@@ -57,9 +58,20 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             pass_fds=(lock_fd,),  # the trainer keeps the lock if this process dies first
-            env={**os.environ, workdir_lock.FD_ENV: str(lock_fd)},  # ... and knows it is its own
+            env=trainer_env(lock_fd),
         )
     return proc, time.monotonic()
+
+
+def trainer_env(lock_fd: int) -> dict[str, str]:
+    """A job's environment: the workdir lock's descriptor (the trainer knows the lock is its
+    own), and JAX's persistent compilation cache (`cache_dirs.compilation_cache_dir`), so the
+    runs of a table that share a config's shapes compile their train step once per machine."""
+    return {
+        **os.environ,
+        workdir_lock.FD_ENV: str(lock_fd),
+        cache_dirs.COMPILATION_CACHE_ENV: cache_dirs.compilation_cache_dir(),
+    }
 
 
 DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED

@@ -32,17 +32,11 @@ import numpy as np
 import tqdm
 
 from xmodal_jax import provenance, timing
+from xmodal_jax.cache_dirs import cache_root
 from xmodal_jax.data import index_shuffle, pipeline, preprocess
 from xmodal_jax.errors import UserError
 
-CACHE_ENV = "XMODAL_CACHE"
 FORMAT = 1  # bump when the file layout changes
-
-
-def cache_root(root: str | None = None) -> str:
-    """`root`, else `$XMODAL_CACHE`, else `~/.cache/xmodal_jax`."""
-    path = root or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "xmodal_jax")
-    return os.path.expanduser(path)
 
 
 def _hash_array(h: Any, x: Any) -> None:
