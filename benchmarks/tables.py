@@ -33,6 +33,8 @@ def header(r: dict) -> str:
     m, c = r["machine"], r["ceilings"]
     return (
         f"`{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, jax {m['jax']}, "
+        # Runs before the field ran with XLA's default: YNNPACK's convolutions on CPU.
+        f"{m.get('cpu_convolutions', 'ynnpack')} convolutions on CPU, "
         "load average "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15'])} (1/5/15 min) at the start. "
         f"Ceilings measured in this run: matmul float32 {c['matmul_f32_flops'] / 1e9:.1f} "

@@ -14,7 +14,7 @@ import os
 import jax
 import pytest
 
-from xmodal_jax import main, provenance
+from xmodal_jax import main, provenance, xla_defaults
 from xmodal_jax.tables import records, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,13 @@ def _comparable(rec: dict) -> str | None:
                 return f"recorded with {pkg} {theirs.get(pkg)}, here {here[pkg]}"
         if prov.get("platform") != "cpu":
             return f"recorded on {prov.get('platform')}"
+        # Records older than the field were made with XLA's default: YNNPACK's convolutions.
+        theirs = prov.get("cpu_convolutions", "ynnpack")
+        if theirs != xla_defaults.cpu_convolutions():
+            return (
+                f"recorded with {theirs} convolutions on CPU, here "
+                f"{xla_defaults.cpu_convolutions()} (XLA_FLAGS, see xmodal_jax/xla_defaults.py)"
+            )
         if prov.get("device_count") != jax.device_count():
             return f"recorded on {prov.get('device_count')} devices, here {jax.device_count()}"
         # Records older than `usable_cpus` were made by unpinned table jobs: all cores usable.

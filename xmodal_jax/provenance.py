@@ -17,6 +17,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from xmodal_jax import xla_defaults
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
@@ -95,5 +97,7 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_convolutions": xla_defaults.cpu_convolutions(),
         "argv": list(sys.argv if argv is None else argv),
     }

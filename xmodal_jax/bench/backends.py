@@ -3,8 +3,12 @@
 XLA reads its flags once, when it starts, so each backend runs in a process of its own
 (`python -m xmodal_jax.bench.backends`, the flag appended to the user's `XLA_FLAGS`); the
 backends take turns, round after round, so that a machine's drift falls on all of them alike.
-Numerics: the first train step's parameter update of each backend against the default's
-(largest |difference| over the largest |update|, as the depthwise ablation reports it).
+`default` is XLA's own (the project's `xla_defaults` switched off in these processes), so
+`no_ynn_conv` measures the project's default against it. Numerics: the first train step's
+parameter update of each backend against the default's (largest |difference| over the largest
+|update|, as the depthwise ablation reports it; with AdamW, as CLIP trains, the first update is
+about lr times the sign of the gradient, so a near-zero gradient that changes sign moves it by
+up to 2 lr).
 """
 
 from __future__ import annotations
@@ -19,20 +23,28 @@ from typing import Any
 
 import numpy as np
 
-WORKLOADS = ("resnet50", "mnv2_dann", "clip")  # the train steps; `--workloads` picks among them
+from xmodal_jax import xla_defaults
+
+# The train steps; `--workloads` picks among them.
+WORKLOADS = ("resnet50", "mnv2_dann", "lenet_dann", "clip")
 BACKENDS = {
     "default": "",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "onednn": "--xla_cpu_use_onednn=true",
     "onednn_custom_call": "--xla_cpu_experimental_onednn_custom_call=true",
+    # Convolutions run by XLA itself, not handed to YNNPACK: the project's default on CPU.
+    "no_ynn_conv": xla_defaults.FLAG,
 }
 
 
 def env_for(backend: str) -> dict[str, str]:
-    """This process's environment with `backend`'s flag appended to `XLA_FLAGS`."""
+    """This process's environment with `backend`'s flag appended to the user's `XLA_FLAGS`,
+    and the project's own XLA default off: each backend is measured against XLA's default
+    (`no_ynn_conv` is the project's default, `xla_defaults`)."""
     env = dict(os.environ)
-    flags = " ".join(filter(None, [env.get("XLA_FLAGS", ""), BACKENDS[backend]]))
-    env["XLA_FLAGS"] = flags
+    flags = env.get("XLA_FLAGS", "").replace(xla_defaults.FLAG, "")
+    env["XLA_FLAGS"] = " ".join(filter(None, [flags.strip(), BACKENDS[backend]]))
+    env[xla_defaults.OFF_ENV] = "off"
     return env
 
 

@@ -1,6 +1,6 @@
 """`xmodal bench`: measure the machine's ceilings, then our train steps against them.
 
-    xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,pipeline]
+    xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,lenet_dann,pipeline]
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
                  [--scan] [--remat none|dots|full] [--profile]
                  [--ablations scan_remat,donation,bf16,depthwise,cpu_backends|all]

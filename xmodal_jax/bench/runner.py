@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xmodal_jax import provenance
+from xmodal_jax import provenance, xla_defaults
 from xmodal_jax.bench import measure, workloads
 
 WARMUP = 2
@@ -26,6 +26,8 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device": dev.device_kind,
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_convolutions": xla_defaults.cpu_convolutions(),
     }
 
 

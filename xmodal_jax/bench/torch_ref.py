@@ -212,13 +212,46 @@ class DannLoss(nn.Module):
         return ce + F.binary_cross_entropy_with_logits(d, domain)
 
 
+class LeNetDannLoss(nn.Module):
+    """`models.lenet.LeNet` (two 5x5 convolutions, 500-unit layer, bottleneck, dropout) with
+    DANN's discriminator on its bottleneck features, as `DannLoss`."""
+
+    def __init__(self, sz: dict):
+        super().__init__()
+        self.conv1 = nn.Conv2d(sz["channels"], 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc = nn.Linear(800, 500)
+        self.bottleneck = nn.Linear(500, sz["bottleneck"])
+        self.head = nn.Linear(sz["bottleneck"], sz["classes"])
+        disc: list[nn.Module] = []
+        width = sz["bottleneck"]
+        for h in sz["disc"]:
+            disc += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.disc = nn.Sequential(*disc, nn.Linear(width, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(F.dropout2d(self.conv2(x), 0.5, self.training), 2))
+        x = F.dropout(F.relu(self.fc(x.flatten(1))), 0.5, self.training)
+        return F.relu(self.bottleneck(x))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        n = batch["label"].shape[0]
+        f = self.features(torch.cat([batch["source"], batch["target"]]))
+        ce = F.cross_entropy(self.head(f[:n]), batch["label"])
+        d = self.disc(_Reverse.apply(f, 1.0))[:, 0]
+        domain = torch.cat([torch.ones(n), torch.zeros(f.shape[0] - n)])
+        return ce + F.binary_cross_entropy_with_logits(d, domain)
+
+
 # ---------------------------------------------------------------- runners
 
 
 def _batch(name: str, sz: dict) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    b, s = sz["batch"], sz["image"]
-    img = lambda: torch.randn(b, 3, s, s, generator=g)
+    b, s, c = sz["batch"], sz["image"], sz.get("channels", 3)
+    img = lambda: torch.randn(b, c, s, s, generator=g)
     if name == "clip":
         ids = torch.randint(1, sz["vocab"] - 1, (b, sz["context"]), generator=g)
         ids[torch.arange(b), torch.randint(2, sz["context"], (b,), generator=g)] = sz["vocab"] - 1
@@ -234,7 +267,9 @@ class Runner:
 
     def __init__(self, name: str, sz: dict, compiled: bool, bf16: bool = False):
         torch.manual_seed(0)
-        model = {"clip": ClipLoss, "resnet50": ResNetLoss, "mnv2_dann": DannLoss}[name](sz)
+        losses = {"clip": ClipLoss, "resnet50": ResNetLoss, "mnv2_dann": DannLoss,
+                  "lenet_dann": LeNetDannLoss}  # fmt: skip
+        model = losses[name](sz)
         self.model = model.train()
         if name == "clip":  # as `workloads._optimizer`
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)

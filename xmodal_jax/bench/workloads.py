@@ -2,8 +2,9 @@
 
 Each workload is the trainer's own step (`step_lib.make_train_step`) over a task: a CLIP-style
 two-tower contrastive step, a ResNet-50 classifier step, a MobileNetV2 + DANN step on source and
-target batches. `sizes(name, small)` fixes the architecture and batch; the PyTorch references
-(`torch_ref`) read the same sizes so both sides compute the same thing.
+target batches, and the digits tables' LeNet + DANN step (28 px, 3 channels, 64 a domain).
+`sizes(name, small)` fixes the architecture and batch; the PyTorch references (`torch_ref`) read
+the same sizes so both sides compute the same thing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from xmodal_jax.bench import measure
+from xmodal_jax.errors import UserError
 from xmodal_jax.models import zoo
 from xmodal_jax.objectives import contrastive
 from xmodal_jax.parallel import mesh as mesh_lib
@@ -46,6 +48,9 @@ _FULL = {
     ),
     "resnet50": dict(image=224, width=1.0, stages=(3, 4, 6, 3), classes=1000, batch=4),
     "mnv2_dann": dict(image=96, width=1.0, classes=10, disc=(1024, 1024), batch=16),
+    "lenet_dann": dict(
+        image=28, channels=3, classes=10, bottleneck=256, disc=(1024, 1024), batch=64
+    ),
 }
 _SMALL = {
     "clip": dict(
@@ -54,11 +59,12 @@ _SMALL = {
     ),
     "resnet50": dict(image=32, width=0.125, stages=(1, 1, 1, 1), classes=10, batch=4),
     "mnv2_dann": dict(image=32, width=0.25, classes=10, disc=(32, 32), batch=4),
+    "lenet_dann": dict(image=28, channels=3, classes=10, bottleneck=32, disc=(32, 32), batch=4),
 }  # fmt: skip
 
 
 def sizes(name: str, small: bool, batch: int | None = None) -> dict[str, Any]:
-    """Architecture and batch of workload `name` (per-domain batch for `mnv2_dann`)."""
+    """Architecture and batch of workload `name` (per-domain batch for the DANN steps)."""
     out = dict((_SMALL if small else _FULL)[name])
     if batch:
         out["batch"] = batch
@@ -121,8 +127,8 @@ def _clip(sz: dict, dtype: Any, scan: bool, remat: str) -> tuple[ClipPairs, dict
     return ClipPairs(image, text), batch
 
 
-def _images(rng: np.random.Generator, b: int, size: int) -> np.ndarray:
-    return rng.standard_normal((b, size, size, 3), np.float32)
+def _images(rng: np.random.Generator, b: int, size: int, channels: int = 3) -> np.ndarray:
+    return rng.standard_normal((b, size, size, channels), np.float32)
 
 
 def _classification(sz: dict, dtype: Any) -> tuple[Classification, dict]:
@@ -138,23 +144,27 @@ def _classification(sz: dict, dtype: Any) -> tuple[Classification, dict]:
     return Classification(config), batch
 
 
-def _dann(sz: dict, dtype: Any, depthwise: str) -> tuple[DomainAdaptation, dict]:
+def _dann(sz: dict, dtype: Any, depthwise: str, lenet: bool) -> tuple[DomainAdaptation, dict]:
+    if lenet:  # the digits LeNet (float32 only: `build` refuses another dtype)
+        model = {"name": "lenet", "num_classes": sz["classes"], "bottleneck": sz["bottleneck"]}
+    else:
+        model = {"name": "mobilenet_v2", "num_classes": sz["classes"], "width": sz["width"],
+                 "depthwise": depthwise, "dtype": dtype}  # fmt: skip
     config = ml_collections.ConfigDict(
         {
-            "model": {"name": "mobilenet_v2", "num_classes": sz["classes"], "width": sz["width"],
-                      "depthwise": depthwise, "dtype": dtype},
+            "model": model,
             "adaptation": {"method": "dann", "hidden": tuple(sz["disc"])},
             "data": {"source": {}, "target": {}},
         }
-    )  # fmt: skip
+    )
     rng = np.random.default_rng(0)
-    b = sz["batch"]
+    b, c = sz["batch"], sz.get("channels", 3)
     batch = {
         "source": {
-            "image": _images(rng, b, sz["image"]),
+            "image": _images(rng, b, sz["image"], c),
             "label": rng.integers(0, sz["classes"], b).astype(np.int32),
         },
-        "target": {"image": _images(rng, b, sz["image"])},
+        "target": {"image": _images(rng, b, sz["image"], c)},
     }
     return DomainAdaptation(config), batch
 
@@ -212,7 +222,9 @@ def build(
         batch["label"] = batch["label"].astype(np.int32)
         examples = sz["batch"]
     else:
-        task, batch = _dann(sz, dtype, depthwise)
+        if name == "lenet_dann" and jnp.dtype(dtype) != jnp.float32:
+            raise UserError(f"lenet_dann runs in float32 only (LeNet has no dtype), not {dtype}.")
+        task, batch = _dann(sz, dtype, depthwise, lenet=name == "lenet_dann")
         examples = 2 * sz["batch"]
     tx, lr_fn = optim.build(_optimizer(name))
     if fsdp:

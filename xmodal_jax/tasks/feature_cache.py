@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import tqdm
 
-from xmodal_jax import provenance, timing
+from xmodal_jax import provenance, timing, xla_defaults
 from xmodal_jax.cache_dirs import cache_root
 from xmodal_jax.data import index_shuffle, pipeline, preprocess
 from xmodal_jax.errors import UserError
@@ -136,7 +136,12 @@ class FeatureCache:
     def get_or_compute(
         self, description: Mapping[str, Any], compute: Callable[[], Mapping[str, np.ndarray]]
     ) -> dict[str, np.ndarray]:
-        """The cached arrays for `description`, computing and saving them on a miss."""
+        """The cached arrays for `description`, computing and saving them on a miss. Outputs
+        computed with XLA's own convolutions on CPU (the project's default, `xla_defaults`)
+        differ in the last bits from those of YNNPACK's (entries without the field), so the
+        key names them."""
+        if xla_defaults.cpu_convolutions() != "ynnpack":
+            description = {**description, "cpu_convolutions": xla_defaults.cpu_convolutions()}
         key = key_of(description)
         found = self.load(key)
         if found is not None:
