@@ -65,7 +65,8 @@ def test_the_flag_reaches_xla_and_takes_convolutions_from_ynnpack():
         "f = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID', "
         "dimension_numbers=dims))\n"
         "x, w = jnp.ones((8, 28, 28, 3)), jnp.ones((5, 5, 3, 20))\n"
-        "print(os.environ.get('XLA_FLAGS', '')); print('ynn' in f.lower(x, w).compile().as_text())\n"
+        "print(os.environ.get('XLA_FLAGS', ''))\n"
+        "print('ynn' in f.lower(x, w).compile().as_text())\n"
     )
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
