@@ -1103,11 +1103,13 @@ def test_a_table_says_what_its_runs_rest_on():
         rec(50.0, "b", {**soft, "jax": "0.11.2"}, dirty=False),
         {"done": {"wall_s": 10.0}, "provenance": None},
     ]
+    recs[3]["provenance"]["cpu_convolutions"] = "xla"  # the others: before the field, YNNPACK
     assert records_lib.describe(recs) == [
         f"5 runs, {660 / 3600:.1f} h of compute in all (median 100 s a run).",
         "Software (2 different): flax 0.12.8, jax 0.10.2, python 3.11.7 (3 runs); "
         "flax 0.12.8, jax 0.11.2, python 3.11.7 (1 run).",
-        "Devices: cpu x1 (2 CPUs).",
+        "Devices (2 different): cpu x1 (2 CPUs, YNNPACK convolutions) (3 runs); "
+        "cpu x1 (2 CPUs, XLA convolutions) (1 run).",
         "Commits (2 different): aaaaaaa (2 runs); bbbbbbb (2 runs); 2 runs from a checkout with "
         "uncommitted changes (1 of them to code, 1 to records or docs only).",
         "1 run without provenance.",

@@ -162,13 +162,17 @@ def _software(prov: dict) -> str:
 
 
 def _device(prov: dict) -> str:
-    """`cpu x1 (2 CPUs)`: the devices a run's provenance names."""
+    """`cpu x1 (2 CPUs, XLA convolutions)`: the devices a run's provenance names, on CPU with
+    who ran its convolutions (`xla_defaults`; records before the field: YNNPACK, XLA's
+    default then), as the two differ in the last bits."""
     if not prov.get("device_kind"):
         return "unrecorded"
     text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
     if prov.get("platform") == "cpu":
         cpus = prov.get("usable_cpus")
-        text += f" ({cpus} CPUs)" if cpus else " (CPU count unrecorded)"
+        convs = {"xla": "XLA", "ynnpack": "YNNPACK"}[prov.get("cpu_convolutions", "ynnpack")]
+        cpus = f"{cpus} CPUs" if cpus else "CPU count unrecorded"
+        text += f" ({cpus}, {convs} convolutions)"
     return text
 
 
