@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -190,6 +191,14 @@ class _Reverse(torch.autograd.Function):
         return -ctx.coeff * grad, None
 
 
+def _discriminator(width: int, hidden: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
 class DannLoss(nn.Module):
     """Source cross-entropy + domain BCE of an MLP discriminator on gradient-reversed features."""
 
@@ -197,11 +206,7 @@ class DannLoss(nn.Module):
         super().__init__()
         self.features, width = mobilenet_v2(sz["width"])
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(width, sz["classes"]))
-        disc: list[nn.Module] = []
-        for h in sz["disc"]:
-            disc += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.disc = nn.Sequential(*disc, nn.Linear(width, 1))
+        self.disc = _discriminator(width, sz["disc"])
 
     def forward(self, batch: dict) -> torch.Tensor:
         n = batch["label"].shape[0]
@@ -212,37 +217,24 @@ class DannLoss(nn.Module):
         return ce + F.binary_cross_entropy_with_logits(d, domain)
 
 
-class LeNetDannLoss(nn.Module):
-    """`models.lenet.LeNet` (two 5x5 convolutions, 500-unit layer, bottleneck, dropout) with
-    DANN's discriminator on its bottleneck features, as `DannLoss`."""
+class LeNetDannLoss(DannLoss):
+    """`DannLoss` on `models.lenet.LeNet` (two 5x5 convolutions, a 500-unit layer, dropout, the
+    bottleneck whose features the discriminator sees)."""
 
     def __init__(self, sz: dict):
-        super().__init__()
+        nn.Module.__init__(self)
         self.conv1 = nn.Conv2d(sz["channels"], 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
         self.fc = nn.Linear(800, 500)
         self.bottleneck = nn.Linear(500, sz["bottleneck"])
         self.head = nn.Linear(sz["bottleneck"], sz["classes"])
-        disc: list[nn.Module] = []
-        width = sz["bottleneck"]
-        for h in sz["disc"]:
-            disc += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.disc = nn.Sequential(*disc, nn.Linear(width, 1))
+        self.disc = _discriminator(sz["bottleneck"], sz["disc"])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(F.dropout2d(self.conv2(x), 0.5, self.training), 2))
         x = F.dropout(F.relu(self.fc(x.flatten(1))), 0.5, self.training)
         return F.relu(self.bottleneck(x))
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        n = batch["label"].shape[0]
-        f = self.features(torch.cat([batch["source"], batch["target"]]))
-        ce = F.cross_entropy(self.head(f[:n]), batch["label"])
-        d = self.disc(_Reverse.apply(f, 1.0))[:, 0]
-        domain = torch.cat([torch.ones(n), torch.zeros(f.shape[0] - n)])
-        return ce + F.binary_cross_entropy_with_logits(d, domain)
 
 
 # ---------------------------------------------------------------- runners
