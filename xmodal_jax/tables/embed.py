@@ -24,6 +24,7 @@ DOCUMENTS = (
     "README.md",
     "experiments/digits/README.md",
     "experiments/animals/FINETUNE.md",
+    "experiments/animals/SHIFT.md",
     "BENCHMARKS.md",
 )
 
