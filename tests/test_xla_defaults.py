@@ -78,3 +78,18 @@ def test_the_flag_reaches_xla_and_takes_convolutions_from_ynnpack():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split("\n")
     assert out[1] == "True"
+
+
+def test_left_alone_once_jax_has_started():
+    """Imported after a JAX computation, the flag could no longer take effect: `XLA_FLAGS`
+    keep saying what XLA runs with."""
+    code = (
+        "import os, jax.numpy as jnp; jnp.ones(1)\n"
+        "import xmodal_jax; from xmodal_jax import xla_defaults\n"
+        "print(repr(os.environ.get('XLA_FLAGS', ''))); print(xla_defaults.cpu_convolutions())\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["''", "ynnpack"]

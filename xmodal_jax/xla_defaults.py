@@ -11,13 +11,16 @@ default, which differ by float32 summation order). So `import xmodal_jax` adds t
 - the installed jaxlib is not a release it was measured with (the flag is experimental; an
   unknown flag in `XLA_FLAGS` stops XLA).
 The flag only concerns CPU. It takes effect if JAX has not started its backend yet, which is the
-case when `xmodal_jax` is imported before any JAX computation runs (the `xmodal` command does).
+case when `xmodal_jax` is imported before any JAX computation runs (the `xmodal` command does);
+imported later (a notebook that ran JAX first), it leaves `XLA_FLAGS` alone, so that they, and
+the provenance read from them, still say what XLA runs with.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from collections.abc import MutableMapping
 
 NAME = "--xla_cpu_experimental_ynn_fusion_type"
@@ -35,12 +38,22 @@ def _jaxlib_measured() -> bool:
     return version.startswith(JAXLIB_RELEASES)
 
 
+def _backend_started() -> bool:
+    """Whether JAX has created its backends (and XLA read its flags) in this process."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # no public query; the module is loaded with jax
+
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started else bool(getattr(xla_bridge, "_backends", None))
+
+
 def apply(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Adds `FLAG` to `environ['XLA_FLAGS']` (see the module docstring); whether it did."""
     flags = environ.get("XLA_FLAGS", "")
     if environ.get(OFF_ENV, "").lower() in ("0", "off", "false", "no"):
         return False
-    if NAME in flags or not _jaxlib_measured():
+    if NAME in flags or not _jaxlib_measured() or _backend_started():
         return False
     environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True
