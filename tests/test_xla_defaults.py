@@ -9,6 +9,12 @@ import pytest
 from xmodal_jax import xla_defaults
 
 
+@pytest.fixture(autouse=True)
+def _jax_not_started(monkeypatch):
+    """`apply` as at the start of a process: this test process has run JAX already."""
+    monkeypatch.setattr(xla_defaults, "_backend_started", lambda: False)
+
+
 def test_added_to_the_users_flags(monkeypatch):
     monkeypatch.setattr(xla_defaults, "_jaxlib_measured", lambda: True)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
