@@ -62,6 +62,15 @@ def test_cpu_convolutions_reads_the_last_setting(flags, who):
     assert xla_defaults.cpu_convolutions({"XLA_FLAGS": flags}) == who
 
 
+def _fresh_process(code: str, **env: str) -> list[str]:
+    """The output lines of `code` run in a new Python with a bare environment plus `env`."""
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **env}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.split("\n")
+
+
 def test_the_flag_reaches_xla_and_takes_convolutions_from_ynnpack():
     """In a fresh process: `import xmodal_jax` before JAX starts puts the flag in, XLA accepts
     it (an unknown flag would stop it), and a compiled convolution is no YNNPACK fusion."""
@@ -74,15 +83,9 @@ def test_the_flag_reaches_xla_and_takes_convolutions_from_ynnpack():
         "print(os.environ.get('XLA_FLAGS', ''))\n"
         "print('ynn' in f.lower(x, w).compile().as_text())\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = _fresh_process(code)
     assert out[0] == xla_defaults.FLAG and out[1] == "False"
-    env["XMODAL_XLA_DEFAULTS"] = "off"  # XLA's default: YNNPACK runs it
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = _fresh_process(code, XMODAL_XLA_DEFAULTS="off")  # XLA's default: YNNPACK runs it
     assert out[1] == "True"
 
 
@@ -94,8 +97,5 @@ def test_left_alone_once_jax_has_started():
         "import xmodal_jax; from xmodal_jax import xla_defaults\n"
         "print(repr(os.environ.get('XLA_FLAGS', ''))); print(xla_defaults.cpu_convolutions())\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    out = _fresh_process(code)
     assert out[:2] == ["''", "ynnpack"]

@@ -284,7 +284,7 @@ class _ShuffledBatches:
                  stride: int, rows: np.ndarray | None = None):  # fmt: skip
         self.fields = dict(fields)
         self.rows = rows
-        self.n = len(next(iter(self.fields.values()))) if rows is None else len(rows)
+        self.n = _row_count(fields, rows)
         self.size, self.seed, self.offset, self.stride = size, seed, offset, stride
         self._perms: dict[int, np.ndarray] = {}  # the epochs in use (grain reads from 2 threads)
         self._lock = threading.Lock()
@@ -331,6 +331,11 @@ class _StackedBatches:
         return {k: v[rows] for k, v in self.fields.items()}
 
 
+def _row_count(fields: Mapping[str, np.ndarray], rows: np.ndarray | None) -> int:
+    """How many rows a stream over `fields` (`rows` of them, default all) shuffles."""
+    return len(next(iter(fields.values()))) if rows is None else len(rows)
+
+
 def _check_rows(n: int, batch_size: int, process_count: int, where: str) -> int:
     """This process's share of the batch."""
     if batch_size % process_count:
@@ -358,8 +363,7 @@ def train_dataset(
     global batch. `add` maps the shuffled examples first (e.g. drawing a caption per row);
     without it the batches are gathered whole (`_ShuffledBatches`: the same rows in the same
     order)."""
-    n = len(next(iter(fields.values()))) if rows is None else len(rows)
-    local = _check_rows(n, batch_size, process_count, where)
+    local = _check_rows(_row_count(fields, rows), batch_size, process_count, where)
     if add is None:
         return grain.MapDataset.source(
             _ShuffledBatches(fields, local, seed, process_index, process_count, rows)
@@ -384,8 +388,7 @@ def stacked_train_dataset(
     stacked on axis 1 ([B, len(rows), ...]): a stream per head, gathered at once."""
     streams = []
     for r, seed in zip(rows, seeds, strict=True):
-        n = len(next(iter(fields.values()))) if r is None else len(r)
-        local = _check_rows(n, batch_size, process_count, where)
+        local = _check_rows(_row_count(fields, r), batch_size, process_count, where)
         streams.append(_ShuffledBatches(fields, local, seed, process_index, process_count, r))
     return grain.MapDataset.source(_StackedBatches(streams))
 
