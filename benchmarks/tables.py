@@ -132,7 +132,7 @@ def max_batch(a: dict) -> list[str]:
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
-        if name == "depthwise":
+        if name in ("depthwise", "max_pool"):
             rows = ["| quantity | value |", "|---|---|"]
             rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
         elif name == "cpu_backends":

@@ -1,5 +1,6 @@
 """`xmodal bench`: the end-to-end small run, the FLOP counter, MFU, the depthwise forms."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -237,3 +238,12 @@ def test_fsdp_and_max_batch_ablations_at_small_size(tfds_dir, capsys):
         assert peaks == sorted(peaks)  # the plan grows with the batch
         assert all(t["fits"] == (t["peak_bytes"] <= 0.03 * 2**30) for t in tried.values())
     assert "| unrolled |" in bench_tables.ablations(out)
+
+
+def test_max_pool_ablation_same_update_both_forms():
+    args = argparse.Namespace(small=True, batch=None, steps=2, rounds=1)
+    a = ablations.max_pool_ablation(args)
+    assert a["update_max_abs_diff_rel"] == 0.0  # the same gradient, bit for bit
+    assert a["train_step_reduce_window_s"] > 0 and a["train_step_tiled_s"] > 0
+    ratio = a["train_step_reduce_window_s"] / a["train_step_tiled_s"]
+    assert a["speed_tiled_vs_reduce_window"] == pytest.approx(ratio)

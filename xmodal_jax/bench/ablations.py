@@ -3,6 +3,7 @@
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
+`max_pool` (LeNet's pooling as `nn.max_pool` or as `tiled_max_pool`, in the LeNet + DANN step),
 `cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`); for an
 accelerator, named only: `fsdp` (the CLIP step plain and through the trainer's sharded path)
 and `max_batch` (the largest CLIP batch that fits, unrolled and scanned with remat).
@@ -56,6 +57,24 @@ def depthwise_ablation(args) -> dict[str, Any]:
         "grad_max_abs_diff_rel": max_rel_diff(d_conv, d_shift),
     }
     out.update(mobilenet_forward(args))
+    return out
+
+
+def max_pool_ablation(args) -> dict[str, Any]:
+    """LeNet + DANN train step with `nn.max_pool` (its gradient is select-and-scatter) and with
+    `tiled_max_pool` (LeNet's default): step times alternated in one process, and how far apart
+    their first updates are (0 when the gradients agree bit for bit)."""
+    sz = workloads.sizes("lenet_dann", args.small, args.batch)
+    updates, built = {}, {}
+    for pool in ("reduce_window", "tiled"):
+        updates[pool], _, built[pool] = _first_updates("lenet_dann", sz, pool=pool)
+    calls = {f"train_step_{pool}_s": b.runner.step for pool, b in built.items()}
+    out: dict[str, Any] = runner.alternate(calls, args.steps, args.rounds)
+    out["speed_tiled_vs_reduce_window"] = (
+        out["train_step_reduce_window_s"] / out["train_step_tiled_s"]
+    )
+    out["update_max_abs_diff_rel"] = max_rel_diff(updates["reduce_window"], updates["tiled"])
+    out["batch_per_domain"] = sz["batch"]
     return out
 
 
@@ -174,6 +193,8 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
     measured so far (by `max_batch`, after every batch tried), so a run cut short keeps it."""
     if name == "depthwise":
         return depthwise_ablation(args)
+    if name == "max_pool":
+        return max_pool_ablation(args)
     if name == "max_batch":  # the scanned step first: it compiles several times faster
         variants = {
             "scan_remat_dots": {"dtype": args_dtype(args), "scan": True, "remat": "dots"},

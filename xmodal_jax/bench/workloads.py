@@ -144,9 +144,12 @@ def _classification(sz: dict, dtype: Any) -> tuple[Classification, dict]:
     return Classification(config), batch
 
 
-def _dann(sz: dict, dtype: Any, depthwise: str, lenet: bool) -> tuple[DomainAdaptation, dict]:
+def _dann(
+    sz: dict, dtype: Any, depthwise: str, lenet: bool, pool: str
+) -> tuple[DomainAdaptation, dict]:
     if lenet:  # the digits LeNet (float32 only: `build` refuses another dtype)
-        model = {"name": "lenet", "num_classes": sz["classes"], "bottleneck": sz["bottleneck"]}
+        model = {"name": "lenet", "num_classes": sz["classes"], "bottleneck": sz["bottleneck"],
+                 "pool": pool}  # fmt: skip
     else:
         model = {"name": "mobilenet_v2", "num_classes": sz["classes"], "width": sz["width"],
                  "depthwise": depthwise, "dtype": dtype}  # fmt: skip
@@ -207,6 +210,7 @@ def build(
     scan: bool = False,
     remat: str = "none",
     depthwise: str = "auto",
+    pool: str = "tiled",
     donate: bool = True,
     fsdp: bool = False,
 ) -> Built:
@@ -224,7 +228,7 @@ def build(
     else:
         if name == "lenet_dann" and jnp.dtype(dtype) != jnp.float32:
             raise UserError(f"lenet_dann runs in float32 only (LeNet has no dtype), not {dtype}.")
-        task, batch = _dann(sz, dtype, depthwise, lenet=name == "lenet_dann")
+        task, batch = _dann(sz, dtype, depthwise, lenet=name == "lenet_dann", pool=pool)
         examples = 2 * sz["batch"]
     tx, lr_fn = optim.build(_optimizer(name))
     if fsdp:

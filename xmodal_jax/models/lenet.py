@@ -3,13 +3,17 @@
 Layout follows the digits LeNet used in domain adaptation benchmarks (two 5x5 convolutions with
 20 and 50 channels, max-pool, a 500-unit layer, dropout), then a `bottleneck`-wide feature layer
 and a linear head. No BatchNorm by default; `norm="batch"` adds BatchNorm after each
-convolution and the 500-unit layer (the variant AdaBN adapts).
+convolution and the 500-unit layer (the variant AdaBN adapts). `pool` picks the max-pooling form:
+`tiled` (`pooling.tiled_max_pool`, the default) or `reduce_window` (`nn.max_pool`); the two give
+the same values and gradients, the first several times faster on CPU.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from xmodal_jax.models.pooling import tiled_max_pool
 
 _conv_init = nn.with_logical_partitioning(
     nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")
@@ -29,22 +33,30 @@ class LeNet(nn.Module):
     bottleneck: int = 256
     dropout: float = 0.5
     norm: str | None = None
+    pool: str = "tiled"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> dict[str, jnp.ndarray]:
         if self.norm not in (None, "batch"):
             raise ValueError(f"LeNet norm={self.norm!r}: use None or 'batch'.")
+        if self.pool not in ("tiled", "reduce_window"):
+            raise ValueError(f"LeNet pool={self.pool!r}: use 'tiled' or 'reduce_window'.")
 
         def norm(y):
             if self.norm is None:
                 return y
             return nn.BatchNorm(use_running_average=not train, momentum=0.9)(y)
 
+        def pool(y):
+            if self.pool == "tiled":
+                return tiled_max_pool(y, (2, 2))
+            return nn.max_pool(y, (2, 2), strides=(2, 2))
+
         x = nn.Conv(20, (5, 5), padding="VALID", kernel_init=_conv_init, bias_init=_bias)(x)
-        x = nn.relu(nn.max_pool(norm(x), (2, 2), (2, 2)))
+        x = nn.relu(pool(norm(x)))
         x = nn.Conv(50, (5, 5), padding="VALID", kernel_init=_conv_init, bias_init=_bias)(x)
         x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(norm(x))
-        fmap = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        fmap = nn.relu(pool(x))
         x = fmap.reshape(fmap.shape[0], -1)
         x = nn.relu(norm(_dense(500, ("embed", "mlp"), "fc")(x)))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -1,0 +1,102 @@
+"""`tiled_max_pool`: values and gradients equal to `nn.max_pool`'s bit for bit, and the gradient
+equal to a float64 numpy reference (the first maximum of each window takes the window's
+gradient)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmodal_jax.models.lenet import LeNet
+from xmodal_jax.models.pooling import tiled_max_pool
+
+
+def _inputs(shape, seed, grid=True):
+    """Values on a coarse `grid` (most windows hold ties) or continuous, and a blank band (all
+    zeros: the ties of blank image borders)."""
+    x = np.random.RandomState(seed).rand(*shape)
+    x = np.round(x * 3) - 1.5 if grid else x
+    x[:, : shape[1] // 3] = 0.0
+    return jnp.asarray(x, jnp.float32)
+
+
+def _reference_grad(x: np.ndarray, g: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    dx = np.zeros(x.shape, np.float64)
+    n, oh, ow, c = g.shape
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    win = x[b, i * kh : (i + 1) * kh, j * kw : (j + 1) * kw, ch]
+                    r, s = np.unravel_index(np.argmax(win), win.shape)  # first maximum
+                    dx[b, i * kh + r, j * kw + s, ch] = g[b, i, j, ch]
+    return dx
+
+
+@pytest.mark.parametrize(
+    "shape,window", [((2, 8, 8, 3), (2, 2)), ((3, 9, 7, 2), (2, 2)), ((2, 9, 8, 4), (3, 2))]
+)
+def test_equals_max_pool_and_reference(shape, window):
+    x = _inputs(shape, seed=sum(shape))
+    theirs = nn.max_pool(x, window, strides=window)
+    ours = tiled_max_pool(x, window)
+    assert ours.shape == theirs.shape
+    assert np.asarray(ours).tobytes() == np.asarray(theirs).tobytes()
+
+    g = jnp.asarray(np.random.RandomState(1).randn(*ours.shape), jnp.float32)
+    grad_ours = jax.vjp(lambda x: tiled_max_pool(x, window), x)[1](g)[0]
+    grad_theirs = jax.vjp(lambda x: nn.max_pool(x, window, strides=window), x)[1](g)[0]
+    assert np.asarray(grad_ours).tobytes() == np.asarray(grad_theirs).tobytes()
+    ref = _reference_grad(np.asarray(x, np.float64), np.asarray(g, np.float64), *window)
+    np.testing.assert_array_equal(np.asarray(grad_ours, np.float64), ref)
+
+
+def test_nan_window_sends_no_gradient():
+    x = jnp.array([[[[np.nan], [1.0]], [[2.0], [3.0]]]], jnp.float32)  # one 2x2 window
+    grad = jax.grad(lambda x: tiled_max_pool(x, (2, 2)).sum())(x)
+    assert np.isnan(tiled_max_pool(x, (2, 2))).all()
+    np.testing.assert_array_equal(grad, np.zeros_like(x))
+
+
+@pytest.mark.parametrize("norm,channels", [(None, 1), (None, 3), ("batch", 1)])
+def test_lenet_train_gradient_unchanged(norm, channels):
+    """The digits tables' records rest on LeNet's values: its loss and gradient are the same as
+    with `nn.max_pool` (`pool="reduce_window"`), bit for bit without BatchNorm; with it, XLA sums
+    the statistics in another order in the two programs (float32 rounding, ~3e-7 of the largest
+    value). Pixels are continuous: windows of different pixels then tie only if their sums round
+    alike, and which one wins could flip with any change of summation order, pooling or not."""
+    x = _inputs((16, 28, 28, channels), seed=channels, grid=False)
+    variables = LeNet(norm=norm).init(jax.random.PRNGKey(0), x[:2])
+
+    def grads(pool):
+        model = LeNet(norm=norm, pool=pool)
+
+        def loss(params):
+            out, _ = model.apply(
+                {**variables, "params": params},
+                x,
+                train=True,
+                rngs={"dropout": jax.random.PRNGKey(1)},
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(out["logits"] ** 2)
+
+        value, grad = jax.jit(jax.value_and_grad(loss))(variables["params"])
+        leaves = jax.tree_util.tree_leaves_with_path(grad)
+        # A bias followed by BatchNorm has no gradient; its float32 figure is cancellation noise.
+        return [value] + [
+            g
+            for p, g in leaves
+            if not (
+                norm and "Conv" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p)
+            )
+        ]
+
+    ours, theirs = grads("tiled"), grads("reduce_window")
+    for a, b in zip(ours, theirs, strict=True):
+        if norm is None:
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        else:
+            scale = max(float(np.abs(leaf).max()) for leaf in theirs)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
