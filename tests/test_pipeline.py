@@ -114,6 +114,38 @@ def test_eval_batches_read_small_splits_decoded_once(tfds_dir, monkeypatch):
     assert [k[1] for k in pipeline._DECODED] == ["train[:10]", "train[:50%]"]
 
 
+def test_eval_batches_kept_after_the_first_pass(tfds_dir, monkeypatch):
+    """A second pass over a decoded split yields the first pass's preprocessed batches, read-only
+    and in fresh dicts; another pp spec or shard is another pass; the oldest pass leaves first
+    when the kept passes would pass `EVAL_BATCHES_BYTES`."""
+    monkeypatch.setattr(pipeline, "_EVAL_BATCHES", {})
+    cfg = {"name": "digits_uci", "split": "test", "pp": "value_range(0, 1)|resize(28)"}
+    files = list(pipeline.eval_batches({**cfg, "cache": False}, batch_size=96))
+    assert not pipeline._EVAL_BATCHES  # a split read from the files is not kept
+    first = list(pipeline.eval_batches(cfg, batch_size=96))
+    assert len(pipeline._EVAL_BATCHES) == 1
+    calls = []
+    real_compose = pipeline.preprocess.compose
+    monkeypatch.setattr(
+        pipeline.preprocess, "compose", lambda spec: calls.append(spec) or real_compose(spec)
+    )
+    second = list(pipeline.eval_batches(cfg, batch_size=96))
+    assert not calls  # nothing preprocessed again
+    assert _same(second, files) and _same(first, files)
+    assert second[0] is not first[0] and not second[0]["image"].flags.writeable
+    second[0]["image"] = None  # a reader's own dict: the kept pass is untouched
+    assert _same(list(pipeline.eval_batches(cfg, batch_size=96)), files)
+    list(pipeline.eval_batches(cfg, batch_size=48))  # another batch size: another pass
+    assert len(pipeline._EVAL_BATCHES) == 2
+    size = next(iter(pipeline._EVAL_BATCHES.values()))[0]
+    monkeypatch.setattr(pipeline, "EVAL_BATCHES_BYTES", 2 * size)
+    list(pipeline.eval_batches({**cfg, "pp": "value_range(0, 1)"}, batch_size=96))
+    assert [k[1:3] for k in pipeline._EVAL_BATCHES] == [
+        ("value_range(0, 1)|resize(28)", 48),
+        ("value_range(0, 1)", 96),
+    ]
+
+
 def test_catalogue_datasets_with_mock_data(tfds_dir):
     with tfds.testing.mock_data(num_examples=16):
         pp = "value_range(0, 1)|random_crop(28)|flip_lr"
