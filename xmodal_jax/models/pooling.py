@@ -1,8 +1,8 @@
 """Max pooling over windows that tile the image (stride = window, no padding), with the gradient
 computed elementwise.
 
-`nn.max_pool`'s gradient is XLA's select-and-scatter, which XLA:CPU runs as a scalar loop: it
-took over half of a LeNet train step on 2 cores (`xmodal bench --workloads lenet_dann`). When the
+`nn.max_pool`'s gradient is XLA's select-and-scatter, which is slow on XLA:CPU: about half of
+the LeNet + DANN train step on 2 cores (`xmodal bench --ablations max_pool`). When the
 windows do not overlap, every input position belongs to one window and receives either that
 window's gradient or zero, so the same gradient is a compare and a select: the position gets it
 iff it holds the window's first maximum in row-major order, which is the position
