@@ -1,5 +1,6 @@
 """Grain pipelines: determinism, checkpointable state, per-process shards, preprocessing ops."""
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -144,6 +145,23 @@ def test_eval_batches_kept_after_the_first_pass(tfds_dir, monkeypatch):
         ("value_range(0, 1)|resize(28)", 48),
         ("value_range(0, 1)", 96),
     ]
+
+
+def test_in_memory_splits_read_ahead_in_one_thread(tfds_dir):
+    """Splits held in memory are read ahead by one thread (Grain's many threads only contend for
+    the GIL over them); the batches are the ones Grain's default read-ahead gives."""
+    cfg = {"name": "digits_uci", "split": "train", "pp": "value_range(0, 1, in_hi=16)"}
+    files = {**cfg, "cache": False}
+    assert pipeline.read_options(cfg) is pipeline.IN_MEMORY_READ
+    assert pipeline.read_options(cfg, files) is None  # one split read from the files
+    ours = _take(pipeline.paired_iterator(cfg, cfg, batch_size=32, seed=1), 4)
+    default = pipeline.train_dataset(cfg, batch_size=32, seed=1)
+    zipped = grain.experimental.ZipMapDataset(
+        parents=[default, pipeline.train_dataset(cfg, batch_size=32, seed=1 + 7919)]
+    )
+    theirs = _take(iter(zipped.to_iter_dataset()), 4)
+    assert _same([b["source"] for b in ours], [b[0] for b in theirs])
+    assert _same([b["target"] for b in ours], [b[1] for b in theirs])
 
 
 def test_catalogue_datasets_with_mock_data(tfds_dir):

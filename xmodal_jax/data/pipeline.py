@@ -249,9 +249,21 @@ def train_dataset(
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
+# Grain's default read-ahead (16 threads, 500 elements) is for records read from files; over
+# records held in memory its threads only contend for the GIL (grain's `ReadOptions` docs): a
+# paired digits batch (64 MNIST + 64 SynDigits-like) took 21 ms with it, 7 ms with one thread.
+IN_MEMORY_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+
+
+def read_options(*cfgs: Mapping[str, Any]) -> grain.ReadOptions | None:
+    """`IN_MEMORY_READ` when every split of `cfgs` is held in memory (`records`), else None
+    (Grain's default)."""
+    return IN_MEMORY_READ if all(isinstance(records(c), tuple) for c in cfgs) else None
+
+
 def train_iterator(cfg: Mapping[str, Any], **kwargs) -> grain.DatasetIterator:
     """Checkpointable iterator over `train_dataset(cfg, **kwargs)`."""
-    return iter(train_dataset(cfg, **kwargs).to_iter_dataset())
+    return iter(train_dataset(cfg, **kwargs).to_iter_dataset(read_options(cfg)))
 
 
 def paired_iterator(
@@ -261,7 +273,8 @@ def paired_iterator(
     src = train_dataset(source_cfg, seed=seed, **kwargs)
     tgt = train_dataset(target_cfg, seed=seed + 7919, **kwargs)
     zipped = grain.experimental.ZipMapDataset(parents=[src, tgt])
-    return iter(zipped.map(lambda st: {"source": st[0], "target": st[1]}).to_iter_dataset())
+    read = read_options(source_cfg, target_cfg)
+    return iter(zipped.map(lambda st: {"source": st[0], "target": st[1]}).to_iter_dataset(read))
 
 
 def row_batches(

@@ -394,5 +394,6 @@ def stacked_train_dataset(
 
 
 def train_iterator(fields: Mapping[str, np.ndarray], **kwargs) -> grain.DatasetIterator:
-    """Checkpointable iterator over `train_dataset(fields, **kwargs)`."""
-    return iter(train_dataset(fields, **kwargs).to_iter_dataset())
+    """Checkpointable iterator over `train_dataset(fields, **kwargs)` (in memory: one thread
+    reads ahead, `pipeline.IN_MEMORY_READ`)."""
+    return iter(train_dataset(fields, **kwargs).to_iter_dataset(pipeline.IN_MEMORY_READ))
