@@ -341,11 +341,16 @@ def eval_batches(
             rows.append({**filler, "_mask": np.False_})
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         if key is not None:
-            kept.append(_read_only(batch))
             size += _nbytes(batch)
-            batch = dict(kept[-1])
+            if size > EVAL_BATCHES_BYTES:  # too big to keep: stop holding this pass
+                key, kept = None, []
+            else:
+                for array in batch.values():  # stacked here: shared read-only, not copied
+                    array.flags.writeable = False
+                kept.append(batch)
+                batch = dict(batch)
         yield batch
-    if key is not None and size <= EVAL_BATCHES_BYTES:
+    if key is not None:
         while _EVAL_BATCHES and sum(b for b, _ in _EVAL_BATCHES.values()) + size > (
             EVAL_BATCHES_BYTES
         ):
