@@ -35,7 +35,9 @@ def header(r: dict) -> str:
         f"`{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, jax {m['jax']}, "
         # Runs before the field ran with XLA's default: YNNPACK's convolutions on CPU.
         f"{m.get('cpu_convolutions', 'ynnpack')} convolutions on CPU, "
-        "load average "
+        # Runs before the field, or outside the `xmodal` program: glibc's allocator defaults.
+        + (f"glibc tunables `{m['glibc_tunables']}`, " if m.get("glibc_tunables") else "")
+        + "load average "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15'])} (1/5/15 min) at the start. "
         f"Ceilings measured in this run: matmul float32 {c['matmul_f32_flops'] / 1e9:.1f} "
         f"GFLOP/s, bfloat16 {c['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s (n={c['matmul_n']}), "
@@ -137,6 +139,8 @@ def ablations(r: dict) -> str:
             rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
         elif name == "cpu_backends":
             rows = cpu_backends(a)
+        elif name == "malloc":
+            rows = malloc(a)
         elif name == "max_batch":
             rows = max_batch(a)
         else:
@@ -173,6 +177,34 @@ def cpu_backends(a: dict) -> list[str]:
                 f"{'n/a' if diff is None else f'{diff:.2g}'} |"
             )
     return rows + [f"\n{a['rounds']} rounds, the backends alternating, each in its own process."]
+
+
+def malloc(a: dict) -> list[str]:
+    """Rows of the allocator ablation: per workload, glibc's default and the `xmodal` setting
+    (transparent huge pages): median step, speed against the default, the processes' peak
+    resident memory, and the first update's distance to the default's."""
+    rows = [
+        f"glibc {a['glibc']}, transparent huge pages `{a['thp_mode']}`.",
+        "",
+        "| workload | allocator (`GLIBC_TUNABLES`) | compile s | step ms | speed vs default | "
+        "peak RSS MiB | first update vs default (max rel. diff) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for workload, row in a.items():
+        if workload in ("tunables", "thp_mode", "glibc", "rounds"):
+            continue
+        for variant, v in row.items():
+            label = f"{variant} (`{a['tunables'][variant] or 'none'}`)"
+            if "error" in v:
+                rows.append(f"| {workload} | {label} | failed: {v['error']} | | | | |")
+                continue
+            diff = v["update_max_abs_diff_rel"]
+            rows.append(
+                f"| {workload} | {label} | {v['compile_s']:.1f} | {_ms(v['step_s'])} | "
+                f"{v['speed_vs_default']:.2f}x | {v['max_rss_mib']:,.0f} | "
+                f"{'n/a' if diff is None else f'{diff:.2g}'} |"
+            )
+    return rows + [f"\n{a['rounds']} rounds, the two alternating, each in its own process."]
 
 
 def test_run(r: dict) -> str:

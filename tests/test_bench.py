@@ -165,6 +165,27 @@ def test_cpu_backends_ablation_runs_each_backend_and_compares_first_updates():
     assert row["default"]["update_max_abs_diff_rel"] == 0.0
 
 
+@pytest.mark.slow
+def test_malloc_ablation_runs_with_and_without_huge_pages_and_changes_no_number():
+    """The small LeNet + DANN step in a process with glibc's defaults and in one with the
+    `xmodal` setting: both run, the setting reaches the second only, and the first update is
+    the same bit for bit (where memory comes from changes no arithmetic)."""
+    import benchmarks.tables as bench_tables
+    from xmodal_jax import malloc_defaults
+    from xmodal_jax.bench import malloc
+
+    args = argparse.Namespace(small=True, batch=None, steps=2, rounds=1)
+    out = malloc.ablation(args, workloads=("lenet_dann",))
+    assert out["tunables"]["hugetlb"].endswith(malloc_defaults.SETTING)
+    assert malloc_defaults.TUNABLE not in out["tunables"]["default"]
+    row = out["lenet_dann"]
+    for name, cell in row.items():
+        assert "error" not in cell, (name, cell)
+        assert cell["step_s"] > 0 and cell["max_rss_mib"] > 0, (name, cell)
+    assert row["hugetlb"]["update_max_abs_diff_rel"] == 0.0
+    assert "| lenet_dann | hugetlb (`" in bench_tables.ablations({"ablations": {"malloc": out}})
+
+
 def test_peak_memory_counts_the_activations():
     """A chain of element-wise steps over a batch keeps intermediates alive for the backward
     pass: the step's peak grows with the batch by at least the saved activations (float32,

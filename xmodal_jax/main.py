@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xmodal_jax import __version__
+from xmodal_jax import __version__, malloc_defaults
 from xmodal_jax.errors import (
     EXIT_ABORTED,
     EXIT_DIVERGED,
@@ -164,5 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `xmodal` console script: `main` in a process started with the project's allocator
+    setting (`malloc_defaults`: the process restarts itself once to take it)."""
+    malloc_defaults.restart_with_defaults()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -99,5 +99,6 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "usable_cpus": usable_cpus(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults
         "argv": list(sys.argv if argv is None else argv),
     }

@@ -4,7 +4,8 @@
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
 `max_pool` (LeNet's pooling as `nn.max_pool` or as `tiled_max_pool`, in the LeNet + DANN step),
-`cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`); for an
+`cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`), `malloc`
+(glibc's allocator with and without the `xmodal` program's setting: `malloc`); for an
 accelerator, named only: `fsdp` (the CLIP step plain and through the trainer's sharded path)
 and `max_batch` (the largest CLIP batch that fits, unrolled and scanned with remat).
 """
@@ -206,6 +207,11 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
 
         chosen = [w for w in args.workloads.split(",") if w in backends.WORKLOADS]
         return backends.ablation(args, tuple(chosen) or backends.WORKLOADS)
+    if name == "malloc":
+        from xmodal_jax.bench import backends, malloc
+
+        chosen = [w for w in args.workloads.split(",") if w in backends.WORKLOADS]
+        return malloc.ablation(args, tuple(chosen) or backends.WORKLOADS)
     variants = {
         "scan_remat": {
             "unrolled": {},

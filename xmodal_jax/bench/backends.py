@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -71,10 +73,14 @@ def _child(argv: list[str]) -> None:
         leaves = {str(i): np.asarray(a, np.float64) - b for i, (a, b) in enumerate(pairs)}
         np.savez(args.updates, **leaves)
     times = measure.time_calls(built.runner.step, args.steps)
-    print(json.dumps({"step_s": times, "compile_s": built.runner.compiled.compile_s}))
+    out = {"step_s": times, "compile_s": built.runner.compiled.compile_s}
+    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps(out))
 
 
-def _run(backend: str, workload: str, args, updates: str | None) -> dict[str, Any]:
+def run_child(env: Mapping[str, str], workload: str, args, updates: str | None) -> dict[str, Any]:
+    """One workload's train step in a process of its own under `env`: its step times, compile
+    seconds and peak resident memory, its first update saved to `updates` (.npz) if given."""
     cmd = [sys.executable, "-m", "xmodal_jax.bench.backends", "--workload", workload]
     cmd += ["--steps", str(max(args.steps // max(args.rounds, 1), 2))]
     if args.batch:
@@ -83,7 +89,7 @@ def _run(backend: str, workload: str, args, updates: str | None) -> dict[str, An
         cmd.append("--small")
     if updates:
         cmd += ["--updates", updates]
-    done = subprocess.run(cmd, env=env_for(backend), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=dict(env), capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
         return {"error": f"exit {done.returncode}: {' '.join(tail)}"}
@@ -98,43 +104,53 @@ def _max_rel_diff(a: str, b: str) -> float:
 
 
 def ablation(args, workloads: tuple[str, ...] = WORKLOADS) -> dict:
-    """Per workload and backend: median step seconds over the rounds, the first step's compile
-    seconds, and the first update's distance to the default backend's."""
-    out: dict[str, Any] = {"flags": dict(BACKENDS), "rounds": args.rounds}
+    """`compare` over the backends (`flags`: each one's XLA flag)."""
+    envs = {backend: env_for(backend) for backend in BACKENDS}
+    return {"flags": dict(BACKENDS), **compare(envs, args, workloads)}
+
+
+def compare(
+    envs: Mapping[str, Mapping[str, str]], args, workloads: tuple[str, ...]
+) -> dict[str, Any]:
+    """Per workload and variant (a process environment; the first is the reference, named
+    `default`): median step seconds over the rounds, the first step's compile seconds, the
+    largest peak resident memory, and the first update's distance to the reference's. The
+    variants take turns, round after round, each in a process of its own."""
+    out: dict[str, Any] = {"rounds": args.rounds}
+    reference = next(iter(envs))
     with tempfile.TemporaryDirectory() as tmp:
-        times: dict[tuple[str, str], list[float]] = {}
-        compile_s: dict[tuple[str, str], float] = {}
+        runs: dict[tuple[str, str], list[dict]] = {}
         errors: dict[tuple[str, str], str] = {}
         for round_ in range(args.rounds):
             for workload in workloads:
-                for backend in BACKENDS:
-                    path = os.path.join(tmp, f"{workload}_{backend}.npz") if round_ == 0 else None
-                    r = _run(backend, workload, args, path)
+                for variant, env in envs.items():
+                    path = os.path.join(tmp, f"{workload}_{variant}.npz") if round_ == 0 else None
+                    r = run_child(env, workload, args, path)
                     if "error" in r:
-                        errors[workload, backend] = r["error"]
-                        continue
-                    times.setdefault((workload, backend), []).extend(r["step_s"])
-                    compile_s.setdefault((workload, backend), r["compile_s"])
+                        errors[workload, variant] = r["error"]
+                    else:
+                        runs.setdefault((workload, variant), []).append(r)
         for workload in workloads:
-            ref = os.path.join(tmp, f"{workload}_default.npz")
+            ref = os.path.join(tmp, f"{workload}_{reference}.npz")
             row = {}
-            for backend in BACKENDS:
-                key = (workload, backend)
-                if key in errors:
-                    row[backend] = {"error": errors[key]}
+            for variant in envs:
+                key = (workload, variant)
+                if key in errors or key not in runs:
+                    row[variant] = {"error": errors.get(key, "no run finished")}
                     continue
-                mine = os.path.join(tmp, f"{workload}_{backend}.npz")
-                row[backend] = {
-                    "step_s": float(np.median(times[key])),
-                    "compile_s": compile_s[key],
+                mine = os.path.join(tmp, f"{workload}_{variant}.npz")
+                row[variant] = {
+                    "step_s": float(np.median([t for r in runs[key] for t in r["step_s"]])),
+                    "compile_s": runs[key][0]["compile_s"],
+                    "max_rss_mib": max(r.get("max_rss_mib", 0.0) for r in runs[key]),
                     "update_max_abs_diff_rel": _max_rel_diff(ref, mine)
                     if os.path.exists(ref) and os.path.exists(mine)
                     else None,
                 }
-            default = row.get("default", {}).get("step_s")
+            base = row.get(reference, {}).get("step_s")
             for cell in row.values():
-                if default and "step_s" in cell:
-                    cell["speed_vs_default"] = default / cell["step_s"]
+                if base and "step_s" in cell:
+                    cell["speed_vs_default"] = base / cell["step_s"]
             out[workload] = row
     return out
 

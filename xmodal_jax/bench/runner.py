@@ -28,6 +28,7 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults
     }
 
 
