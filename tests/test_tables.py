@@ -462,6 +462,28 @@ def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monke
         cli.run([table, "--records", os.path.join(root, "fake.runs.jsonl"), "--only", "good"])
 
 
+def test_only_runs_what_the_chosen_rows_read(tmp_path, monkeypatch):
+    """A row that reports another row's runs under another metric has no jobs of its own;
+    choosing it with `--only` runs those runs (not an error that it matches nothing)."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(
+        tmp_path,
+        "Row('good', GOOD, 'base=0.5'), Row('bad', BAD, 'fail=1'), "
+        "Row('good, source', GOOD, 'base=0.5', metrics={'T': 'eval/source/accuracy'})",
+    )
+    root = str(tmp_path / "root")
+    result = cli.run([table, "--root", root, "--only", "source"])
+    assert result["done"] == 2
+    calls = (tmp_path / "root" / "fake" / "calls.txt").read_text().split()
+    _, t = spec_lib.load(table)
+    good = sorted(j.workdir(root, "fake") for j in jobs_lib.expand(t) if j.row == "good")
+    assert sorted(calls) == good
+    with pytest.raises(UserError, match="matches no row label"):
+        cli.run([table, "--root", root, "--only", "nothing"])
+
+
 def test_a_diverged_run_is_a_result_reported_and_not_retried(tmp_path, monkeypatch, capsys):
     """A run whose training diverges (exit 3) is an outcome of its seed: the table lists it as
     diverged, with what the trainer said, instead of 'not run'; its record says so too; the

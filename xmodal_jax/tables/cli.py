@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="jobs run at a time (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--select", choices=sorted(spec.RULES), help="override the table's rule")
-    p.add_argument("--only", help="run only the rows whose label matches this regex")
+    p.add_argument(
+        "--only", help="run only the rows whose label matches this regex (the runs they read)"
+    )
     p.add_argument("--seeds", help="run only these of the table's seeds (comma-separated)")
     p.add_argument("--collect-only", action="store_true", help="write the table, run nothing")
     p.add_argument("--out", help="where NAME.md/.tex/.csv go (default: --root)")
@@ -180,7 +182,10 @@ def run(argv: list[str]) -> dict:
             pattern = re.compile(args.only)
         except re.error as e:
             raise UserError(f"--only {args.only!r} is not a regular expression: {e}.") from None
-        jobs = [j for j in jobs if pattern.search(j.row)]
+        chosen = jobs_lib.keys_of_rows(
+            table, [r.label for r in table.rows if pattern.search(r.label)]
+        )
+        jobs = [j for j in jobs if j.key in chosen]
         if not jobs:
             labels = [r.label for r in table.rows]
             raise UserError(f"--only {args.only!r} matches no row label of {labels}.")

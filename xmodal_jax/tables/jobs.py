@@ -186,6 +186,18 @@ def expand(table: Table) -> list[Job]:
     return sorted(jobs.values(), key=lambda j: bool(j.needs))  # stable: else the table's order
 
 
+def keys_of_rows(table: Table, labels: Sequence[str]) -> set[str]:
+    """The keys of the runs the rows `labels` read, their own or (a row reading another row's
+    runs under other metrics) those `expand` gave to an earlier row."""
+    return {
+        job.key
+        for row in table.rows
+        if row.label in labels
+        for col_args in dict.fromkeys(c.args for c in table.columns if table.fills(row, c))
+        for job in row_jobs(table, row, col_args)
+    }
+
+
 def check_configs(jobs: list[Job], table_path: str) -> None:
     """One error naming every config file the table refers to that does not exist."""
     missing = sorted({j.config for j in jobs if not os.path.isfile(j.config)})
