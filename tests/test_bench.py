@@ -165,6 +165,17 @@ def test_cpu_backends_ablation_runs_each_backend_and_compares_first_updates():
     assert row["default"]["update_max_abs_diff_rel"] == 0.0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_childs_peak_memory_is_its_own_not_its_large_parents():
+    """getrusage's peak survives fork and exec: a child of a 512 MiB parent would report at
+    least that. The child's peak (`backends._peak_rss_mib`) is its own."""
+    big = np.ones(2**27, np.float32)  # 512 MiB, touched
+    code = "from xmodal_jax.bench import backends; print(backends._peak_rss_mib())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < float(done.stdout) < 256, done.stdout
+    del big
+
+
 @pytest.mark.slow
 def test_malloc_ablation_runs_with_and_without_huge_pages_and_changes_no_number():
     """The small LeNet + DANN step in a process with glibc's defaults and in one with the
