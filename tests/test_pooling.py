@@ -2,6 +2,9 @@
 equal to a float64 numpy reference (the first maximum of each window takes the window's
 gradient)."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,3 +103,24 @@ def test_lenet_train_gradient_unchanged(norm, channels):
         else:
             scale = max(float(np.abs(leaf).max()) for leaf in theirs)
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_an_inference_convolution_before_the_pool_stays_xlas():
+    """In a fresh process (the project's XLA:CPU default set before JAX starts): a convolution,
+    ReLU and the pool compile without a YNNPACK fusion (a max-reduce there, the pool's earlier
+    reshape-and-max form, pulled the convolution into one, several times slower for LeNet)."""
+    code = (
+        "import xmodal_jax, jax, jax.numpy as jnp\n"
+        "from xmodal_jax.models.pooling import tiled_max_pool\n"
+        "dims = ('NHWC', 'HWIO', 'NHWC')\n"
+        "conv = lambda x, w: jax.nn.relu(jax.lax.conv_general_dilated(x, w, (1, 1), 'VALID', "
+        "dimension_numbers=dims))\n"
+        "x, w = jnp.ones((8, 28, 28, 3)), jnp.ones((5, 5, 3, 20))\n"
+        "f = jax.jit(lambda x, w: tiled_max_pool(conv(x, w), (2, 2)))\n"
+        "print('ynn' in f.lower(x, w).compile().as_text())\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["False"], done.stdout
