@@ -154,57 +154,48 @@ def ablations(r: dict) -> str:
     return "\n\n".join(out)
 
 
-def cpu_backends(a: dict) -> list[str]:
-    """Rows of the XLA:CPU kernel-backend ablation: per workload and backend, the median step,
-    its speed against the default backend and the first update's distance to the default's."""
+def _process_variants(a: dict, column: str, label: dict[str, str], rss: bool) -> list[str]:
+    """Rows of a comparison of train steps run in processes of their own (`backends.compare`):
+    per workload and variant (named with `label[variant]`), the median step, its speed against
+    the first variant, optionally the process's peak resident memory, and the first update's
+    distance to the first variant's."""
     rows = [
-        "| workload | backend (XLA flag) | compile s | step ms | speed vs default | "
-        "first update vs default (max rel. diff) |",
-        "|---|---|---|---|---|---|",
+        f"| workload | {column} | compile s | step ms | speed vs default | "
+        + ("peak RSS MiB | " if rss else "")
+        + "first update vs default (max rel. diff) |",
+        "|---" * (6 + rss) + "|",
     ]
     for workload, row in a.items():
-        if workload in ("flags", "rounds"):
+        if not isinstance(row, dict) or workload in ("flags", "tunables"):
             continue
-        for backend, v in row.items():
-            flag = a["flags"][backend] or "none"
+        for variant, v in row.items():
+            name = f"{variant} (`{label[variant] or 'none'}`)"
             if "error" in v:
-                rows.append(f"| {workload} | {backend} (`{flag}`) | failed: {v['error']} | | | |")
+                rows.append(f"| {workload} | {name} | failed: {v['error']} |" + " |" * (3 + rss))
                 continue
             diff = v["update_max_abs_diff_rel"]
             rows.append(
-                f"| {workload} | {backend} (`{flag}`) | {v['compile_s']:.1f} | "
-                f"{_ms(v['step_s'])} | {v['speed_vs_default']:.2f}x | "
-                f"{'n/a' if diff is None else f'{diff:.2g}'} |"
+                f"| {workload} | {name} | {v['compile_s']:.1f} | {_ms(v['step_s'])} | "
+                f"{v['speed_vs_default']:.2f}x | "
+                + (f"{v['max_rss_mib']:,.0f} | " if rss else "")
+                + f"{'n/a' if diff is None else f'{diff:.2g}'} |"
             )
+    return rows
+
+
+def cpu_backends(a: dict) -> list[str]:
+    """Rows of the XLA:CPU kernel-backend ablation (`_process_variants`, each backend named with
+    its XLA flag)."""
+    rows = _process_variants(a, "backend (XLA flag)", a["flags"], rss=False)
     return rows + [f"\n{a['rounds']} rounds, the backends alternating, each in its own process."]
 
 
 def malloc(a: dict) -> list[str]:
-    """Rows of the allocator ablation: per workload, glibc's default and the `xmodal` setting
-    (transparent huge pages): median step, speed against the default, the processes' peak
-    resident memory, and the first update's distance to the default's."""
-    rows = [
-        f"glibc {a['glibc']}, transparent huge pages `{a['thp_mode']}`.",
-        "",
-        "| workload | allocator (`GLIBC_TUNABLES`) | compile s | step ms | speed vs default | "
-        "peak RSS MiB | first update vs default (max rel. diff) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for workload, row in a.items():
-        if workload in ("tunables", "thp_mode", "glibc", "rounds"):
-            continue
-        for variant, v in row.items():
-            label = f"{variant} (`{a['tunables'][variant] or 'none'}`)"
-            if "error" in v:
-                rows.append(f"| {workload} | {label} | failed: {v['error']} | | | | |")
-                continue
-            diff = v["update_max_abs_diff_rel"]
-            rows.append(
-                f"| {workload} | {label} | {v['compile_s']:.1f} | {_ms(v['step_s'])} | "
-                f"{v['speed_vs_default']:.2f}x | {v['max_rss_mib']:,.0f} | "
-                f"{'n/a' if diff is None else f'{diff:.2g}'} |"
-            )
-    return rows + [f"\n{a['rounds']} rounds, the two alternating, each in its own process."]
+    """Rows of the allocator ablation (`_process_variants`): glibc's default and the `xmodal`
+    setting (transparent huge pages), with the processes' peak resident memory."""
+    head = [f"glibc {a['glibc']}, transparent huge pages `{a['thp_mode']}`.", ""]
+    rows = _process_variants(a, "allocator (`GLIBC_TUNABLES`)", a["tunables"], rss=True)
+    return head + rows + [f"\n{a['rounds']} rounds, the two alternating, each in its own process."]
 
 
 def test_run(r: dict) -> str:
