@@ -202,16 +202,12 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
             "unrolled": {"dtype": args_dtype(args)},
         }
         return max_batch_ablation(args, variants, progress)
-    if name == "cpu_backends":
-        from xmodal_jax.bench import backends
-
-        chosen = [w for w in args.workloads.split(",") if w in backends.WORKLOADS]
-        return backends.ablation(args, tuple(chosen) or backends.WORKLOADS)
-    if name == "malloc":
+    if name in ("cpu_backends", "malloc"):  # each variant in a process of its own
         from xmodal_jax.bench import backends, malloc
 
-        chosen = [w for w in args.workloads.split(",") if w in backends.WORKLOADS]
-        return malloc.ablation(args, tuple(chosen) or backends.WORKLOADS)
+        chosen = tuple(w for w in args.workloads.split(",") if w in backends.WORKLOADS)
+        compare = backends.ablation if name == "cpu_backends" else malloc.ablation
+        return compare(args, chosen or backends.WORKLOADS)
     variants = {
         "scan_remat": {
             "unrolled": {},

@@ -155,7 +155,7 @@ def compare(
                 row[variant] = {
                     "step_s": float(np.median([t for r in runs[key] for t in r["step_s"]])),
                     "compile_s": runs[key][0]["compile_s"],
-                    "max_rss_mib": max(r.get("max_rss_mib", 0.0) for r in runs[key]),
+                    "max_rss_mib": max(r["max_rss_mib"] for r in runs[key]),
                     "update_max_abs_diff_rel": _max_rel_diff(ref, mine)
                     if os.path.exists(ref) and os.path.exists(mine)
                     else None,

@@ -180,9 +180,8 @@ def expand(table: Table) -> list[Job]:
     a job that needs another comes after it."""
     jobs: dict[str, Job] = {}
     for row in table.rows:
-        for col_args in dict.fromkeys(c.args for c in table.columns if table.fills(row, c)):
-            for job in row_jobs(table, row, col_args):
-                jobs.setdefault(job.key, job)
+        for job in _all_row_jobs(table, row):
+            jobs.setdefault(job.key, job)
     return sorted(jobs.values(), key=lambda j: bool(j.needs))  # stable: else the table's order
 
 
@@ -190,12 +189,14 @@ def keys_of_rows(table: Table, labels: Sequence[str]) -> set[str]:
     """The keys of the runs the rows `labels` read, their own or (a row reading another row's
     runs under other metrics) those `expand` gave to an earlier row."""
     return {
-        job.key
-        for row in table.rows
-        if row.label in labels
-        for col_args in dict.fromkeys(c.args for c in table.columns if table.fills(row, c))
-        for job in row_jobs(table, row, col_args)
+        job.key for row in table.rows if row.label in labels for job in _all_row_jobs(table, row)
     }
+
+
+def _all_row_jobs(table: Table, row: Row) -> list[Job]:
+    """The jobs of `row` under every distinct argument set of the columns it fills."""
+    col_args = dict.fromkeys(c.args for c in table.columns if table.fills(row, c))
+    return [job for args in col_args for job in row_jobs(table, row, args)]
 
 
 def check_configs(jobs: list[Job], table_path: str) -> None:
