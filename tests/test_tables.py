@@ -655,6 +655,40 @@ def test_no_bold_in_a_control_column():
     assert render.best_rows(table, cells) == {("b", "T")}
 
 
+def test_a_column_with_its_own_scale_and_direction_beside_percentages():
+    """A proxy A-distance (x1, 2 digits, lower is better) beside an accuracy (x100): each is
+    shown, compared with the baseline and written to the CSV in its own units; the deltas and
+    their standard errors checked against the formula in float64."""
+    acc, adist = Column("acc", "m"), Column("A-dist.", "a", scale=1, digits=2,
+                                            higher_is_better=False, bold=False)  # fmt: skip
+    table = Table(title="s", rows=[Row("src", "a.py"), Row("dann", "b.py")],
+                  columns=[acc, adist], seeds=(0, 1), baseline="src")  # fmt: skip
+    values = {("src", "acc"): [0.5, 0.6], ("dann", "acc"): [0.7, 0.8],
+              ("src", "A-dist."): [1.90, 1.94], ("dann", "A-dist."): [1.70, 1.76]}  # fmt: skip
+    cells = {k: aggregate.Cell(expected=2, values=v, seeds=[0, 1]) for k, v in values.items()}
+    se = lambda a, b: np.sqrt(np.var(a, ddof=1) / 2 + np.var(b, ddof=1) / 2)  # noqa: E731
+    se_acc = se(values["dann", "acc"], values["src", "acc"])
+    se_ad = se(values["dann", "A-dist."], values["src", "A-dist."])
+    md = render.markdown(table, cells, "last", "last")
+    assert (
+        f"| dann | **75.0 ± 7.1** (2), Δ +20.0 ± {100 * se_acc:.1f} ↑ "
+        f"| 1.73 ± 0.04 (2), Δ -0.19 ± {se_ad:.2f} ↑ |"
+    ) in md
+    assert "| src | 55.0 ± 7.1 (2) | 1.92 ± 0.03 (2) |" in md
+    assert "A-dist. = a (x1, not x100; lower is better: ↑ marks a lower value)" in md
+    assert "- A-dist.: ↑ dann." in md
+    assert render.best_rows(table, cells) == {("dann", "acc")}
+    rows = list(csv.DictReader(io.StringIO(render.csv_text(table, cells, "last"))))
+    by = {(r["row"], r["column"]): r for r in rows}
+    assert float(by["dann", "A-dist."]["mean"]) == pytest.approx(1.73)
+    assert float(by["dann", "A-dist."]["delta"]) == pytest.approx(-0.19)
+    assert float(by["dann", "A-dist."]["delta_se"]) == pytest.approx(se_ad, abs=1e-6)
+    assert float(by["dann", "acc"]["delta_se"]) == pytest.approx(100 * se_acc, abs=1e-6)
+    assert by["dann", "A-dist."]["better_than_baseline"] == "1"
+    with pytest.raises(UserError, match="use a scale > 0"):
+        spec_lib.check(Table("s", [Row("x", "a.py")], [Column("a", "m", scale=0)]))
+
+
 def test_a_row_can_report_a_column_under_its_own_key(tmp_path):
     col = Column("split 0", "eval/zs/split_0/accuracy")
     table = Table(

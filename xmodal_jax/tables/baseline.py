@@ -30,16 +30,16 @@ def versus(
 ARROWS = {1: " ↑", -1: " ↓", 0: ""}
 
 
-def versus_text(table: Table, vs: tuple[float, float, int] | None) -> str:
+def versus_text(table: Table, col: Column, vs: tuple[float, float, int] | None) -> str:
     """`, Δ +9.2 ± 1.7 ↑` (↑ / ↓: better / worse than the baseline by more than 2 standard
     errors)."""
     if vs is None:
         return ""
     delta, se, verdict = vs
-    d = table.digits
-    text = f", Δ {delta * table.scale:+.{d}f}"
+    scale, d = table.scale_of(col), table.digits_of(col)
+    text = f", Δ {delta * scale:+.{d}f}"
     if not math.isnan(se):
-        text += f" ± {se * table.scale:.{d}f}"
+        text += f" ± {se * scale:.{d}f}"
     return text + ARROWS[verdict]
 
 

@@ -44,8 +44,9 @@ def best_rows(table: Table, cells: dict[tuple[str, str], Cell]) -> set[tuple[str
     """(row, column) pairs holding the best displayed mean of their column (ties all bold)."""
     out = set()
     for col in (c for c in table.columns if c.bold and not c.csv_only):
+        scale, digits = table.scale_of(col), table.digits_of(col)
         shown = {
-            r.label: round(cells[r.label, col.label].mean * table.scale, table.digits)
+            r.label: round(cells[r.label, col.label].mean * scale, digits)
             for r in table.rows
             if r.compete and cells[r.label, col.label].n
         }
@@ -139,11 +140,7 @@ def _legend(table: Table, rule_text: str) -> list[str]:
         + f"; 'missing': no finished run; '{DASH}': not reported by the config; 'n/a': not "
         "applicable to the row.",
         "Columns: "
-        + "; ".join(
-            f"{c.label} = {metric_text(c.metric)}" + (f" with {c.args}" if c.args else "")
-            for c in table.columns
-            if not c.csv_only
-        )
+        + "; ".join(_column_text(table, c) for c in table.columns if not c.csv_only)
         + ".",
     ]
     if table.baseline:
@@ -187,6 +184,17 @@ def _legend(table: Table, rule_text: str) -> list[str]:
     return lines
 
 
+def _column_text(table: Table, col: Column) -> str:
+    """`label = metric with args`, and its own unit and direction where they differ."""
+    text = f"{col.label} = {metric_text(col.metric)}" + (f" with {col.args}" if col.args else "")
+    own = []
+    if table.scale_of(col) != table.scale:
+        own.append(f"x{table.scale_of(col):g}, not x{table.scale:g}")
+    if not col.higher_is_better:
+        own.append("lower is better: ↑ marks a lower value")
+    return text + (f" ({'; '.join(own)})" if own else "")
+
+
 def _listed(items) -> str:
     """Up to 3 items in full, else `N: first, ..., last`."""
     items = list(items)
@@ -226,18 +234,18 @@ def markdown(
         parts = []
         for _, col, is_ref in header:
             if is_ref:
-                text = reference_text(row.reference, col.label, table.digits)
+                text = reference_text(row.reference, col.label, table.digits_of(col))
                 mark = f" [{sources.index(row.reference.source) + 1}]" if text else ""
                 parts.append(text + mark if text else DASH)
                 continue
             cell = cells[row.label, col.label]
-            text = number(cell, table.scale, table.digits)
+            text = number(cell, table.scale_of(col), table.digits_of(col))
             if text is None:
                 parts.append(_empty(cell, f"missing {count(cell)}", DASH))
                 continue
             if (row.label, col.label) in bold:
                 text = f"**{text}**"
-            vs = versus_text(table, versus(table, row, col, cells))
+            vs = versus_text(table, col, versus(table, row, col, cells))
             parts.append(f"{text} {count(cell)}{_chosen(row, cell)}{vs}")
         out.append(f"| {_row_label(row)} | " + " | ".join(parts) + " |")
     verdicts = verdict_lines(table, cells)
@@ -284,7 +292,7 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
         parts = [_row_label(row, tex=True)]
         for _, col, is_ref in header:
             if is_ref:
-                text = reference_text(row.reference, col.label, table.digits)
+                text = reference_text(row.reference, col.label, table.digits_of(col))
                 if text is None:
                     parts.append("--")
                     continue
@@ -292,7 +300,7 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
                 parts.append(tex_escape(text) + mark)
                 continue
             cell = cells[row.label, col.label]
-            text = number(cell, table.scale, table.digits)
+            text = number(cell, table.scale_of(col), table.digits_of(col))
             if text is None:
                 parts.append(_empty(cell, rf"\textit{{missing}} {count(cell)}", "--"))
                 continue
@@ -300,7 +308,7 @@ def latex(table: Table, cells: dict[tuple[str, str], Cell], rule: str, rule_text
             if (row.label, col.label) in bold:
                 text = rf"\textbf{{{text}}}"
             chosen = tex_escape(
-                _chosen(row, cell) + versus_text(table, versus(table, row, col, cells))
+                _chosen(row, cell) + versus_text(table, col, versus(table, row, col, cells))
             )
             parts.append(f"{text} {{\\scriptsize {count(cell)}{chosen}}}")
         out.append(" & ".join(parts) + r" \\")
@@ -330,15 +338,15 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
             cell = cells[row.label, col.label]
             ref = row.reference.values.get(col.label) if row.reference else None
             ref_mean, ref_std = ref if isinstance(ref, tuple | list) else (ref, None)
-            vs = versus(table, row, col, cells)
+            vs, scale = versus(table, row, col, cells), table.scale_of(col)
             writer.writerow(
                 {
                     "row": row.label,
                     "column": col.label,
                     "metric": " ".join(metric_keys(row.metric(col))),
                     "selection": rule,
-                    "mean": _num(cell.mean * table.scale),
-                    "std": _num(cell.std * table.scale),
+                    "mean": _num(cell.mean * scale),
+                    "std": _num(cell.std * scale),
                     "n": cell.n,
                     "expected": cell.expected,
                     "seeds": " ".join(map(str, cell.seeds)),
@@ -350,8 +358,8 @@ def csv_text(table: Table, cells: dict[tuple[str, str], Cell], rule: str) -> str
                     "ref_mean": "" if ref_mean is None else ref_mean,
                     "ref_std": "" if ref_std is None else ref_std,
                     "ref_source": row.reference.source if ref is not None else "",
-                    "delta": "" if vs is None else _num(vs[0] * table.scale),
-                    "delta_se": "" if vs is None else _num(vs[1] * table.scale),
+                    "delta": "" if vs is None else _num(vs[0] * scale),
+                    "delta_se": "" if vs is None else _num(vs[1] * scale),
                     "better_than_baseline": "" if vs is None else int(vs[2] == 1),
                     "worse_than_baseline": "" if vs is None else int(vs[2] == -1),
                 }

@@ -47,7 +47,8 @@ class Column:
     `metric` may be a tuple of keys: a run's value is their mean (e.g. the accuracy over the
     19 corruptions of one severity, each its own evaluator), reported only when all are.
     `csv_only=True` keeps a column out of the Markdown and LaTeX tables and in the CSV (per-item
-    figures too many to show, e.g. one column per corruption)."""
+    figures too many to show, e.g. one column per corruption). `scale` and `digits` replace the
+    table's for this column (e.g. a proxy A-distance, in [0, 2], beside accuracies in %)."""
 
     label: str
     metric: Metric
@@ -55,6 +56,8 @@ class Column:
     higher_is_better: bool = True
     bold: bool = True
     csv_only: bool = False
+    scale: float | None = None
+    digits: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +133,13 @@ class Table:
     notes: str = ""
     baseline: str | None = None
 
+    def scale_of(self, column: Column) -> float:
+        """What multiplies the column's metric for display: its own scale, else the table's."""
+        return self.scale if column.scale is None else column.scale
+
+    def digits_of(self, column: Column) -> int:
+        return self.digits if column.digits is None else column.digits
+
     def seeds_of(self, row: Row) -> tuple[int, ...]:
         return tuple(row.seeds if row.seeds is not None else self.seeds)
 
@@ -171,6 +181,11 @@ def check(table: Table, path: str = "table") -> None:
     for col in table.columns:
         if not metric_keys(col.metric):
             raise UserError(f"{path}: column {col.label!r} reads no metric.")
+        if not table.scale_of(col) > 0 or table.digits_of(col) < 0:
+            raise UserError(
+                f"{path}: column {col.label!r} has scale={table.scale_of(col)}, "
+                f"digits={table.digits_of(col)}; use a scale > 0 and digits >= 0."
+            )
     if table.select not in RULES:
         raise UserError(f"{path}: select={table.select!r}; use one of {sorted(RULES)}.")
     if table.baseline is not None and table.baseline not in {r.label for r in table.rows}:
