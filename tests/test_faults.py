@@ -445,6 +445,84 @@ def test_launchers_requeue_or_rerun_a_preempted_run(tmp_path):
     assert len(trains) == 2
 
 
+ARRAY = os.path.join(ROOT, "launch", "slurm_array.sbatch")
+
+
+def test_slurm_arrays_run_a_tables_dry_run_lines_and_requeue_a_preempted_one(tmp_path, monkeypatch):
+    """`--dry-run` lines as two SLURM arrays: the jobs that read other runs (`needs`) in the
+    second; every task runs its line, a preempted one requeues itself, and the table collects."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    (tmp_path / "cfg.py").write_text("def get_config(arg=None):\n    raise NotImplementedError\n")
+    table = tmp_path / "t.py"
+    table.write_text(
+        "from xmodal_jax.tables import Column, Row, Table\n"
+        f"CFG = {str(tmp_path / 'cfg.py')!r}\n"
+        "TABLE = Table(title='T', rows=[Row('src', CFG), Row('shot', CFG, 'm=shot', "
+        "needs={'source': 'src'})], columns=[Column('T', 'eval/target/accuracy')], "
+        "seeds=(0, 1))\n"
+    )
+    root = str(tmp_path / "root")
+    jobs = tmp_path / "jobs.txt"
+    with redirect_stdout(io.StringIO()) as out:
+        table_cli.run([str(table), "--root", root, "--dry-run"])
+    jobs.write_text(out.getvalue())
+    lines = out.getvalue().splitlines()
+    assert [line.startswith("#") for line in lines] == [False, False, True, False, False]
+
+    calls = tmp_path / "calls"
+    env = _fake_commands(tmp_path, scontrol=f'echo "$*" >> {calls}')
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), FAKE_EXIT="0")
+    array = lambda *args, **e: subprocess.run(["bash", ARRAY, *args], env={**env, **e},
+                                              capture_output=True, text=True)  # fmt: skip
+    submit = array("jobs.txt").stdout.splitlines()
+    assert submit[1] == f"first=$(sbatch --parsable --array=1-2 {ARRAY} jobs.txt 1)"
+    assert submit[2] == f"sbatch --dependency=afterok:$first --array=1-2 {ARRAY} jobs.txt 2"
+
+    task = dict(SLURM_JOB_ID="43", SLURM_ARRAY_JOB_ID="42")
+    r = array("jobs.txt", "1", SLURM_ARRAY_TASK_ID="2", FAKE_EXIT="75", **task)
+    assert r.returncode == EXIT_PREEMPTED and "requeueing array task 42_2" in r.stderr
+    assert calls.read_text().split() == ["requeue", "42_2"]
+    assert table_cli.run([str(table), "--root", root, "--dry-run"])["to_run"] == 4
+    for part, i in (("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")):
+        r = array("jobs.txt", part, SLURM_ARRAY_TASK_ID=i, **task)
+        assert r.returncode == 0, r.stderr
+        assert (
+            f"(part {part}, line {i}): {lines[int(i) - 1 + 3 * (part == '2')].split(' && ')[0]}"
+            in r.stdout
+        )
+    assert table_cli.run([str(table), "--root", root, "--dry-run"])["to_run"] == 0
+    first = shlex.split(lines[0].split(" && ")[0])
+    done = os.path.join(first[first.index("--workdir") + 1], jobs_lib.DONE)
+    assert open(done).read() == "{}"
+    open(done, "w").close()  # as the `touch` of earlier versions' lines left it: still read
+    assert main.main(["table", str(table), "--root", root, "--collect-only"]) == 0
+    assert "| shot | **50.0 ± 0.0** (2) |" in open(os.path.join(root, "t.md")).read()
+    r = array("jobs.txt", "2", SLURM_ARRAY_TASK_ID="3", **task)
+    assert r.returncode == 2 and "has no line 3 in part 2" in r.stderr
+
+
+def test_a_slurm_array_task_passes_the_time_limit_signal_to_its_run(tmp_path):
+    """SLURM signals the batch script (B:TERM); the run gets it, saves (here: exits 75)."""
+    ready = tmp_path / "ready"
+    sleeper = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+               f"open({str(ready)!r}, 'w').close(); time.sleep(60)")  # fmt: skip
+    (tmp_path / "jobs.txt").write_text(
+        f"{shlex.join([sys.executable, '-c', sleeper])} && touch {tmp_path}/done\n"
+    )
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_ARRAY_TASK_ID": "1",
+           "XMODAL_REQUEUE": "0"}  # fmt: skip
+    proc = subprocess.Popen(["bash", ARRAY, "jobs.txt"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == EXIT_PREEMPTED
+    assert not (tmp_path / "done").exists()
+
+
 # ------------------------------------------------------------------ 3, 7: unreadable checkpoints
 
 

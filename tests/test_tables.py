@@ -588,7 +588,8 @@ def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
     jobs = jobs_lib.expand(t)
     for job, line in zip(jobs, lines, strict=True):
         wd = job.workdir(root, "fake")
-        assert line.endswith(f"--config.seed={job.seed} && touch {wd}/done")
+        mark = shlex.join([runner.PROGRAM[0], "-c", cli._WRITE_DONE, f"{wd}/done"])
+        assert line.endswith(f"--config.seed={job.seed} && {mark}")
         assert (
             f"-m xmodal_jax.main train --config {tmp_path}/good.py:base=0.5 --workdir {wd}" in line
         )

@@ -3,6 +3,7 @@
     xmodal table experiments/tables/corruptions.py --root workdirs/tables --jobs 1 \
         --only "source only|AdaBN|TENT"      # 6 runs, on 2 CPU cores (see the notes)
     xmodal table experiments/tables/corruptions.py --root DIR --dry-run   # the rest: a cluster
+                                          # (SLURM: launch/slurm_array.sbatch runs the lines)
 
 Accuracy (%) on the corrupted test splits: the mean over the 19 corruptions at severity 3 and
 at severity 5, and over all 95 corruption-severity pairs; the CSV also has every pair and the

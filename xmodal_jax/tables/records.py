@@ -40,6 +40,13 @@ def _read_json(path: epath.Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _read_marker(path: epath.Path) -> dict | None:
+    """A `done` marker's fields; an empty one (written by `touch` in the `--dry-run` lines of
+    earlier versions) has none."""
+    text = path.read_text() if path.exists() else None
+    return None if text is None else json.loads(text) if text.strip() else {}
+
+
 def record(job: jobs_lib.Job, workdir: str, metrics: set[str]) -> dict[str, Any]:
     """The record of a finished job's workdir; a diverged run's has no summary and says where
     it diverged (`diverged`: the marker, with what the trainer said)."""
@@ -60,7 +67,7 @@ def record(job: jobs_lib.Job, workdir: str, metrics: set[str]) -> dict[str, Any]
             for step, values in history.items()
             if any(k in metrics for k in values)
         },
-        "done": _read_json(wd / jobs_lib.DONE),
+        "done": _read_marker(wd / jobs_lib.DONE),
         **({"diverged": diverged} if (diverged := _read_json(wd / jobs_lib.DIVERGED)) else {}),
         "provenance": _read_json(wd / "provenance.json"),
     }
