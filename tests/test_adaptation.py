@@ -3,6 +3,8 @@
 import itertools
 import math
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -782,6 +784,23 @@ def test_tsne_writes_png(tmp_path):
     assert emb.shape == (55, 2) and np.all(np.isfinite(emb))
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_the_openmp_threads_of_the_tsne_wait_passively_unless_the_user_says_otherwise():
+    """Set before scikit-learn loads the OpenMP runtime, which reads it then: its idle threads
+    spin 0 times (the runtime's own report, OMP_DISPLAY_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+
+    def spin_count(**e) -> str:
+        code = "import xmodal_jax.analysis, sklearn.manifold"
+        r = subprocess.run([sys.executable, "-c", code], env={**env, **e}, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+        (line,) = [x for x in r.stderr.splitlines() if "GOMP_SPINCOUNT" in x]
+        return line.split("=")[1].strip(" '")
+
+    assert spin_count() == "0"
+    assert int(spin_count(OMP_WAIT_POLICY="active")) > 0
 
 
 def test_a_distance_evaluator_tsne_points(tmp_path):
