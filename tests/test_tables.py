@@ -1176,6 +1176,12 @@ def test_a_table_says_what_its_runs_rest_on():
         "Commits: ccccccc; 2 runs from a checkout with uncommitted changes."
     )  # which files changed is unknown for the first: no split is claimed
     assert records_lib.describe([]) == []
+    untimed = {"done": {}, "provenance": None}  # run by a `--dry-run` line: no wall time
+    assert records_lib.describe([rec(100.0, "a"), untimed])[0] == (
+        f"2 runs, {100 / 3600:.1f} h of compute in all (median 100 s a run; 1 run without a "
+        "wall time, not counted)."
+    )
+    assert records_lib.describe([untimed, untimed])[0] == "2 runs, no wall time recorded."
 
 
 def test_provenance_names_the_files_changed_since_the_commit(tmp_path):

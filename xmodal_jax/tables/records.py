@@ -213,7 +213,12 @@ def describe(recs: Sequence[dict]) -> list[str]:
         line += f" ({diverged} diverged)"
     if walls:
         median = float(np.median(walls))
-        line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run)"
+        line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run"
+        if len(walls) < len(recs):  # e.g. run by `--dry-run` lines, whose markers hold no time
+            line += f"; {_runs(len(recs) - len(walls))} without a wall time, not counted"
+        line += ")"
+    else:
+        line += ", no wall time recorded"
     software, devices, commits = Counter(), Counter(), Counter()
     dirty = bare = edited = 0
     for r in recs:
