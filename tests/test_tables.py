@@ -1143,6 +1143,37 @@ def test_a_tie_in_the_selection_metric_goes_to_the_grid_point_listed_first(tmp_p
     assert "(a tie goes to the point listed first)" in render.markdown(table, cells, "last", "")
 
 
+def test_a_grid_point_whose_runs_diverged_is_passed_over_and_the_cell_judged(tmp_path):
+    """A diverged run does not change when run again: the cell is chosen from the other points,
+    says how many diverged, and is judged against the baseline; the runs stay listed."""
+    table = Table(
+        title="d",
+        rows=[Row("src", "a.py"), Row("mcc", "b.py", grid={"adaptation.weight": [1.0, 3.0]})],
+        columns=[Column("T", "eval/target/accuracy")],
+        seeds=(0, 1),
+        select_metric="eval/source_val/accuracy",
+        baseline="src",
+    )
+    for job in jobs_lib.expand(table):
+        wd = job.workdir(str(tmp_path), "d")
+        if dict(job.grid_point).get("adaptation.weight") == "3.0":
+            os.makedirs(wd)
+            with open(os.path.join(wd, jobs_lib.DIVERGED), "w") as f:
+                json.dump({"said": "Non-finite training metrics at step 9"}, f)
+            continue
+        acc = {"src": 0.50, "mcc": 0.20}[job.row] + 0.01 * job.seed
+        summary = {"step": 5, "eval/source_val/accuracy": 0.9, "eval/target/accuracy": acc}
+        _finish(wd, summary, [summary])
+    cells = aggregate.collect(table, "d", str(tmp_path), "last")
+    cell = cells["mcc", "T"]
+    assert cell.hparams == {"adaptation.weight": "1.0"} and cell.values == pytest.approx([0.20, 0.21])
+    assert (cell.points, cell.points_finished, cell.points_diverged) == (2, 2, 1)
+    md = render.markdown(table, cells, "last", "last")
+    assert "| mcc | 20.5 ± 0.7 (2) [weight=1.0; 1 of 2 points diverged], Δ -30.0 ± 0.7 ↓ |" in md
+    assert "- T: ↓ mcc." in md
+    assert "- mcc, seed 1: diverged (Non-finite training metrics at step 9)" in md
+
+
 def test_a_table_says_what_its_runs_rest_on():
     """Run count, compute, software, devices and commits from the records' `done` markers and
     provenance; several stacks are counted, and a dirty checkout is told apart by what changed."""

@@ -35,7 +35,9 @@ class Cell:
     # status, workdir) of runs not finished
     not_reported: list[int] = dataclasses.field(default_factory=list)  # finished, no metric
     points: int = 1  # grid points the cell was chosen from
-    points_finished: int = 1  # of those, the ones whose every run finished
+    points_finished: int = 1  # of those, the ones whose every run finished or diverged
+    points_diverged: int = 0  # of those, the ones with a diverged run (never chosen unless
+    # their other seeds score best; a diverged run does not change when run again)
 
     @property
     def n(self) -> int:
@@ -152,7 +154,7 @@ def _best_point(
     only = (only,) if isinstance(only, str) else only
     for job in jobs_lib.row_jobs(table, row, col.args, only):
         by_point.setdefault(job.grid_point, []).append(job)
-    best, best_score, unfinished, finished = None, None, [], 0
+    best, best_score, unfinished, finished, points_diverged = None, None, [], 0, 0
     for point_jobs in by_point.values():
         workdirs = [j.workdir(root, name) for j in point_jobs]
         metric = (metric_keys(row.metric(col)), col.higher_is_better)
@@ -160,7 +162,9 @@ def _best_point(
             point_jobs, workdirs, runs, rule, metric, table.select_metric
         )
         unfinished.append(cell.missing)
-        finished += not cell.missing
+        diverged = [m for m in cell.missing if m[1].startswith("diverged")]
+        finished += len(diverged) == len(cell.missing)
+        points_diverged += bool(diverged)
         if best is None:
             best = cell
         if not scores:
@@ -172,4 +176,5 @@ def _best_point(
     # The runs a grid point still lacks are missing from the choice, whichever point it is.
     best.missing = [m for point in unfinished for m in point]
     best.points, best.points_finished = len(by_point), finished
+    best.points_diverged = points_diverged
     return best

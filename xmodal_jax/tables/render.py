@@ -208,6 +208,8 @@ def _chosen(row, cell: Cell) -> str:
     chosen = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.hparams.items())
     if cell.points_finished < cell.points:  # the choice may change as the others finish
         chosen += f"; {cell.points_finished} of {cell.points} points finished"
+    if cell.points_diverged:  # chosen from the others: a diverged run is its seed's outcome
+        chosen += f"; {cell.points_diverged} of {cell.points} points diverged"
     return f" [{chosen}]"
 
 
