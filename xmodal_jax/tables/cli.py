@@ -51,9 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Writes the `done` marker of a remote workdir where `touch` cannot (the job's host has epath).
-# The `done` marker of a `--dry-run` line, local or remote (`gs://`): what the runner writes,
-# without the wall time the runner measures.
+# Writes the `done` marker of a `--dry-run` line, local or remote (`gs://`, where `touch`
+# cannot): JSON as the runner's, without the wall time the runner measures.
 _WRITE_DONE = "import sys; from etils import epath; epath.Path(sys.argv[1]).write_text('{}')"
 
 
