@@ -3,8 +3,6 @@
 import itertools
 import math
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -786,21 +784,33 @@ def test_tsne_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
-def test_the_openmp_threads_of_the_tsne_wait_passively_unless_the_user_says_otherwise():
-    """Set before scikit-learn loads the OpenMP runtime, which reads it then: its idle threads
-    spin 0 times (the runtime's own report, OMP_DISPLAY_ENV)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+def test_the_tsne_and_the_a_distance_run_on_one_thread_and_leave_the_process_as_it_was(
+    monkeypatch,
+):
+    """Scoped thread limits (idle threads spin against busy cores): one OpenMP thread inside the
+    t-SNE, one BLAS thread inside the domain classifier's fit, the process's own counts after."""
+    from sklearn.linear_model import LogisticRegression as LR
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    def spin_count(**e) -> str:
-        code = "import xmodal_jax.analysis, sklearn.manifold"
-        r = subprocess.run([sys.executable, "-c", code], env={**env, **e}, capture_output=True,
-                           text=True, check=True)  # fmt: skip
-        (line,) = [x for x in r.stderr.splitlines() if "GOMP_SPINCOUNT" in x]
-        return line.split("=")[1].strip(" '")
+    def counts() -> dict[str, int]:
+        return {i["user_api"]: i["num_threads"] for i in threadpool_info()}
 
-    assert spin_count() == "0"
-    assert int(spin_count(OMP_WAIT_POLICY="active")) > 0
+    seen = {}
+    fit_transform, fit = TSNE.fit_transform, LR.fit
+    monkeypatch.setattr(TSNE, "fit_transform", lambda self, x: seen.setdefault("tsne", counts())
+                        and fit_transform(self, x))  # fmt: skip
+    monkeypatch.setattr(LR, "fit", lambda self, x, y: seen.setdefault("fit", counts())
+                        and fit(self, x, y))  # fmt: skip
+    rng = np.random.default_rng(3)
+    with threadpool_limits(2):  # the process's counts (whatever the machine's default)
+        before = counts()
+        tsne.tsne_embedding(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)) + 2)
+        a_distance.proxy_a_distance(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)) + 2)
+        after = counts()
+    assert before["openmp"] == before["blas"] == 2
+    assert seen["tsne"]["openmp"] == 1 and seen["fit"]["blas"] == 1
+    assert after == before
 
 
 def test_a_distance_evaluator_tsne_points(tmp_path):

@@ -19,6 +19,7 @@ def tsne_embedding(
 ) -> np.ndarray:
     """2-D t-SNE of the stacked [n_s + n_t, D] features (source rows first)."""
     from sklearn.manifold import TSNE  # here: a second of every trainer start otherwise
+    from threadpoolctl import threadpool_limits
 
     xs = np.asarray(features_s, np.float64).reshape(len(features_s), -1)
     xt = np.asarray(features_t, np.float64).reshape(len(features_t), -1)
@@ -30,7 +31,12 @@ def tsne_embedding(
     # scikit-learn requires perplexity < n_samples.
     perplexity = min(perplexity, (len(x) - 1) / 3.0)
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(x)
+    # One OpenMP thread: scikit-learn's idle OpenMP threads spin, and where the other cores are
+    # busy (the trainer's own threads, a table's other jobs) that made the plot several times
+    # slower than one thread; on idle cores one thread costs a few seconds. Scoped to this call:
+    # the process's OpenMP runtime (PyTorch's too, in a notebook) keeps its settings.
+    with threadpool_limits(1, user_api="openmp"):
+        return tsne.fit_transform(x)
 
 
 def plot_tsne(
