@@ -1166,7 +1166,8 @@ def test_a_grid_point_whose_runs_diverged_is_passed_over_and_the_cell_judged(tmp
         _finish(wd, summary, [summary])
     cells = aggregate.collect(table, "d", str(tmp_path), "last")
     cell = cells["mcc", "T"]
-    assert cell.hparams == {"adaptation.weight": "1.0"} and cell.values == pytest.approx([0.20, 0.21])
+    assert cell.hparams == {"adaptation.weight": "1.0"}
+    assert cell.values == pytest.approx([0.20, 0.21])
     assert (cell.points, cell.points_finished, cell.points_diverged) == (2, 2, 1)
     md = render.markdown(table, cells, "last", "last")
     assert "| mcc | 20.5 ± 0.7 (2) [weight=1.0; 1 of 2 points diverged], Δ -30.0 ± 0.7 ↓ |" in md
