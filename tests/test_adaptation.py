@@ -797,11 +797,18 @@ def test_the_tsne_and_the_a_distance_run_on_one_thread_and_leave_the_process_as_
         return {i["user_api"]: i["num_threads"] for i in threadpool_info()}
 
     seen = {}
-    fit_transform, fit = TSNE.fit_transform, LR.fit
-    monkeypatch.setattr(TSNE, "fit_transform", lambda self, x: seen.setdefault("tsne", counts())
-                        and fit_transform(self, x))  # fmt: skip
-    monkeypatch.setattr(LR, "fit", lambda self, x, y: seen.setdefault("fit", counts())
-                        and fit(self, x, y))  # fmt: skip
+
+    def recording(name: str, method):
+        """`method`, noting the thread counts in force when it is called."""
+
+        def wrapped(self, *args):
+            seen[name] = counts()
+            return method(self, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(TSNE, "fit_transform", recording("tsne", TSNE.fit_transform))
+    monkeypatch.setattr(LR, "fit", recording("fit", LR.fit))
     rng = np.random.default_rng(3)
     with threadpool_limits(2):  # the process's counts (whatever the machine's default)
         before = counts()

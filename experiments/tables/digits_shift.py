@@ -63,7 +63,7 @@ TABLE = Table(
                 digits=3,
                 higher_is_better=False,
                 bold=False,
-            )  # fmt: skip
+            )
             for label, arg in DIRECTIONS
         ),
     ],
