@@ -345,9 +345,13 @@ FAKE_TRAINER = textwrap.dedent(
     wd = sys.argv[sys.argv.index("--workdir") + 1]
     os.makedirs(wd, exist_ok=True)
     code = int(os.environ["FAKE_EXIT"])
+    print("training", wd)
     if code == 0:
         with open(os.path.join(wd, "summary.json"), "w") as f:
             json.dump({"step": 2, "eval/target/accuracy": 0.5}, f)
+    if code == 3:  # as `xmodal train` says it
+        print("xmodal: training diverged: Non-finite training metrics at step 7. Stopped; the "
+              "last good checkpoint (none) is kept.", file=sys.stderr)
     sys.exit(code)
     """
 )
@@ -395,7 +399,46 @@ def test_a_preempted_job_is_not_done(tmp_path, monkeypatch):
     assert main.main(["table", table, "--root", root]) == 0
     assert jobs_lib.status(workdir) == "done"
     assert table_cli.run([table, "--root", root, "--dry-run"])["to_run"] == 0
-    assert run_line("0").returncode == 0
+    assert run_line("0").returncode == 0  # a line of an ended job: not run again
+    assert open(os.path.join(workdir, jobs_lib.LOG)).read().count("training") == 3
+
+
+def test_a_dry_run_line_marks_its_job_as_the_runner_does(tmp_path, monkeypatch):
+    """A `--dry-run` line runs the job through `run_job`: `done` with the wall time, `diverged`
+    with what the trainer said (then never printed again), `failed` with the exit status."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table, root = _table(tmp_path), str(tmp_path / "root")
+    (line,) = table_cli.dry_run_lines(jobs_lib.expand(spec_lib.load(table)[1]), root, "t")
+    argv = shlex.split(line)
+    assert argv[:3] == [sys.executable, "-m", "xmodal_jax.tables.run_job"] and argv[4] == "--"
+    workdir = argv[3]
+    run_line = lambda code: subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                                           env={**os.environ, "FAKE_EXIT": code})  # fmt: skip
+    marker = lambda name: json.load(open(os.path.join(workdir, name)))
+
+    r = run_line("5")
+    assert r.returncode == 5 and f"training {workdir}" in r.stdout and "failed (exit 5)" in r.stderr
+    assert jobs_lib.status(workdir) == "failed" and marker(jobs_lib.FAILED)["rc"] == 5
+    r = run_line("3")
+    assert r.returncode == 3 and jobs_lib.status(workdir) == "diverged"
+    said = marker(jobs_lib.DIVERGED)["said"]
+    assert said == "Non-finite training metrics at step 7"
+    assert not os.path.exists(os.path.join(workdir, jobs_lib.FAILED))
+    assert table_cli.run([table, "--root", root, "--dry-run"])["to_run"] == 0
+    assert main.main(["table", table, "--root", root, "--collect-only"]) == 0
+    assert f"r, seed 0: diverged ({said})" in open(os.path.join(root, "t.md")).read()
+
+    os.remove(os.path.join(workdir, jobs_lib.DIVERGED))  # as the README says, to retry it
+    t0 = time.monotonic()
+    assert run_line("0").returncode == 0 and jobs_lib.status(workdir) == "done"
+    done = marker(jobs_lib.DONE)
+    assert done["rc"] == 0 and 0 < done["wall_s"] <= time.monotonic() - t0
+    log = open(os.path.join(workdir, jobs_lib.LOG)).read()
+    assert log.count(f"training {workdir}") == 3 and log.count("\n$ ") == 3
+    assert "training diverged: Non-finite" in log  # stderr too
+    assert table_cli.run([table, "--root", root, "--dry-run"])["to_run"] == 0
 
 
 def _fake_commands(tmp_path, **scripts: str) -> dict[str, str]:
@@ -488,14 +531,11 @@ def test_slurm_arrays_run_a_tables_dry_run_lines_and_requeue_a_preempted_one(tmp
     for part, i in (("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")):
         r = array("jobs.txt", part, SLURM_ARRAY_TASK_ID=i, **task)
         assert r.returncode == 0, r.stderr
-        assert (
-            f"(part {part}, line {i}): {lines[int(i) - 1 + 3 * (part == '2')].split(' && ')[0]}"
-            in r.stdout
-        )
+        assert f"(part {part}, line {i}): {lines[int(i) - 1 + 3 * (part == '2')]}" in r.stdout
     assert table_cli.run([str(table), "--root", root, "--dry-run"])["to_run"] == 0
-    first = shlex.split(lines[0].split(" && ")[0])
+    first = shlex.split(lines[0])
     done = os.path.join(first[first.index("--workdir") + 1], jobs_lib.DONE)
-    assert open(done).read() == "{}"
+    assert json.load(open(done))["rc"] == 0
     open(done, "w").close()  # as the `touch` of earlier versions' lines left it: still read
     assert main.main(["table", str(table), "--root", root, "--collect-only"]) == 0
     assert "| shot | **50.0 ± 0.0** (2) |" in open(os.path.join(root, "t.md")).read()
@@ -503,14 +543,20 @@ def test_slurm_arrays_run_a_tables_dry_run_lines_and_requeue_a_preempted_one(tmp
     assert r.returncode == 2 and "has no line 3 in part 2" in r.stderr
 
 
-def test_a_slurm_array_task_passes_the_time_limit_signal_to_its_run(tmp_path):
-    """SLURM signals the batch script (B:TERM); the run gets it, saves (here: exits 75)."""
+@pytest.mark.parametrize("form", ["run_job", "run && mark"])
+def test_a_slurm_array_task_passes_the_time_limit_signal_to_its_run(tmp_path, form):
+    """SLURM signals the batch script (B:TERM); the run gets it, saves (here: exits 75). Lines
+    of today's dry runs run the trainer under `run_job`; earlier ones were `RUN && MARK`."""
     ready = tmp_path / "ready"
     sleeper = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
                f"open({str(ready)!r}, 'w').close(); time.sleep(60)")  # fmt: skip
-    (tmp_path / "jobs.txt").write_text(
-        f"{shlex.join([sys.executable, '-c', sleeper])} && touch {tmp_path}/done\n"
-    )
+    run = [sys.executable, "-c", sleeper]
+    if form == "run_job":
+        run = [sys.executable, "-m", "xmodal_jax.tables.run_job", str(tmp_path / "wd"), "--", *run]
+        line = shlex.join(run)
+    else:
+        line = f"{shlex.join(run)} && touch {tmp_path}/done"
+    (tmp_path / "jobs.txt").write_text(line + "\n")
     env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_ARRAY_TASK_ID": "1",
            "XMODAL_REQUEUE": "0"}  # fmt: skip
     proc = subprocess.Popen(["bash", ARRAY, "jobs.txt"], env=env, stdout=subprocess.PIPE,
@@ -520,7 +566,9 @@ def test_a_slurm_array_task_passes_the_time_limit_signal_to_its_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == EXIT_PREEMPTED
-    assert not (tmp_path / "done").exists()
+    assert not (tmp_path / "done").exists() and not (tmp_path / "wd" / jobs_lib.DONE).exists()
+    if form == "run_job":
+        assert jobs_lib.status(str(tmp_path / "wd")) == "unfinished"
 
 
 # ------------------------------------------------------------------ 3, 7: unreadable checkpoints

@@ -22,7 +22,18 @@ import pytest
 
 from xmodal_jax import config as config_lib
 from xmodal_jax.errors import Preempted, UserError
-from xmodal_jax.tables import Column, Reference, Row, Table, aggregate, cli, render, runner, select
+from xmodal_jax.tables import (
+    Column,
+    Reference,
+    Row,
+    Table,
+    aggregate,
+    cli,
+    render,
+    run_job,
+    runner,
+    select,
+)
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import records as records_lib
 from xmodal_jax.tables import spec as spec_lib
@@ -588,8 +599,8 @@ def test_dry_run_prints_commands_of_unfinished_jobs(tmp_path, capsys):
     jobs = jobs_lib.expand(t)
     for job, line in zip(jobs, lines, strict=True):
         wd = job.workdir(root, "fake")
-        mark = shlex.join([runner.PROGRAM[0], "-c", cli._WRITE_DONE, f"{wd}/done"])
-        assert line.endswith(f"--config.seed={job.seed} && {mark}")
+        run_job = shlex.join([sys.executable, "-m", "xmodal_jax.tables.run_job", wd, "--"])
+        assert line.startswith(run_job + " ") and line.endswith(f"--config.seed={job.seed}")
         assert (
             f"-m xmodal_jax.main train --config {tmp_path}/good.py:base=0.5 --workdir {wd}" in line
         )
@@ -616,17 +627,21 @@ def test_a_gs_root_prints_cluster_commands_and_collects_their_runs(tmp_path, mon
     assert len(lines) == 2
     for job, line in zip(jobs, lines, strict=True):
         assert f"--workdir {root}/fake/{job.key} " in line
-    # The cluster runs seed 0 (its files land in the bucket), then the line's marker command.
-    local_wd = buckets / "bucket" / "tables" / "fake" / jobs[0].key
-    _finish(str(local_wd), {"step": 2, "eval/target/accuracy": 0.5}, [])
-    os.remove(local_wd / jobs_lib.DONE)
-    assert jobs_lib.status(f"{root}/fake/{jobs[0].key}") == "unfinished"
-    *_, python, flag, code, done = shlex.split(lines[0].split(" && ")[1])
-    assert (python, flag, done) == (sys.executable, "-c", f"{root}/fake/{jobs[0].key}/done")
-    monkeypatch.setattr(sys, "argv", ["-c", done])
-    exec(code, {})
-    assert (local_wd / jobs_lib.DONE).exists()
-    assert jobs_lib.status(f"{root}/fake/{jobs[0].key}") == "done"
+    # The cluster runs seed 0's line: the trainer writes into the bucket (here a stand-in that
+    # writes the bucket's local copy), then `run_job` writes the marker there.
+    wd, local_wd = (
+        f"{root}/fake/{jobs[0].key}",
+        buckets / "bucket" / "tables" / "fake" / jobs[0].key,
+    )
+    argv = shlex.split(lines[0])
+    assert argv[:5] == [sys.executable, "-m", "xmodal_jax.tables.run_job", wd, "--"]
+    summary = {"step": 2, "eval/target/accuracy": 0.5}
+    stand_in = (f"import json, os; os.makedirs({str(local_wd)!r}); json.dump({summary!r}, "
+                f"open({str(local_wd / 'summary.json')!r}, 'w')); print('trained')")  # fmt: skip
+    assert run_job.main([wd, "--", sys.executable, "-c", stand_in]) == 0
+    assert "trained" in capsys.readouterr().out
+    assert json.loads((local_wd / jobs_lib.DONE).read_text())["rc"] == 0
+    assert jobs_lib.status(wd) == "done" and not (local_wd / jobs_lib.LOG).exists()
 
     cli.run([table, "--root", root, "--dry-run"])
     assert capsys.readouterr().out.strip().splitlines() == lines[1:]

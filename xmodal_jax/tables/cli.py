@@ -51,29 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Writes the `done` marker of a `--dry-run` line, local or remote (`gs://`, where `touch`
-# cannot): JSON as the runner's, without the wall time the runner measures.
-_WRITE_DONE = "import sys; from etils import epath; epath.Path(sys.argv[1]).write_text('{}')"
-
-
 def dry_run_lines(jobs: list[jobs_lib.Job], root: str, name: str) -> list[str]:
-    """One shell line per unfinished job: the train command, then the `done` marker, written
-    only when the command exits 0 (finished): a preempted job (exit 75) stays unfinished and a
-    later dry run prints it again, to resume it. Jobs that need others come last, after a
-    comment line."""
+    """One shell line per unfinished job: its train command run by `run_job`, which writes the
+    job's marker as the runner does (`done` with the wall time, `diverged`, `failed`; none for a
+    preempted job, which stays unfinished and is printed again by a later dry run, to resume
+    it). Jobs that need others come last, after a comment line."""
     lines, waits = [], False
     for job in jobs:
         wd = job.workdir(root, name)
-        if jobs_lib.status(wd) == "done":
+        if jobs_lib.status(wd) in jobs_lib.ENDED:  # done, or diverged (a result, not retried)
             continue
         if job.needs and not waits and lines:
             lines.append(
                 "# The lines below read runs above (a row's `needs`): start them after those."
             )
             waits = True
-        cmd = shlex.join(job.command(wd, runner.PROGRAM))
-        mark = shlex.join([runner.PROGRAM[0], "-c", _WRITE_DONE, f"{wd}/{jobs_lib.DONE}"])
-        lines.append(f"{cmd} && {mark}")
+        wrapper = [sys.executable, "-m", "xmodal_jax.tables.run_job", wd, "--"]
+        lines.append(shlex.join(wrapper + job.command(wd, runner.PROGRAM)))
     return lines
 
 

@@ -214,7 +214,7 @@ def describe(recs: Sequence[dict]) -> list[str]:
     if walls:
         median = float(np.median(walls))
         line += f", {sum(walls) / 3600:.1f} h of compute in all (median {median:.0f} s a run"
-        if len(walls) < len(recs):  # e.g. run by `--dry-run` lines, whose markers hold no time
+        if len(walls) < len(recs):  # e.g. by earlier versions' `--dry-run` lines: no time
             line += f"; {_runs(len(recs) - len(walls))} without a wall time, not counted"
         line += ")"
     else:

@@ -23,9 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from etils import epath
+
 from xmodal_jax import cache_dirs
 from xmodal_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED, Preempted
 from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.train import metrics as metrics_lib
 from xmodal_jax.train import workdir_lock
 
 # The program a job runs; tests replace it with a fake trainer.
@@ -33,12 +36,10 @@ PROGRAM: list[str] = [sys.executable, "-m", "xmodal_jax.main"]
 
 
 def _write(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+    metrics_lib.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def _lock(workdir: str) -> int | None:
+def lock(workdir: str) -> int | None:
     """An open file descriptor holding the workdir's lock, or None if another process has it."""
     return workdir_lock.flock(os.path.join(workdir, jobs_lib.LOCK), "xmodal table")
 
@@ -63,15 +64,15 @@ def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Po
     return proc, time.monotonic()
 
 
-def trainer_env(lock_fd: int) -> dict[str, str]:
+def trainer_env(lock_fd: int | None) -> dict[str, str]:
     """A job's environment: the workdir lock's descriptor (the trainer knows the lock is its
-    own), and JAX's persistent compilation cache (`cache_dirs.compilation_cache_dir`), so the
-    runs of a table that share a config's shapes compile their train step once per machine."""
-    return {
-        **os.environ,
-        workdir_lock.FD_ENV: str(lock_fd),
-        cache_dirs.COMPILATION_CACHE_ENV: cache_dirs.compilation_cache_dir(),
-    }
+    own; None: the trainer takes the lock itself), and JAX's persistent compilation cache
+    (`cache_dirs.compilation_cache_dir`), so the runs of a table that share a config's shapes
+    compile their train step once per machine."""
+    env = {**os.environ, cache_dirs.COMPILATION_CACHE_ENV: cache_dirs.compilation_cache_dir()}
+    if lock_fd is not None:
+        env[workdir_lock.FD_ENV] = str(lock_fd)
+    return env
 
 
 DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
@@ -79,13 +80,16 @@ DIVERGED_SAYS = "training diverged: "  # main.py's line for EXIT_DIVERGED
 OUTCOMES = ("skipped", "done", "diverged", "failed", "preempted", "busy", "blocked")
 
 
-def divergence(workdir: str) -> str:
-    """What the trainer said when it stopped a diverged run (the last such line of its log)."""
+def divergence(workdir: str, output: str | None = None) -> str:
+    """What the trainer said when it stopped a diverged run: the last such line of `output`,
+    else of the workdir's log."""
+    if output is None:
+        with open(os.path.join(workdir, jobs_lib.LOG), errors="replace") as log:
+            output = log.read()
     said = ""
-    with open(os.path.join(workdir, jobs_lib.LOG), errors="replace") as log:
-        for line in log:
-            if DIVERGED_SAYS in line:
-                said = line.split(DIVERGED_SAYS, 1)[1].split(". Stopped;", 1)[0].strip()
+    for line in output.splitlines():
+        if DIVERGED_SAYS in line:
+            said = line.split(DIVERGED_SAYS, 1)[1].split(". Stopped;", 1)[0].strip()
     return said or "no message in its log"
 
 
@@ -95,16 +99,18 @@ def said(workdir: str) -> str:
         return json.load(f)["said"]
 
 
-def _finish(workdir: str, rc: int, wall_s: float) -> str:
+def finish(workdir: str, rc: int, wall_s: float, output: str | None = None) -> str:
     """'done', 'preempted' (no marker: the job is unfinished), 'diverged' or 'failed'; writes
-    the marker."""
+    the marker (local or remote workdir). A diverged run's marker keeps what the trainer said,
+    found in `output` (else in the workdir's log)."""
     if rc == EXIT_PREEMPTED:
         return "preempted"
     info = {"rc": rc, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     if rc == EXIT_DIVERGED:
-        _write(os.path.join(workdir, jobs_lib.DIVERGED), {**info, "said": divergence(workdir)})
+        said_ = divergence(workdir, output)
+        _write(os.path.join(workdir, jobs_lib.DIVERGED), {**info, "said": said_})
         return "diverged"
-    ok = rc == 0 and os.path.exists(os.path.join(workdir, "summary.json"))
+    ok = rc == 0 and (epath.Path(workdir) / "summary.json").exists()
     _write(os.path.join(workdir, jobs_lib.DONE if ok else jobs_lib.FAILED), info)
     return "done" if ok else "failed"
 
@@ -175,7 +181,7 @@ def run(
                         todo.clear()
                     break
                 job, wd = todo.pop(ready)
-                fd = _lock(wd)
+                fd = lock(wd)
                 if fd is None:
                     out["busy"].append(wd)
                     total -= 1
@@ -197,7 +203,7 @@ def run(
                 del running[wd]
                 finished += 1
                 wall = time.monotonic() - t0
-                outcome = _finish(wd, rc, wall)
+                outcome = finish(wd, rc, wall)
                 os.close(fd)
                 out[outcome].append(wd)
                 what = {
@@ -219,7 +225,7 @@ def run(
             proc.send_signal(signal.SIGTERM)
         ended = 0
         for wd, (job, proc, t0, _) in running.items():
-            if proc.wait() == 0 and _finish(wd, 0, time.monotonic() - t0) == "done":
+            if proc.wait() == 0 and finish(wd, 0, time.monotonic() - t0) == "done":
                 ended += 1
                 report(f"done while stopping: {job.row} seed={job.seed}")
                 if on_done is not None:

@@ -1,0 +1,105 @@
+"""One line of `xmodal table --dry-run`: a table job run as `xmodal table` runs it.
+
+    python -m xmodal_jax.tables.run_job WORKDIR -- python -m xmodal_jax.main train ...
+
+Runs the training command with its output passed through (and, for a local workdir, appended to
+the workdir's `log.txt`), SIGTERM and SIGINT forwarded to it (the trainer saves and exits 75),
+then writes the job's marker as the table runner does (`runner.finish`): `done` with the wall
+time, `diverged` with what the trainer said (a result of its seed: never run again), `failed`
+with the exit status, and nothing when preempted, so the next dry run prints the job again to
+resume it. Exits with the command's status. A local workdir's lock is held for the run, as the
+runner holds it (a remote workdir's lease is the trainer's own); a job that has already ended is
+not run again (a jobs file run twice, or a requeued task).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from etils import epath
+
+from xmodal_jax.errors import EXIT_USER_ERROR
+from xmodal_jax.tables import jobs as jobs_lib
+from xmodal_jax.tables import runner
+from xmodal_jax.train import metrics as metrics_lib
+
+USAGE = "usage: python -m xmodal_jax.tables.run_job WORKDIR -- COMMAND..."
+_TAIL = 1 << 16  # bytes of output kept for a diverged run's message (remote workdirs)
+
+
+def _pass_through(proc: subprocess.Popen, log_path: str | None) -> str:
+    """Copies the command's output to stdout (and the log) as it comes; returns its tail."""
+    tail = b""
+    log = open(log_path, "ab") if log_path else None
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            if log:
+                log.write(chunk)
+                log.flush()
+            tail = (tail + chunk)[-_TAIL:]
+    finally:
+        if log:
+            log.close()
+    return tail.decode(errors="replace")
+
+
+def run(workdir: str, command: list[str]) -> int:
+    """Runs `command` as the job of `workdir`, writes its marker; returns its exit status."""
+    state = jobs_lib.status(workdir)
+    if state in jobs_lib.ENDED:
+        print(f"{workdir}: already {state}, not run again.", flush=True)
+        return 0
+    local = not metrics_lib.is_remote(workdir)
+    lock_fd, log_path = None, None
+    if local:
+        os.makedirs(workdir, exist_ok=True)
+        lock_fd = runner.lock(workdir)
+        if lock_fd is None:
+            print(f"{workdir}: another process runs this job; not started.", file=sys.stderr)
+            return EXIT_USER_ERROR
+        log_path = os.path.join(workdir, jobs_lib.LOG)
+        with open(log_path, "a") as log:
+            log.write(f"\n$ {' '.join(command)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    failed = epath.Path(workdir) / jobs_lib.FAILED
+    if failed.exists():
+        failed.unlink()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        pass_fds=() if lock_fd is None else (lock_fd,),
+        env=runner.trainer_env(lock_fd),
+    )
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        output = _pass_through(proc, log_path)
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    outcome = runner.finish(workdir, rc, time.monotonic() - t0, output)
+    if lock_fd is not None:
+        os.close(lock_fd)
+    print(f"xmodal table: {outcome} (exit {rc}): {workdir}", file=sys.stderr, flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3 or argv[1] != "--":
+        print(USAGE, file=sys.stderr)
+        return EXIT_USER_ERROR
+    return run(argv[0], argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
