@@ -944,6 +944,26 @@ def test_a_row_with_many_unfinished_runs_is_one_line(tmp_path):
     assert f"- big: {n} runs not finished ({n} not run); --dry-run lists them" in md
     assert "- one, seed 0: not run (" in md
 
+    # The compute left, at each row's median wall time a run: 7 x 120 s; a row without a timed
+    # run is named, not counted; a diverged run is never run again, so it needs none.
+    recs = [{"row": "big", "done": {"wall_s": w}} for w in (100.0, 150.0)]
+    recs += [{"row": "big", "diverged": {"wall_s": 120.0}}, {"row": "one", "done": {}}]
+    walls = records_lib.median_walls(recs)
+    assert walls == {"big": 120.0}
+    cells = aggregate.collect(table, "m", str(tmp_path), "last")
+    md = render.markdown(table, cells, "last", "", walls=walls)
+    assert f"Missing: {n + 1}; about 14 min of compute for the runs left, at their rows' " in md
+    assert "(one: no timed run yet, not counted)." in md
+    assert "lists them; about 14 min at the row's median 120 s a run" in md
+    one = jobs_lib.row_jobs(table, table.rows[1], "")[0].workdir(str(tmp_path), "m")
+    os.makedirs(one)
+    with open(os.path.join(one, jobs_lib.DIVERGED), "w") as f:
+        json.dump({"rc": 3, "said": "inf"}, f)
+    cells = aggregate.collect(table, "m", str(tmp_path), "last")
+    md = render.markdown(table, cells, "last", "", walls={**walls, "one": 600.0})
+    assert "- one, seed 0: diverged (inf) (" in md
+    assert "about 14 min of compute for the runs left" in md and "no timed run" not in md
+
 
 # A trainer that records the config hash as `xmodal train` does (load, overrides, hash).
 HASHING_TRAINER = FAKE_TRAINER + textwrap.dedent(

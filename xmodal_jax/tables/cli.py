@@ -91,7 +91,14 @@ def table_texts(
     elif recs is None:
         recs = records_lib.collect(jobs_lib.expand(table), root, name, table)
     return {
-        "md": render.markdown(table, cells, rule, rule_text, records_lib.describe(recs)),
+        "md": render.markdown(
+            table,
+            cells,
+            rule,
+            rule_text,
+            records_lib.describe(recs),
+            records_lib.median_walls(recs),
+        ),
         "tex": render.latex(table, cells, rule, rule_text),
         "csv": render.csv_text(table, cells, rule),
     }

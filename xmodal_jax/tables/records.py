@@ -201,13 +201,26 @@ def _counted(what: str, counts: Counter, limit: int = 3) -> str:
 NOT_CODE = (".md", ".jsonl", ".csv", ".tex", ".png")
 
 
+def _wall(rec: dict) -> float | None:
+    ended = rec.get("done") or rec.get("diverged") or {}
+    return float(ended["wall_s"]) if ended.get("wall_s") else None
+
+
+def median_walls(recs: Sequence[dict]) -> dict[str, float]:
+    """Each row's median wall time per run (seconds), over its records that have one."""
+    by_row: dict[str, list[float]] = {}
+    for r in recs:
+        if (wall := _wall(r)) is not None:
+            by_row.setdefault(r["row"], []).append(wall)
+    return {row: float(np.median(walls)) for row, walls in by_row.items()}
+
+
 def describe(recs: Sequence[dict]) -> list[str]:
     """What a table's runs rest on, from their records: how many, their compute (the `done`
     markers' wall times), and from their provenance the software, devices and commits."""
     if not recs:
         return []
-    ended = [r.get("done") or r.get("diverged") or {} for r in recs]
-    walls = [float(e["wall_s"]) for e in ended if e.get("wall_s")]
+    walls = [w for r in recs if (w := _wall(r)) is not None]
     line = _runs(len(recs))
     if diverged := sum(bool(r.get("diverged")) for r in recs):
         line += f" ({diverged} diverged)"

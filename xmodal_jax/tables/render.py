@@ -11,7 +11,7 @@ import csv
 import io
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from xmodal_jax.tables.aggregate import Cell
 from xmodal_jax.tables.baseline import verdict_lines, versus, versus_text
@@ -88,10 +88,17 @@ def _header(table: Table) -> list[tuple[str, Column, bool]]:
 MAX_LISTED = 6
 
 
-def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> tuple[int, list[str]]:
-    """How many runs have not finished or finished without a metric, and the lines saying so:
-    one per run (with the columns it leaves short, when it does not fill every column of its
-    row), or one per row when a row has more than `MAX_LISTED` of them."""
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _missing_lines(
+    table: Table, cells: dict[tuple[str, str], Cell], walls: Mapping[str, float]
+) -> tuple[int, list[str], str]:
+    """How many runs have not finished or finished without a metric, the lines saying so (one
+    per run, with the columns it leaves short when it does not fill every column of its row,
+    or one per row when a row has more than `MAX_LISTED` of them), and the compute the runs
+    still to run would take at their rows' median wall times (`walls`, seconds a run)."""
     runs: dict[str, tuple[str, int, str, list[str]]] = {}
     unreported: dict[str, list[str]] = {}
     for row in table.rows:
@@ -114,19 +121,35 @@ def _missing_lines(table: Table, cells: dict[tuple[str, str], Cell]) -> tuple[in
         where = "" if cols == filled or not named else f" [{', '.join(named)}]"
         by_row.setdefault(label, []).append(f"{label}, seed {seed}: {state}{where} ({wd})")
         states.setdefault(label, []).append(state)
-    lines = []
+    lines, to_run, untimed = [], {}, []
     for label, listed in by_row.items():
+        # a diverged run is its seed's result: never run again
+        to_run[label] = sum(not s.startswith("diverged") for s in states[label])
+        if to_run[label] and label not in walls:
+            untimed.append(label)
         if len(listed) <= MAX_LISTED:
             lines += listed
             continue
         counts = ", ".join(f"{n} {s}" for s, n in sorted(Counter(states[label]).items()))
-        lines.append(f"{label}: {len(listed)} runs not finished ({counts}); --dry-run lists them")
+        line = f"{label}: {len(listed)} runs not finished ({counts}); --dry-run lists them"
+        if to_run[label] and label in walls:
+            est = to_run[label] * walls[label]
+            line += f"; about {_hours(est)} at the row's median {walls[label]:.0f} s a run"
+        lines.append(line)
     for label, listed in unreported.items():
         if len(listed) <= MAX_LISTED:
             lines += listed
         else:
             lines.append(f"{label}: {len(listed)} columns have seeds that finished without them")
-    return len(runs) + sum(map(len, unreported.values())), lines
+    estimate = ""
+    if any(to_run.values()) and walls:
+        total = sum(n * walls[label] for label, n in to_run.items() if label in walls)
+        if total:
+            estimate = f"about {_hours(total)} of compute for the runs left, at their rows' "
+            estimate += "median wall time a run"
+            if untimed:
+                estimate += f" ({', '.join(untimed)}: no timed run yet, not counted)"
+    return len(runs) + sum(map(len, unreported.values())), lines, estimate
 
 
 def _legend(table: Table, rule_text: str) -> list[str]:
@@ -224,8 +247,11 @@ def markdown(
     rule: str,
     rule_text: str,
     runs: Sequence[str] = (),
+    walls: Mapping[str, float] | None = None,
 ) -> str:
-    """The table in Markdown; `runs`: lines on what its runs rest on (`records.describe`)."""
+    """The table in Markdown; `runs`: lines on what its runs rest on (`records.describe`);
+    `walls`: each row's median wall time a run (`records.median_walls`), for the estimate of
+    the compute left."""
     bold, sources = best_rows(table, cells), _sources(table)
     header = _header(table)
     suffix = " (oracle selection)" if rule == "oracle" else ""
@@ -260,8 +286,8 @@ def markdown(
         out += ["", table.notes.strip()]
     if runs:
         out += ["", "What the runs rest on (their records):", *(f"- {line}" for line in runs)]
-    n, missing = _missing_lines(table, cells)
-    out += ["", f"Missing: {n or 'none'}."]
+    n, missing, estimate = _missing_lines(table, cells, walls or {})
+    out += ["", f"Missing: {n or 'none'}" + (f"; {estimate}." if estimate else ".")]
     out += [f"- {line}" for line in missing]
     return "\n".join(out) + "\n"
 
