@@ -543,6 +543,38 @@ def test_slurm_arrays_run_a_tables_dry_run_lines_and_requeue_a_preempted_one(tmp
     assert r.returncode == 2 and "has no line 3 in part 2" in r.stderr
 
 
+def test_run_job_passes_sigterm_on_but_not_ctrl_c(tmp_path):
+    """A launcher's SIGTERM is passed on to the trainer. Ctrl-C reaches the trainer from the
+    terminal's process group by itself; passed on too, it would be a second Ctrl-C, which kills
+    the trainer before it saves: `run_job` only keeps waiting."""
+    ready = tmp_path / "ready"
+    trainer = (
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: got.append('INT'))\n"
+        "signal.signal(signal.SIGTERM, lambda *a: got.append('TERM'))\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "while 'TERM' not in got: time.sleep(0.02)\n"
+        "sys.exit(75 if got == ['TERM'] else 99)\n"
+    )
+    cmd = [sys.executable, "-m", "xmodal_jax.tables.run_job", str(tmp_path / "wd"), "--"]
+    proc = subprocess.Popen(
+        [*cmd, sys.executable, "-c", trainer],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still waiting for its trainer
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == EXIT_PREEMPTED, proc.stderr.read()
+    assert jobs_lib.status(str(tmp_path / "wd")) == "unfinished"
+
+
 @pytest.mark.parametrize("form", ["run_job", "run && mark"])
 def test_a_slurm_array_task_passes_the_time_limit_signal_to_its_run(tmp_path, form):
     """SLURM signals the batch script (B:TERM); the run gets it, saves (here: exits 75). Lines

@@ -3,7 +3,8 @@
     python -m xmodal_jax.tables.run_job WORKDIR -- python -m xmodal_jax.main train ...
 
 Runs the training command with its output passed through (and, for a local workdir, appended to
-the workdir's `log.txt`), SIGTERM and SIGINT forwarded to it (the trainer saves and exits 75),
+the workdir's `log.txt`), SIGTERM passed on to it (the trainer saves and exits 75; Ctrl-C
+reaches it from the terminal),
 then writes the job's marker as the table runner does (`runner.finish`): `done` with the wall
 time, `diverged` with what the trainer said (a result of its seed: never run again), `failed`
 with the exit status, and nothing when preempted, so the next dry run prints the job again to
@@ -78,8 +79,13 @@ def run(workdir: str, command: list[str]) -> int:
         pass_fds=() if lock_fd is None else (lock_fd,),
         env=runner.trainer_env(lock_fd),
     )
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM (a launcher's) is passed on. Ctrl-C reaches the trainer from the terminal itself
+    # (one process group): passed on as well it would be a second Ctrl-C, which kills the
+    # trainer before it saves, so here it only keeps this process waiting for the trainer.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: proc.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+    }
     try:
         output = _pass_through(proc, log_path)
         rc = proc.wait()
