@@ -3,8 +3,8 @@
     xmodal train --config experiments/X.py[:k=v,...] --workdir DIR [--config.a.b=value ...]
     xmodal eval  --config experiments/X.py[:k=v,...] --workdir DIR
     xmodal convert SRC DST [--arch NAME]   # PyTorch / safetensors / .npz -> our safetensors
-    xmodal table experiments/tables/NAME.py --root DIR [--jobs K] [--dry-run]
-                 [--select last|source_val|oracle]
+    xmodal table experiments/tables/NAME.py (--root DIR [--records FILE] | --records FILE)
+                 [--jobs K] [--dry-run] [--select last|source_val|oracle]
     xmodal bench [--small] [--json PATH]
 
 A train run in a workdir that holds checkpoints resumes from the latest one. Exit codes: 0
