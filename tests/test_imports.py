@@ -139,6 +139,43 @@ def test_tasks_and_evaluators_stay_apart_from_the_loop(package, never):
             assert not bad, f"{name} imports {bad}"
 
 
+def _all_imports(name: str) -> set[str]:
+    """Every package module `name` imports, at module level or inside a function."""
+    with open(MODULES[name]) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            found |= subs if len(subs) == len(node.names) else subs | {node.module}
+    return {m for m in found if m in MODULES and m != name}
+
+
+# docs/DESIGN.md's package map: what each of these subpackages may import besides itself,
+# `errors` and the package's own `__init__`.
+ALLOWED = {
+    "xmodal_jax.data": ("xmodal_jax.timing",),
+    "xmodal_jax.analysis": (),
+    "xmodal_jax.evaluation": (),
+    "xmodal_jax.tables": ("xmodal_jax.train.metrics", "xmodal_jax.train.workdir_lock",
+                          "xmodal_jax.config", "xmodal_jax.provenance", "xmodal_jax.cache_dirs"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_subpackages_import_what_the_package_map_lists(package):
+    allowed = (package, "xmodal_jax.errors", *ALLOWED[package])
+    for name in MODULES:
+        if name == package or name.startswith(package + "."):
+            bad = sorted(
+                d for d in _all_imports(name)
+                if d != "xmodal_jax" and not any(d == a or d.startswith(a + ".") for a in allowed)
+            )  # fmt: skip
+            assert not bad, f"{name} imports {bad}; docs/DESIGN.md's package map lists {allowed}"
+
+
 def test_no_module_of_the_package_is_over_400_lines():
     """A module a reader can hold in their head: past 400 lines, split it by what it does."""
     long = {}
