@@ -34,12 +34,16 @@ _TAIL = 1 << 16  # bytes of output kept for a diverged run's message (remote wor
 
 def _pass_through(proc: subprocess.Popen, log_path: str | None) -> str:
     """Copies the command's output to stdout (and the log) as it comes; returns its tail."""
-    tail = b""
+    tail, echo = b"", True
     log = open(log_path, "ab") if log_path else None
     try:
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+            if echo:
+                try:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+                except OSError:  # stdout gone (a closed pipe): the run goes on, logged
+                    echo = False
             if log:
                 log.write(chunk)
                 log.flush()
