@@ -59,7 +59,7 @@ FAKE_TRAINER = textwrap.dedent(
               "{'train/grad_norm': inf}. Stopped; the last good checkpoint (none) is kept.",
               file=sys.stderr)
         sys.exit(3)
-    acc = float(args.get("base", "0.5")) + 0.01 * seed
+    acc = float(args.get("base", "0.5")) + 0.01 * seed + float(os.environ.get("FAKE_BONUS", 0))
     if "source" in args:  # a run that reads another's result (a row's `needs`)
         with open(os.path.join(args["source"], "summary.json")) as f:
             acc += json.load(f)["eval/target/accuracy"]
@@ -400,7 +400,7 @@ def test_a_row_grid_replaces_the_table_grid_and_its_choice_is_shown(tmp_path):
         spec_lib.check(dataclasses.replace(table, rows=[bad]))
 
 
-def _write_table(tmp_path, rows: str) -> str:
+def _write_table(tmp_path, rows: str, more: str = "") -> str:
     for name in ("good.py", "bad.py"):
         (tmp_path / name).write_text("def get_config(arg=None):\n    raise NotImplementedError\n")
     path = tmp_path / "fake.py"
@@ -409,9 +409,32 @@ def _write_table(tmp_path, rows: str) -> str:
         f"GOOD, BAD = {str(tmp_path / 'good.py')!r}, {str(tmp_path / 'bad.py')!r}\n"
         f"TABLE = Table(title='Fake', rows=[{rows}],\n"
         "    columns=[Column('T', 'eval/target/accuracy')], seeds=(0, 1),\n"
-        "    select_metric='eval/source/accuracy')\n"
+        f"    select_metric='eval/source/accuracy'{more})\n"
     )
     return str(path)
+
+
+def test_a_tables_env_reaches_its_runs_and_leaves_their_keys(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    monkeypatch.setenv("FAKE_BONUS", "0.3")  # the caller's value: the table's replaces it
+    plain = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')")
+    table = _write_table(tmp_path, "Row('good', GOOD, 'base=0.5')", ", env={'FAKE_BONUS': '0.2'}")
+    jobs = jobs_lib.expand(spec_lib.load(table)[1])
+    assert [j.key for j in jobs] == [j.key for j in jobs_lib.expand(spec_lib.load(plain)[1])]
+    assert jobs[0].command("/w")[:2] == ["env", "FAKE_BONUS=0.2"]
+    assert jobs[0].describe()["env"] == {"FAKE_BONUS": "0.2"}
+    root = str(tmp_path / "root")
+    cli.run([table, "--root", root, "--seeds", "0"])  # through the runner
+    (line,) = [x for x in cli.dry_run_lines(jobs, root, "fake") if x]  # seed 1, as a line
+    assert subprocess.run(["bash", "-c", line], capture_output=True).returncode == 0
+    cli.run([table, "--root", root, "--collect-only"])
+    assert "| good | **70.5 ± 0.7** (2) |" in open(os.path.join(root, "fake.md")).read()
+    for env, why in (({"A-B": "1"}, "variable names"), ({"A": 1}, "string values")):
+        bad = _write_table(tmp_path, "Row('good', GOOD)", f", env={env!r}")
+        with pytest.raises(UserError, match=why):
+            spec_lib.load(bad)
 
 
 def test_runner_resumes_skips_finished_jobs_and_reports_failures(tmp_path, monkeypatch, capsys):

@@ -44,6 +44,7 @@ class Job:
     grid_point: tuple[tuple[str, str], ...]  # the part of `overrides` that comes from the grid
     needs: tuple[tuple[str, str], ...] = ()  # (config argument, key of the job whose workdir
     # it is): this job starts after that one has finished
+    env: tuple[tuple[str, str], ...] = ()  # the table's `env`: how it runs, not what (no key)
 
     @property
     def spec(self) -> str:
@@ -77,10 +78,13 @@ class Job:
         return {arg: f"{parent}/{key}" for arg, key in self.needs}
 
     def command(self, workdir: str, program: list[str] | None = None) -> list[str]:
-        """The `xmodal train` command line of this job."""
+        """The `xmodal train` command line of this job (through `env` when the table sets
+        environment variables)."""
         program = program or [sys.executable, "-m", "xmodal_jax.main"]
         spec = self.spec_with(self.needed_workdirs(workdir))
-        return [*program, "train", "--config", spec, "--workdir", workdir, *self.config_overrides()]
+        env = ["env", *(f"{k}={v}" for k, v in self.env)] if self.env else []
+        return [*env, *program, "train", "--config", spec, "--workdir", workdir,
+                *self.config_overrides()]  # fmt: skip
 
     def spec_with(self, needed: Mapping[str, str]) -> str:
         """`spec` with the workdirs of the runs it needs (argument -> workdir) appended."""
@@ -125,6 +129,8 @@ class Job:
         }
         if self.needs:
             out["needs"] = dict(self.needs)
+        if self.env:
+            out["env"] = dict(self.env)
         return out
 
 
@@ -160,6 +166,7 @@ def row_jobs(
                     for arg, label in row.needs.items()
                 )
             ),
+            env=tuple(sorted(table.env.items())),
         )
         for point in grid_points(dict(table.grid_of(row)))
         for seed in table.seeds_of(row)

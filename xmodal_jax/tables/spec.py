@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,7 +119,10 @@ class Table:
     rule picks one grid point per cell. `select_metric` is the training-domain validation metric
     (`eval/source/accuracy`): `source_val` needs it, and so does a grid under `last`. `baseline`
     names the row (e.g. source only) every other row's cells are compared with: the difference
-    of means and its standard error are shown beside each cell.
+    of means and its standard error are shown beside each cell. `env` sets environment variables
+    for every run (replacing the caller's value), e.g. the XLA flags that keep one software
+    stack across a table whose runs span several machines and days; it is not part of a job's
+    key, and the runs' provenance records what they ran with.
     """
 
     title: str
@@ -132,6 +136,7 @@ class Table:
     digits: int = 1
     notes: str = ""
     baseline: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def scale_of(self, column: Column) -> float:
         """What multiplies the column's metric for display: its own scale, else the table's."""
@@ -188,6 +193,12 @@ def check(table: Table, path: str = "table") -> None:
             )
     if table.select not in RULES:
         raise UserError(f"{path}: select={table.select!r}; use one of {sorted(RULES)}.")
+    for name, value in table.env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or not isinstance(value, str):
+            raise UserError(
+                f"{path}: env {name!r}={value!r}; give variable names (letters, digits, _) "
+                "and string values."
+            )
     if table.baseline is not None and table.baseline not in {r.label for r in table.rows}:
         raise UserError(f"{path}: baseline={table.baseline!r} is not a row label.")
     for row in table.rows:
