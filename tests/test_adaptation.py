@@ -841,6 +841,60 @@ def test_a_distance_evaluator_tsne_points(tmp_path):
         assert sorted(os.listdir(out)) == files
 
 
+def test_a_distance_evaluator_with_adapt_reads_the_target_through_adabn(monkeypatch):
+    """`adapt`: the target's features come from the model whose BatchNorm statistics AdaBN
+    re-estimated on the `adapt` images (real rows only), the source's from the model as given;
+    the value is the proxy A-distance of exactly those features."""
+    from xmodal_jax import evaluators
+    from xmodal_jax.errors import UserError
+    from xmodal_jax.evaluators import classification
+    from xmodal_jax.parallel import mesh as mesh_lib
+
+    rng = np.random.default_rng(0)
+    images = {  # (dataset, split) -> one padded batch: the last 2 rows are padding
+        ("digits_mnist", "test"): rng.normal(0.0, 1.0, (12, 2, 2, 1)).astype(np.float32),
+        ("digits_uci", "test"): rng.normal(3.0, 1.0, (12, 2, 2, 1)).astype(np.float32),
+        ("digits_uci", "train"): rng.normal(3.0, 1.0, (12, 2, 2, 1)).astype(np.float32),
+    }
+    mask = np.arange(12) < 10
+    images[("digits_uci", "train")][~mask] = 1e6  # would show if padding entered the statistics
+    monkeypatch.setattr(
+        classification,
+        "local_batches",
+        lambda cfg, bs: [{"image": images[cfg["name"], cfg["split"]], "_mask": mask}],
+    )
+    seen = []
+
+    def adapt_batch_norm(variables, batches):  # AdaBN's statistic here: the mean image
+        batches = list(batches)
+        seen.extend(len(b) for b in batches)
+        return {**variables, "batch_stats": {"mean": np.concatenate(batches).mean(0)}}
+
+    fns = {
+        "predict": lambda v, b: {"pooled": (b["image"] - v["batch_stats"]["mean"]).reshape(12, -1)},
+        "adapt_batch_norm": adapt_batch_norm,
+    }
+    cfg = {"source": {"dataset": "digits_mnist"}, "target": {"dataset": "digits_uci"}}
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
+    variables = {"batch_stats": {"mean": np.zeros((2, 2, 1), np.float32)}}
+    adapt = {"dataset": "digits_uci", "split": "train"}
+    got = evaluators.get("a_distance")("a", {**cfg, "adapt": adapt}, fns, mesh, 12).run(variables)
+    plain = evaluators.get("a_distance")("a", cfg, fns, mesh, 12).run(variables)
+
+    flat = lambda x: x[mask].reshape(10, -1).astype(np.float64)
+    source = flat(images["digits_mnist", "test"])
+    target_mean = images["digits_uci", "train"][mask].astype(np.float64).mean(0)
+    target = flat(images["digits_uci", "test"] - target_mean)
+    want = a_distance.proxy_a_distance(source, target, seed=0)
+    assert seen == [10]
+    np.testing.assert_allclose(got["value"], want["a_distance"], atol=1e-6)
+    unadapted = a_distance.proxy_a_distance(source, flat(images["digits_uci", "test"]), seed=0)
+    np.testing.assert_allclose(plain["value"], unadapted["a_distance"], atol=1e-6)
+    assert got["value"] < plain["value"]  # AdaBN moved the target onto the source here
+    with pytest.raises(UserError, match=r"config.evals.a.adapt re-estimates BatchNorm"):
+        evaluators.get("a_distance")("a", {**cfg, "adapt": adapt}, {"predict": None}, mesh, 12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry and errors
 # ---------------------------------------------------------------------------------------------

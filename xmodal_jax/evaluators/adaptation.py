@@ -2,7 +2,8 @@
 
 evals.a_distance = {'type': 'a_distance', 'source': {dataset, split, pp},
                     'target': {dataset, split, pp},    # -> eval/a_distance/value
-                    'tsne_points': 1000}               # t-SNE plot of at most this many; 0: none
+                    'tsne_points': 1000,               # t-SNE plot of at most this many; 0: none
+                    'adapt': {dataset, split, pp}}     # optional: target features after AdaBN
 evals.target = {'type': 'adabn_classification', dataset, split, pp,
                 'adapt': {dataset, split, pp}}         # BN statistics from `adapt` first
 evals.target = {'type': 'tent_classification', dataset, split, pp,
@@ -32,8 +33,29 @@ from xmodal_jax.objectives.adaptation import tent
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
+def _adapted(fns: Mapping[str, Any], adapt: Mapping[str, Any], variables, batch_size: int):
+    """`variables` with every BatchNorm's statistics re-estimated on the `adapt` split's images
+    (its real rows only: a padded row would enter the statistics)."""
+    images = (
+        local["image"][local["_mask"]] for local in classification.local_batches(adapt, batch_size)
+    )
+    return fns["adapt_batch_norm"](variables, images)
+
+
+def _needs_adabn(fns: Mapping[str, Any], where: str) -> None:
+    if "adapt_batch_norm" not in fns:
+        raise UserError(
+            f"{where} re-estimates BatchNorm statistics; use it with a classification, "
+            "domain_adaptation or finetune task."
+        )
+
+
 class ADistance:
-    """Proxy A-distance 2(1 - 2ε) of a domain classifier on the model's pooled features."""
+    """Proxy A-distance 2(1 - 2ε) of a domain classifier on the model's pooled features.
+
+    With `adapt` (unlabelled target images), the target's features are those of AdaBN's model:
+    BatchNorm statistics re-estimated on `adapt`, while the source keeps the model's own; each
+    domain then goes through its own statistics, as AdaBN classifies them."""
 
     def __init__(
         self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
@@ -48,6 +70,11 @@ class ADistance:
                 f"config.evals.{name}.tsne_points={self.tsne_points}: use a count >= 0 "
                 "(0 writes no t-SNE plot)."
             )
+        self.adapt = None
+        if "adapt" in cfg:
+            self.adapt = pipeline.eval_data(cfg["adapt"], f"config.evals.{name}.adapt")
+            _needs_adabn(fns, f"config.evals.{name}.adapt")
+        self.fns = fns
         self._pooled = jax.jit(lambda variables, batch: fns["predict"](variables, batch)["pooled"])
         self._last: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -61,7 +88,11 @@ class ADistance:
         return np.concatenate(out)
 
     def run(self, variables) -> dict[str, float]:
-        fs, ft = self._features(variables, self.source), self._features(variables, self.target)
+        target_variables = variables
+        if self.adapt is not None:
+            target_variables = _adapted(self.fns, self.adapt, variables, self.batch_size)
+        fs = self._features(variables, self.source)
+        ft = self._features(target_variables, self.target)
         self._last = (fs, ft)
         result = a_distance.proxy_a_distance(fs, ft, seed=self.seed)
         return {"value": result["a_distance"], "domain_error": result["error"]}
@@ -85,20 +116,11 @@ class AdaBNClassification(classification.Classification):
     ):
         super().__init__(name, cfg, fns, mesh, batch_size)
         self.adapt = pipeline.eval_data(cfg["adapt"], f"config.evals.{name}.adapt")
-        if "adapt_batch_norm" not in fns:
-            raise UserError(
-                f"config.evals.{name}.type='adabn_classification' re-estimates BatchNorm "
-                "statistics; use it with a classification, domain_adaptation or finetune task."
-            )
-        self.adapt_batch_norm = fns["adapt_batch_norm"]
+        _needs_adabn(fns, f"config.evals.{name}.type='adabn_classification'")
+        self.fns = fns
 
     def run(self, variables) -> dict[str, float]:
-        images = (
-            local["image"][local["_mask"]]
-            for local in classification.local_batches(self.adapt, self.batch_size)
-        )
-        adapted = self.adapt_batch_norm(variables, images)
-        return super().run(adapted)
+        return super().run(_adapted(self.fns, self.adapt, variables, self.batch_size))
 
 
 def tent_options(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
