@@ -1251,12 +1251,13 @@ def test_a_table_says_what_its_runs_rest_on():
         {"done": {"wall_s": 10.0}, "provenance": None},
     ]
     recs[3]["provenance"]["cpu_convolutions"] = "xla"  # the others: before the field, YNNPACK
+    recs[3]["provenance"] |= {"cpu_model": "AMD EPYC", "cpu_simd": "AVX2"}  # the others: before
     assert records_lib.describe(recs) == [
         f"5 runs, {660 / 3600:.1f} h of compute in all (median 100 s a run).",
         "Software (2 different): flax 0.12.8, jax 0.10.2, python 3.11.7 (3 runs); "
         "flax 0.12.8, jax 0.11.2, python 3.11.7 (1 run).",
         "Devices (2 different): cpu x1 (2 CPUs, YNNPACK convolutions) (3 runs); "
-        "cpu x1 (2 CPUs, XLA convolutions) (1 run).",
+        "cpu x1 (2 CPUs: AMD EPYC, AVX2; XLA convolutions) (1 run).",
         "Commits (2 different): aaaaaaa (2 runs); bbbbbbb (2 runs); 2 runs from a checkout with "
         "uncommitted changes (1 of them to code, 1 to records or docs only).",
         "1 run without provenance.",
@@ -1272,6 +1273,23 @@ def test_a_table_says_what_its_runs_rest_on():
         "wall time, not counted)."
     )
     assert records_lib.describe([untimed, untimed])[0] == "2 runs, no wall time recorded."
+
+
+def test_provenance_names_the_cpu_and_its_widest_vector_extension(tmp_path):
+    from xmodal_jax import provenance
+
+    cases = {
+        "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n": "AVX-512",
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2\n": "AVX2",
+        "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n": "NEON",
+        "flags\t\t: fpu sse2\n": "",
+    }
+    for i, (text, want) in enumerate(cases.items()):
+        (tmp_path / str(i)).write_text(text)
+        assert provenance.cpu_simd(str(tmp_path / str(i))) == want, text
+    assert provenance.cpu_simd(str(tmp_path / "none")) == ""
+    prov = provenance.describe({"a": 1})
+    assert prov["cpu_model"] == provenance.cpu_model() and prov["cpu_simd"] == provenance.cpu_simd()
 
 
 def test_provenance_names_the_files_changed_since_the_commit(tmp_path):

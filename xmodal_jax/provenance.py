@@ -73,6 +73,24 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+# The vector extensions XLA:CPU compiles for when the host has them, widest first: the same run
+# on CPUs with different ones differs in its last bits (the vector width orders the sums), and
+# training carries such differences into the figures.
+SIMD = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON"))
+
+
+def cpu_simd(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The widest vector extension of `SIMD` this CPU has ('' where none is known)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next(
+                set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith(("flags", "Features"))
+            )
+    except (OSError, StopIteration):
+        return ""
+    return next((name for flag, name in SIMD if flag in flags), "")
+
+
 def usable_cpus() -> int:
     """Cores this process may run on. XLA:CPU sizes its thread pool by them and splits
     reductions accordingly, so the same run on 1 and on 2 cores differs in the last bits."""
@@ -97,6 +115,8 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
+        "cpu_model": cpu_model(),
+        "cpu_simd": cpu_simd(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults

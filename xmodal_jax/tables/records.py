@@ -169,9 +169,10 @@ def _software(prov: dict) -> str:
 
 
 def _device(prov: dict) -> str:
-    """`cpu x1 (2 CPUs, XLA convolutions)`: the devices a run's provenance names, on CPU with
-    who ran its convolutions (`xla_defaults`; records before the field: YNNPACK, XLA's
-    default then), as the two differ in the last bits."""
+    """`cpu x1 (2 CPUs: AMD EPYC, AVX2; XLA convolutions)`: the devices a run's provenance
+    names, on CPU with the processor and its vector extension (records before those fields name
+    none) and who ran its convolutions (`xla_defaults`; records before the field: YNNPACK,
+    XLA's default then), as each changes the last bits of a run."""
     if not prov.get("device_kind"):
         return "unrecorded"
     text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
@@ -179,7 +180,12 @@ def _device(prov: dict) -> str:
         cpus = prov.get("usable_cpus")
         convs = {"xla": "XLA", "ynnpack": "YNNPACK"}[prov.get("cpu_convolutions", "ynnpack")]
         cpus = f"{cpus} CPUs" if cpus else "CPU count unrecorded"
-        text += f" ({cpus}, {convs} convolutions)"
+        model = ", ".join(filter(None, (prov.get("cpu_model"), prov.get("cpu_simd"))))
+        text += (
+            f" ({cpus}: {model}; {convs} convolutions)"
+            if model
+            else f" ({cpus}, {convs} convolutions)"
+        )
     return text
 
 
