@@ -75,6 +75,14 @@ def _comparable(rec: dict) -> str | None:
                 f"recorded with {cores} usable cores, here {provenance.usable_cpus()} (XLA:CPU "
                 "splits its work by the thread count; run the tier unpinned on that many cores)"
             )
+        # Records older than `cpu_simd` name no processor: compared, as they were before.
+        cpu = (prov.get("cpu_model"), prov.get("cpu_simd"))
+        here_cpu = (provenance.cpu_model(), provenance.cpu_simd())
+        if cpu[1] is not None and cpu != here_cpu:
+            return (
+                f"recorded on {', '.join(cpu)}, here {', '.join(here_cpu)} (XLA:CPU compiles "
+                "for the processor's vector extensions, which order the sums)"
+            )
         return None
     machine = (rec.get("done") or {}).get("machine", "")
     if "CPU" not in machine or f"jax {here['jax']}" not in machine:
@@ -107,6 +115,16 @@ def test_rerun_equals_its_record(case, tfds_dir, tmp_path):
     if table_name == "animals_zeroshot":  # the quick start's headline claim, not only its value
         unseen = summary["eval/zeroshot_unseen/accuracy"]
         assert unseen >= summary["eval/zeroshot_unseen_control/accuracy"] + 0.10
+
+
+def test_a_record_of_another_processor_is_not_compared():
+    here = {"versions": provenance.versions(), "platform": "cpu"}
+    here |= {"device_count": jax.device_count(), "usable_cpus": provenance.usable_cpus()}
+    cpu = {"cpu_model": provenance.cpu_model(), "cpu_simd": provenance.cpu_simd()}
+    assert _comparable({"provenance": here}) is None  # before the fields: compared
+    assert _comparable({"provenance": {**here, **cpu}}) is None
+    other = {**here, **cpu, "cpu_simd": "AVX-512" if cpu["cpu_simd"] != "AVX-512" else "AVX2"}
+    assert "vector extensions" in _comparable({"provenance": other})
 
 
 def test_a_rerun_gets_its_records_convolution_setting(monkeypatch):
