@@ -434,7 +434,7 @@ def test_a_dry_run_line_marks_its_job_as_the_runner_does(tmp_path, monkeypatch):
     t0 = time.monotonic()
     assert run_line("0").returncode == 0 and jobs_lib.status(workdir) == "done"
     done = marker(jobs_lib.DONE)
-    assert done["rc"] == 0 and 0 < done["wall_s"] <= time.monotonic() - t0
+    assert done["rc"] == 0 and 0 <= done["wall_s"] <= time.monotonic() - t0  # a fast fake run
     log = open(os.path.join(workdir, jobs_lib.LOG)).read()
     assert log.count(f"training {workdir}") == 3 and log.count("\n$ ") == 3
     assert "training diverged: Non-finite" in log  # stderr too
