@@ -21,8 +21,6 @@ import subprocess
 import sys
 import time
 
-from etils import epath
-
 from xmodal_jax.errors import EXIT_USER_ERROR
 from xmodal_jax.tables import jobs as jobs_lib
 from xmodal_jax.tables import runner
@@ -69,11 +67,7 @@ def run(workdir: str, command: list[str]) -> int:
             print(f"{workdir}: another process runs this job; not started.", file=sys.stderr)
             return EXIT_USER_ERROR
         log_path = os.path.join(workdir, jobs_lib.LOG)
-        with open(log_path, "a") as log:
-            log.write(f"\n$ {' '.join(command)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    failed = epath.Path(workdir) / jobs_lib.FAILED
-    if failed.exists():
-        failed.unlink()
+    runner.begin(workdir, command)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         command,

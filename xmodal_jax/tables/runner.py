@@ -44,15 +44,22 @@ def lock(workdir: str) -> int | None:
     return workdir_lock.flock(os.path.join(workdir, jobs_lib.LOCK), "xmodal table")
 
 
+def begin(workdir: str, cmd: list[str]) -> None:
+    """Before a job's process starts (here or in `run_job`): its `failed` marker of an earlier
+    attempt goes, and a local workdir's log gets the command and the time."""
+    failed = epath.Path(workdir) / jobs_lib.FAILED
+    if failed.exists():
+        failed.unlink()
+    if not metrics_lib.is_remote(workdir):
+        with open(os.path.join(workdir, jobs_lib.LOG), "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+
 def _start(job: jobs_lib.Job, workdir: str, lock_fd: int) -> tuple[subprocess.Popen, float]:
     _write(os.path.join(workdir, jobs_lib.JOB), job.describe())
-    failed = os.path.join(workdir, jobs_lib.FAILED)
-    if os.path.exists(failed):
-        os.remove(failed)
     cmd = job.command(workdir, PROGRAM)
+    begin(workdir, cmd)
     with open(os.path.join(workdir, jobs_lib.LOG), "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        log.flush()
         proc = subprocess.Popen(
             cmd,
             stdout=log,
