@@ -346,7 +346,7 @@ FAKE_TRAINER = textwrap.dedent(
     os.makedirs(wd, exist_ok=True)
     code = int(os.environ["FAKE_EXIT"])
     print("training", wd)
-    if code == 0:
+    if code == 0 and not os.environ.get("FAKE_NO_SUMMARY"):
         with open(os.path.join(wd, "summary.json"), "w") as f:
             json.dump({"step": 2, "eval/target/accuracy": 0.5}, f)
     if code == 3:  # as `xmodal train` says it
@@ -421,6 +421,11 @@ def test_a_dry_run_line_marks_its_job_as_the_runner_does(tmp_path, monkeypatch):
     r = run_line("5")
     assert r.returncode == 5 and f"training {workdir}" in r.stdout and "failed (exit 5)" in r.stderr
     assert jobs_lib.status(workdir) == "failed" and marker(jobs_lib.FAILED)["rc"] == 5
+    # Exit 0 without a summary is a failure too, and the line's status says so to its launcher.
+    r = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                       env={**os.environ, "FAKE_EXIT": "0", "FAKE_NO_SUMMARY": "1"})  # fmt: skip
+    assert r.returncode == 1 and "failed (exit 0, no summary.json)" in r.stderr
+    assert jobs_lib.status(workdir) == "failed" and marker(jobs_lib.FAILED)["rc"] == 0
     r = run_line("3")
     assert r.returncode == 3 and jobs_lib.status(workdir) == "diverged"
     said = marker(jobs_lib.DIVERGED)["said"]
@@ -436,7 +441,7 @@ def test_a_dry_run_line_marks_its_job_as_the_runner_does(tmp_path, monkeypatch):
     done = marker(jobs_lib.DONE)
     assert done["rc"] == 0 and 0 <= done["wall_s"] <= time.monotonic() - t0  # a fast fake run
     log = open(os.path.join(workdir, jobs_lib.LOG)).read()
-    assert log.count(f"training {workdir}") == 3 and log.count("\n$ ") == 3
+    assert log.count(f"training {workdir}") == 4 and log.count("\n$ ") == 4
     assert "training diverged: Non-finite" in log  # stderr too
     assert table_cli.run([table, "--root", root, "--dry-run"])["to_run"] == 0
 

@@ -8,7 +8,8 @@ reaches it from the terminal),
 then writes the job's marker as the table runner does (`runner.finish`): `done` with the wall
 time, `diverged` with what the trainer said (a result of its seed: never run again), `failed`
 with the exit status, and nothing when preempted, so the next dry run prints the job again to
-resume it. Exits with the command's status. A local workdir's lock is held for the run, as the
+resume it. Exits with the command's status (1 where it exited 0 without writing `summary.json`:
+failed, as the marker says). A local workdir's lock is held for the run, as the
 runner holds it (a remote workdir's lease is the trainer's own); a job that has already ended is
 not run again (a jobs file run twice, or a requeued task).
 """
@@ -93,7 +94,10 @@ def run(workdir: str, command: list[str]) -> int:
     outcome = runner.finish(workdir, rc, time.monotonic() - t0, output)
     if lock_fd is not None:
         os.close(lock_fd)
-    print(f"xmodal table: {outcome} (exit {rc}): {workdir}", file=sys.stderr, flush=True)
+    said = f"exit {rc}"
+    if outcome == "failed" and rc == 0:  # no summary.json: not a result, so not a success
+        said, rc = "exit 0, no summary.json", 1
+    print(f"xmodal table: {outcome} ({said}): {workdir}", file=sys.stderr, flush=True)
     return rc
 
 
