@@ -1062,6 +1062,45 @@ def test_committed_records_resume_a_table_in_a_new_root(tmp_path, monkeypatch, c
     assert cli.run([table, "--root", str(tmp_path / "r5"), "--records", recs])["done"] == 0
 
 
+def test_runs_another_command_adds_meanwhile_stay_in_the_records_file(tmp_path, monkeypatch):
+    """Two commands add runs to one records file (here row b's, from another root, merged by
+    `--collect-only` while row a runs): each merge reads the file as it is then, under a lock,
+    so neither drops the other's runs."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(HASHING_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    table = _write_table(tmp_path, "Row('a', GOOD, 'base=0.5'), Row('b', GOOD, 'base=0.2')")
+    (tmp_path / "good.py").write_text(
+        "import ml_collections\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({REQUIRED!r})\n"
+    )
+    recs, root_a, root_b = str(tmp_path / "fake.runs.jsonl"), tmp_path / "ra", tmp_path / "rb"
+    assert cli.run([table, "--root", str(root_b), "--only", "^b$"])["done"] == 2
+    run = runner.run
+
+    def run_with_a_merge_meanwhile(*args, on_done, **kw):
+        def merge_b_then_done(wd):
+            if not os.path.exists(recs):  # the first run's turn: b's runs reach the file first
+                cli.run([table, "--root", str(root_b), "--records", recs, "--collect-only"])
+            on_done(wd)
+
+        return run(*args, on_done=merge_b_then_done, **kw)
+
+    monkeypatch.setattr(runner, "run", run_with_a_merge_meanwhile)
+    assert cli.run([table, "--root", str(root_a), "--records", recs, "--only", "^a$"])["done"] == 2
+    assert sorted(r["row"] for r in records_lib.load(recs)) == ["a", "a", "b", "b"]
+
+    # The read-merge-write waits for another command's.
+    finished = threading.Event()
+    merge = lambda: cli.run([table, "--root", str(root_b), "--records", recs, "--collect-only"])  # noqa: E731
+    with cli._records_lock(recs):
+        worker = threading.Thread(target=lambda: (merge(), finished.set()))
+        worker.start()
+        assert not finished.wait(0.5)
+    worker.join(30)
+    assert finished.is_set() and len(records_lib.load(recs)) == 4
+
+
 def test_a_recorded_run_that_an_unrecorded_one_needs_is_run_again(tmp_path, monkeypatch, capsys):
     """SHOT-like rows read the workdir of the run they need: in a new root, a recorded source
     run is made again when its adapted run is not recorded yet, and only then."""

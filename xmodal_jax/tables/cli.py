@@ -12,16 +12,22 @@ cluster, whose jobs write there) and `--collect-only`.
 again (unless a job to run needs its workdir), the root's finished runs are added to FILE as
 each finishes, and the table is written from FILE (into `--out`, default FILE's directory). A
 record whose config file has changed since its run (its `config_hash`) is dropped from FILE,
-and its job runs again.
+and its job runs again. Runs are added to FILE as it is at that moment, under a lock, so several
+commands (other roots, other rows) can add to one file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shlex
 import sys
+import tempfile
+from collections.abc import Iterator
 
 from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.tables import aggregate, render, runner, spec
@@ -123,18 +129,34 @@ def write_tables(
     return paths
 
 
-def _merge_records(
-    table: spec.Table, name: str, root: str, kept: dict[str, dict], path: str, out: str, rule
-) -> list[str]:
-    """Writes `path` (the `kept` records and the root's finished runs, the root's first) and
-    the table from it into `out`. Returns the paths written."""
-    merged = dict(kept)
-    for rec in records_lib.collect(jobs_lib.expand(table), root, name, table):
-        merged[rec["key"]] = rec
-    recs = sorted(merged.values(), key=lambda r: (r["row"], r["seed"], r["key"]))
-    target = metrics_lib.workdir_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    metrics_lib.write_text(target, records_lib.dumps(recs))
+@contextlib.contextmanager
+def _records_lock(path: str) -> Iterator[None]:
+    """Holds this machine's lock on the records file `path` (none for a remote one), so that
+    two commands adding runs to one file (two of a table's commands, or a `--collect-only`
+    merge during a run) read, merge and write it one at a time."""
+    if metrics_lib.is_remote(path):
+        yield
+        return
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+    # Beside the file it would be an untracked file in a checkout; the lock is per machine.
+    with open(os.path.join(tempfile.gettempdir(), f"xmodal_records_{key}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _merge_records(table: spec.Table, name: str, root: str, path: str, out: str, rule) -> list[str]:
+    """Adds the root's finished runs to the records file `path` as it is now (another command
+    may have added runs since this one began; its records whose config changed are left out)
+    and writes the table from it into `out`. Returns the paths written."""
+    with _records_lock(path):
+        recs = records_lib.load(path) if os.path.exists(path) else []
+        merged, _ = records_lib.current(recs, jobs_lib.expand(table))
+        for rec in records_lib.collect(jobs_lib.expand(table), root, name, table):
+            merged[rec["key"]] = rec
+        recs = sorted(merged.values(), key=lambda r: (r["row"], r["seed"], r["key"]))
+        target = metrics_lib.workdir_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        metrics_lib.write_text(target, records_lib.dumps(recs))
     return [path, *write_tables(table, name, None, out, rule, records_lib.RecordRuns(recs))]
 
 
@@ -221,11 +243,11 @@ def run(argv: list[str]) -> dict:
         workdirs = [j.workdir(args.root, name) for j in jobs]
 
         def merge(_: str) -> None:  # each finished run reaches the records file at once
-            _merge_records(table, name, args.root, kept, args.records, records_out, rule)
+            _merge_records(table, name, args.root, args.records, records_out, rule)
 
         outcome = runner.run(jobs, workdirs, args.jobs, on_done=merge if args.records else None)
     if args.records:
-        paths = _merge_records(table, name, args.root, kept, args.records, records_out, rule)
+        paths = _merge_records(table, name, args.root, args.records, records_out, rule)
     else:
         paths = write_tables(table, name, args.root, args.out or args.root, rule)
     print("Wrote " + ", ".join(paths))
