@@ -4,10 +4,17 @@ requires the same figures on the pinned software stack.
 Each case names a committed table record (table, row, seed, config arguments); the run is
 repeated with exactly the record's config, arguments, seed and overrides, in a process of its own
 with the record's XLA:CPU convolution setting (`xla_defaults`; XLA reads its flags once a
-process, and a record made before the project's default ran YNNPACK's), and every metric the
-table reads must equal the record's to 1e-6. A case whose record was made on another machine,
-device count or software stack (its provenance says so) fails with the reason: such a record is
-stale here, and is to be rerun, not compared loosely.
+process, and a record made before the project's default ran YNNPACK's) and a feature cache of its
+own (a cached locked-tower feature would hide a change to the tower), and every metric the table
+reads must equal the record's to 1e-6. A case whose record was made on another device count or
+software stack (its provenance says so) fails with the reason: such a record is stale here, and
+is to be rerun, not compared loosely.
+
+The processor is the exception: XLA:CPU compiles for the host's vector extensions, so the same
+code gives other last bits on another processor. Where the record names another processor, or
+names none and differs, the record's own commit (`git archive` of it, in its own data and cache
+directories) is run here beside this tree, and the two runs must agree to 1e-6: that the code
+changed no result is then shown on this machine, whatever made the record.
 """
 
 import json
@@ -18,7 +25,7 @@ import sys
 import jax
 import pytest
 
-from xmodal_jax import provenance, xla_defaults
+from xmodal_jax import cache_dirs, provenance, xla_defaults
 from xmodal_jax.tables import records, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +63,7 @@ def _environment(rec: dict) -> dict[str, str]:
 
 
 def _comparable(rec: dict) -> str | None:
-    """Why the record cannot be reproduced bit for bit here, or None."""
+    """Why the record cannot be reproduced here, by any code, or None."""
     prov = rec.get("provenance") or {}
     here = provenance.versions()
     if prov:
@@ -75,19 +82,70 @@ def _comparable(rec: dict) -> str | None:
                 f"recorded with {cores} usable cores, here {provenance.usable_cpus()} (XLA:CPU "
                 "splits its work by the thread count; run the tier unpinned on that many cores)"
             )
-        # Records older than `cpu_simd` name no processor: compared, as they were before.
-        cpu = (prov.get("cpu_model"), prov.get("cpu_simd"))
-        here_cpu = (provenance.cpu_model(), provenance.cpu_simd())
-        if cpu[1] is not None and cpu != here_cpu:
-            return (
-                f"recorded on {', '.join(cpu)}, here {', '.join(here_cpu)} (XLA:CPU compiles "
-                "for the processor's vector extensions, which order the sums)"
-            )
         return None
     machine = (rec.get("done") or {}).get("machine", "")
     if "CPU" not in machine or f"jax {here['jax']}" not in machine:
         return f"recorded on {machine or 'an unrecorded machine'}"
     return None
+
+
+def _other_processor(rec: dict) -> str | None:
+    """The record's processor where it is not this one, '' where the record names none (made
+    before `cpu_simd`), None where it is this one."""
+    prov = rec.get("provenance") or {}
+    if prov.get("cpu_simd") is None:
+        return ""
+    theirs = (prov.get("cpu_model"), prov.get("cpu_simd"))
+    here = (provenance.cpu_model(), provenance.cpu_simd())
+    return None if theirs == here else ", ".join(map(str, theirs))
+
+
+def _reference_tree(rec: dict, dest: str) -> str:
+    """The source tree of the record's commit, unpacked at `dest`."""
+    git = (rec.get("provenance") or {}).get("git") or {}
+    commit = git.get("commit")
+    if not commit or git.get("dirty") or git.get("changed"):
+        pytest.fail(
+            f"the record names no clean commit ({git}), so its code cannot be run here beside "
+            "this tree; rerun the record on this processor"
+        )
+    probe = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{commit}^{{commit}}"])
+    if probe.returncode:
+        pytest.fail(
+            f"the record's commit {commit[:12]} is not in this clone's history (a shallow "
+            f"clone?): `git fetch --unshallow`, or rerun the record on this processor"
+        )
+    os.makedirs(dest)
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", commit], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+def _run(rec: dict, seed: int, tree: str, scratch) -> dict:
+    """The record's run from the source `tree`, in directories of its own; its summary."""
+    cfg = rec["config"] + (":" + ",".join(f"{k}={v}" for k, v in rec["args"].items()))
+    workdir = str(scratch / "run")
+    argv = ["train", "--config", cfg.rstrip(":"), "--workdir", workdir, f"--config.seed={seed}"]
+    argv += [f"--config.{k}={v}" for k, v in rec["overrides"].items()]
+    env = _environment(rec) | {cache_dirs.CACHE_ENV: str(scratch / "cache")}
+    if tree != ROOT:  # its own datasets, built by its own builders
+        env["TFDS_DATA_DIR"] = str(scratch / "tensorflow_datasets")
+    cmd = [sys.executable, "-m", "xmodal_jax.main", *argv]
+    # `-m` from `tree` imports that tree's package: the working directory comes first on the
+    # path, before the editable install's finder.
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with open(os.path.join(workdir, "provenance.json")) as f:
+        ran = json.load(f).get("argv", [tree])[0]  # the trainer's main.py: which tree ran
+    assert os.path.realpath(ran).startswith(os.path.realpath(tree) + os.sep), ran
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _differences(ours: dict, theirs: dict, keys: list[str]) -> dict[str, tuple]:
+    return {k: (ours[k], theirs[k]) for k in keys if ours[k] != pytest.approx(theirs[k], abs=1e-6)}
 
 
 @pytest.mark.slow
@@ -99,32 +157,50 @@ def test_rerun_equals_its_record(case, tfds_dir, tmp_path):
     if reason:
         pytest.fail(f"the record is not comparable bit for bit here: {reason}; rerun it")
     _, table = spec.load(os.path.join(ROOT, "experiments", "tables", f"{table_name}.py"))
-    workdir = str(tmp_path / "run")
-    cfg = rec["config"] + (":" + ",".join(f"{k}={v}" for k, v in rec["args"].items()))
-    argv = ["train", "--config", cfg.rstrip(":"), "--workdir", workdir, f"--config.seed={seed}"]
-    argv += [f"--config.{k}={v}" for k, v in rec["overrides"].items()]
-    cmd = [sys.executable, "-m", "xmodal_jax.main", *argv]
-    done = subprocess.run(cmd, cwd=ROOT, env=_environment(rec), capture_output=True, text=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+    summary = _run(rec, seed, ROOT, tmp_path / "head")
     keys = sorted(records.table_metrics(table) & set(rec["summary"]))
     assert keys
-    for key in keys:
-        assert summary[key] == pytest.approx(rec["summary"][key], abs=1e-6), key
+    other = _other_processor(rec)
+    moved = _differences(summary, rec["summary"], keys)
+    if other is not None and (other or moved):
+        commit = rec["provenance"]["git"]["commit"][:12]
+        tree = _reference_tree(rec, str(tmp_path / "reference_tree"))
+        reference = _run(rec, seed, tree, tmp_path / "reference")
+        changed = _differences(summary, reference, keys)
+        assert not changed, f"this tree vs the record's commit {commit}, both run here: {changed}"
+        print(
+            f"{table_name}: {row}: recorded on {other or 'an unnamed processor'}; this tree "
+            f"and the record's commit {commit} agree here (against the record: {moved or 'equal'})"
+        )
+    else:
+        assert not moved, f"this run vs its record: {moved}"
     if table_name == "animals_zeroshot":  # the quick start's headline claim, not only its value
         unseen = summary["eval/zeroshot_unseen/accuracy"]
         assert unseen >= summary["eval/zeroshot_unseen_control/accuracy"] + 0.10
 
 
-def test_a_record_of_another_processor_is_not_compared():
+def test_a_record_of_another_processor_is_compared_through_its_commit_run_here(tmp_path):
     here = {"versions": provenance.versions(), "platform": "cpu"}
     here |= {"device_count": jax.device_count(), "usable_cpus": provenance.usable_cpus()}
     cpu = {"cpu_model": provenance.cpu_model(), "cpu_simd": provenance.cpu_simd()}
-    assert _comparable({"provenance": here}) is None  # before the fields: compared
-    assert _comparable({"provenance": {**here, **cpu}}) is None
+    assert _comparable({"provenance": here}) is None
+    assert _other_processor({"provenance": here}) == ""  # before the fields: unnamed
+    assert _other_processor({"provenance": {**here, **cpu}}) is None
     other = {**here, **cpu, "cpu_simd": "AVX-512" if cpu["cpu_simd"] != "AVX-512" else "AVX2"}
-    assert "vector extensions" in _comparable({"provenance": other})
+    assert _comparable({"provenance": other}) is None
+    assert _other_processor({"provenance": other}) == f"{cpu['cpu_model']}, {other['cpu_simd']}"
+    fewer = {**here, "usable_cpus": provenance.usable_cpus() + 1}
+    assert "usable cores" in _comparable({"provenance": fewer})
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    rec = {"provenance": {"git": {"commit": head.stdout.strip(), "dirty": False}}}
+    tree = _reference_tree(rec, str(tmp_path / "tree"))
+    committed = subprocess.run(["git", "-C", ROOT, "show", "HEAD:xmodal_jax/provenance.py"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert open(os.path.join(tree, "xmodal_jax", "provenance.py")).read() == committed
+    for git in ({"commit": "0" * 40, "dirty": False}, {"commit": "abc", "dirty": True}, {}):
+        with pytest.raises(pytest.fail.Exception, match="rerun the record on this processor"):
+            _reference_tree({"provenance": {"git": git}}, str(tmp_path / "none"))
 
 
 def test_a_rerun_gets_its_records_convolution_setting(monkeypatch):
