@@ -163,8 +163,8 @@ def test_rerun_equals_its_record(case, tfds_dir, tmp_path):
     other = _other_processor(rec)
     moved = _differences(summary, rec["summary"], keys)
     if other is not None and (other or moved):
-        commit = rec["provenance"]["git"]["commit"][:12]
         tree = _reference_tree(rec, str(tmp_path / "reference_tree"))
+        commit = rec["provenance"]["git"]["commit"][:12]
         reference = _run(rec, seed, tree, tmp_path / "reference")
         changed = _differences(summary, reference, keys)
         assert not changed, f"this tree vs the record's commit {commit}, both run here: {changed}"
