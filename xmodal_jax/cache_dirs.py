@@ -1,6 +1,7 @@
 """Where xmodal_jax keeps what it computes once per machine and reads again: locked-tower
 features (`tasks/feature_cache.py`) and the compiled programs of a table's runs (`xmodal table`
-hands its trainers JAX's persistent compilation cache)."""
+hands its trainers JAX's persistent compilation cache); also the locks of `xmodal table`'s
+records files (`locks/`)."""
 
 from __future__ import annotations
 

@@ -26,9 +26,9 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 from collections.abc import Iterator
 
+from xmodal_jax import cache_dirs
 from xmodal_jax.errors import EXIT_PREEMPTED, Preempted, UserError
 from xmodal_jax.tables import aggregate, render, runner, spec
 from xmodal_jax.tables import jobs as jobs_lib
@@ -138,8 +138,11 @@ def _records_lock(path: str) -> Iterator[None]:
         yield
         return
     key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
-    # Beside the file it would be an untracked file in a checkout; the lock is per machine.
-    with open(os.path.join(tempfile.gettempdir(), f"xmodal_records_{key}.lock"), "a") as lock:
+    # Not beside the file, where it would be an untracked file in a checkout; not in $TMPDIR,
+    # which a cluster job may have to itself.
+    locks = os.path.join(cache_dirs.cache_root(), "locks")
+    os.makedirs(locks, exist_ok=True)
+    with open(os.path.join(locks, f"records_{key}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
