@@ -204,9 +204,18 @@ def test_run(r: dict) -> str:
     outcome = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors"
     minutes, seconds = divmod(round(r["wall_s"]), 60)
     commit = (r["git"]["commit"] or "unknown")[:7] + (" + changes" if r["git"]["dirty"] else "")
+    cpu = " ".join(filter(None, (r["cpu"], r.get("cpu_simd"))))
+    cached = r.get("compilation_cache_entries")  # recorded since December 2026
+    cache = (
+        ""
+        if cached is None
+        else "; cold compilation cache"
+        if not cached
+        else (f"; {cached} programs in the compilation cache at the start")
+    )
     return (
         f"`{r['command']}`: {outcome} in {minutes} min {seconds} s "
-        f"({r['date']}; {r['cpu']}, {r['usable_cpus']} cores; jax {v['jax']}, jaxlib "
+        f"({r['date']}; {cpu}, {r['usable_cpus']} cores{cache}; jax {v['jax']}, jaxlib "
         f"{v['jaxlib']}, commit {commit}).\n"
     )
 

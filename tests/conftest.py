@@ -29,6 +29,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 import pytest  # noqa: E402
 
 _STARTED = pytest.StashKey[float]()
+_CACHED = pytest.StashKey[int]()
 
 # XLA:CPU's older elemental emitters compile a step in about half the time of its fusion
 # emitters at the same run time when optimisations are off (ResNet-18 train step 2.7 -> 1.1 s,
@@ -84,6 +85,8 @@ def pytest_addoption(parser):
 
 def pytest_sessionstart(session):
     session.config.stash[_STARTED] = time.time()
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # programs compiled before: a warm run
+    session.config.stash[_CACHED] = len(os.listdir(cache)) if os.path.isdir(cache) else 0
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -108,7 +111,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "errors": sum(r.outcome == "failed" and r.when != "call" for r in reports),
         "tests": {r.nodeid: round(r.duration, 1) for r in calls},
         "cpu": provenance.cpu_model(),
+        "cpu_simd": provenance.cpu_simd(),
         "usable_cpus": provenance.usable_cpus(),
+        "compilation_cache_entries": config.stash[_CACHED],
         "git": provenance.git_state(ROOT),
         "versions": provenance.versions(),
     }
@@ -118,6 +123,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if (first.get("git") or {}).get("commit") != record["git"]["commit"]:
             raise pytest.UsageError(f"{path} records another commit; rerun the whole tier.")
         record["git"] = first["git"]  # as the tier began: the first part's record dirties it
+        record["compilation_cache_entries"] = first.get("compilation_cache_entries")
         record["command"] = f"{first['command']} && {record['command']}"
         for key in ("wall_s", "passed", "failed", "errors"):
             record[key] = round(first[key] + record[key], 1)

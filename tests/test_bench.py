@@ -279,3 +279,35 @@ def test_max_pool_ablation_same_update_both_forms():
     assert a["train_step_reduce_window_s"] > 0 and a["train_step_tiled_s"] > 0
     ratio = a["train_step_reduce_window_s"] / a["train_step_tiled_s"]
     assert a["speed_tiled_vs_reduce_window"] == pytest.approx(ratio)
+
+
+def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
+    """`--timing-record` notes the processor's vector extension and how many compiled programs
+    the run found cached (a cold cache can triple a tier's time); the README line says both."""
+    import os
+
+    import benchmarks.tables as bench_tables
+    from xmodal_jax import provenance
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache, record = tmp_path / "jax_cache", tmp_path / "timing.json"
+    cache.mkdir()
+    for name in ("a", "b"):
+        (cache / name).write_text("")
+    test = "tests/test_regression.py::test_a_rerun_gets_its_records_convolution_setting"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "XMODAL_TEST_DEVICES": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test,
+         f"--timing-record={record}"], cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:]
+    rec = json.loads(record.read_text())
+    assert rec["passed"] == 1 and rec["compilation_cache_entries"] == 2
+    assert rec["cpu_simd"] == provenance.cpu_simd()
+    line = bench_tables.test_run(rec)
+    assert "2 programs in the compilation cache at the start" in line
+    assert f"{rec['cpu']} {rec['cpu_simd']}, " in line
+    cold = {**rec, "compilation_cache_entries": 0}
+    assert "cold compilation cache" in bench_tables.test_run(cold)
+    older = {k: v for k, v in rec.items() if k not in ("cpu_simd", "compilation_cache_entries")}
+    assert "compilation cache" not in bench_tables.test_run(older)
