@@ -295,7 +295,9 @@ def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
     for name in ("a", "b"):
         (cache / name).write_text("")
     test = "tests/test_regression.py::test_a_rerun_gets_its_records_convolution_setting"
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "XMODAL_TEST_DEVICES": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a run of
+    # its own, not an xdist worker (whose record the controller writes)
+    env |= {"JAX_COMPILATION_CACHE_DIR": str(cache), "XMODAL_TEST_DEVICES": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test,
          f"--timing-record={record}"], cwd=root, env=env, capture_output=True, text=True,
