@@ -151,10 +151,11 @@ def _merge_records(table: spec.Table, name: str, root: str, path: str, out: str,
     """Adds the root's finished runs to the records file `path` as it is now (another command
     may have added runs since this one began; its records whose config changed are left out)
     and writes the table from it into `out`. Returns the paths written."""
+    jobs = jobs_lib.expand(table)
     with _records_lock(path):
         recs = records_lib.load(path) if os.path.exists(path) else []
-        merged, _ = records_lib.current(recs, jobs_lib.expand(table))
-        for rec in records_lib.collect(jobs_lib.expand(table), root, name, table):
+        merged, _ = records_lib.current(recs, jobs)
+        for rec in records_lib.collect(jobs, root, name, table):
             merged[rec["key"]] = rec
         recs = sorted(merged.values(), key=lambda r: (r["row"], r["seed"], r["key"]))
         target = metrics_lib.workdir_path(path)
