@@ -341,11 +341,14 @@ def test_remote_lease_is_refused_renewed_taken_over_when_stale(tmp_path, monkeyp
 
 FAKE_TRAINER = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, time
     wd = sys.argv[sys.argv.index("--workdir") + 1]
     os.makedirs(wd, exist_ok=True)
     code = int(os.environ["FAKE_EXIT"])
     print("training", wd)
+    while time.process_time() < float(os.environ.get("FAKE_CPU_S", 0)):  # computes, then waits
+        pass
+    time.sleep(float(os.environ.get("FAKE_SLEEP_S", 0)))
     if code == 0 and not os.environ.get("FAKE_NO_SUMMARY"):
         with open(os.path.join(wd, "summary.json"), "w") as f:
             json.dump({"step": 2, "eval/target/accuracy": 0.5}, f)
@@ -444,6 +447,28 @@ def test_a_dry_run_line_marks_its_job_as_the_runner_does(tmp_path, monkeypatch):
     assert log.count(f"training {workdir}") == 4 and log.count("\n$ ") == 4
     assert "training diverged: Non-finite" in log  # stderr too
     assert table_cli.run([table, "--root", root, "--dry-run"])["to_run"] == 0
+
+
+def test_a_jobs_marker_records_its_cpu_time_beside_its_wall_time(tmp_path, monkeypatch):
+    """`done` keeps the run's CPU time (`cpu_s`), which a run that waits (stopped, sleeping, or
+    sharing its cores) does not inflate as it does the wall time: through the runner and
+    through a dry run's line (`run_job`)."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "PROGRAM", [sys.executable, str(script)])
+    for k, v in {"FAKE_EXIT": "0", "FAKE_CPU_S": "0.3", "FAKE_SLEEP_S": "1"}.items():
+        monkeypatch.setenv(k, v)
+    table, root = _table(tmp_path), str(tmp_path / "root")
+    (line,) = table_cli.dry_run_lines(jobs_lib.expand(spec_lib.load(table)[1]), root, "t")
+    workdir = shlex.split(line)[3]
+    for how in ("runner", "dry run line"):
+        if how == "runner":
+            assert main.main(["table", table, "--root", root]) == 0
+        else:
+            os.remove(os.path.join(workdir, jobs_lib.DONE))
+            assert subprocess.run(["bash", "-c", line], capture_output=True).returncode == 0
+        done = json.load(open(os.path.join(workdir, jobs_lib.DONE)))
+        assert 0.3 <= done["cpu_s"] <= done["wall_s"] - 0.8, (how, done)
 
 
 def _fake_commands(tmp_path, **scripts: str) -> dict[str, str]:

@@ -1312,6 +1312,17 @@ def test_a_table_says_what_its_runs_rest_on():
         "wall time, not counted)."
     )
     assert records_lib.describe([untimed, untimed])[0] == "2 runs, no wall time recorded."
+    # CPU time where the markers record it (since `runner.wait`): said apart from the wall time.
+    timed = [rec(100.0, "a"), rec(300.0, "a"), rec(50.0, "a")]
+    timed[0]["done"]["cpu_s"], timed[1]["done"]["cpu_s"] = 180.0, 3600.0
+    assert records_lib.describe(timed)[0] == (
+        f"3 runs, {450 / 3600:.1f} h of compute in all (median 100 s a run); CPU time of the 2 "
+        f"runs that record it: {3780 / 3600:.1f} h (user + system, median 1890 s a run)."
+    )
+    timed[2]["done"]["cpu_s"] = 0.0
+    assert records_lib.describe(timed)[0].endswith(
+        "; CPU time: 1.1 h (user + system, median 180 s a run)."
+    )
 
 
 def test_provenance_names_the_cpu_and_its_widest_vector_extension(tmp_path):

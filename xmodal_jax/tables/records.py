@@ -207,9 +207,14 @@ def _counted(what: str, counts: Counter, limit: int = 3) -> str:
 NOT_CODE = (".md", ".jsonl", ".csv", ".tex", ".png")
 
 
-def _wall(rec: dict) -> float | None:
+def _ended(rec: dict, key: str) -> float | None:
+    """`key` ('wall_s', 'cpu_s') of the run's `done` or `diverged` marker, if it has one."""
     ended = rec.get("done") or rec.get("diverged") or {}
-    return float(ended["wall_s"]) if ended.get("wall_s") else None
+    return float(ended[key]) if ended.get(key) is not None else None
+
+
+def _wall(rec: dict) -> float | None:
+    return _ended(rec, "wall_s") or None
 
 
 def median_walls(recs: Sequence[dict]) -> dict[str, float]:
@@ -223,7 +228,8 @@ def median_walls(recs: Sequence[dict]) -> dict[str, float]:
 
 def describe(recs: Sequence[dict]) -> list[str]:
     """What a table's runs rest on, from their records: how many, their compute (the `done`
-    markers' wall times), and from their provenance the software, devices and commits."""
+    markers' wall times, and CPU times where recorded: a wall time also counts time a run was
+    stopped or shared its cores), and from their provenance the software, devices and commits."""
     if not recs:
         return []
     walls = [w for r in recs if (w := _wall(r)) is not None]
@@ -238,6 +244,12 @@ def describe(recs: Sequence[dict]) -> list[str]:
         line += ")"
     else:
         line += ", no wall time recorded"
+    if cpus := [c for r in recs if (c := _ended(r, "cpu_s")) is not None]:
+        counted = "" if len(cpus) == len(recs) else f" of the {_runs(len(cpus))} that record it"
+        line += (
+            f"; CPU time{counted}: {sum(cpus) / 3600:.1f} h (user + system, median "
+            f"{float(np.median(cpus)):.0f} s a run)"
+        )
     software, devices, commits = Counter(), Counter(), Counter()
     dirty = bare = edited = 0
     for r in recs:

@@ -6,10 +6,10 @@ Runs the training command with its output passed through (and, for a local workd
 the workdir's `log.txt`), SIGTERM passed on to it (the trainer saves and exits 75; Ctrl-C
 reaches it from the terminal),
 then writes the job's marker as the table runner does (`runner.finish`): `done` with the wall
-time, `diverged` with what the trainer said (a result of its seed: never run again), `failed`
-with the exit status, and nothing when preempted, so the next dry run prints the job again to
-resume it. Exits with the command's status (1 where it exited 0 without writing `summary.json`:
-failed, as the marker says). A local workdir's lock is held for the run, as the
+and CPU times, `diverged` with what the trainer said (a result of its seed: never run again),
+`failed` with the exit status, and nothing when preempted, so the next dry run prints the job
+again to resume it. Exits with the command's status (1 where it exited 0 without writing
+`summary.json`: failed, as the marker says). A local workdir's lock is held for the run, as the
 runner holds it (a remote workdir's lease is the trainer's own); a job that has already ended is
 not run again (a jobs file run twice, or a requeued task).
 """
@@ -87,11 +87,12 @@ def run(workdir: str, command: list[str]) -> int:
     }
     try:
         output = _pass_through(proc, log_path)
-        rc = proc.wait()
+        cpu = runner.wait(proc)
+        rc = proc.returncode
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    outcome = runner.finish(workdir, rc, time.monotonic() - t0, output)
+    outcome = runner.finish(workdir, rc, time.monotonic() - t0, output, cpu)
     if lock_fd is not None:
         os.close(lock_fd)
     said = f"exit {rc}"

@@ -106,13 +106,32 @@ def said(workdir: str) -> str:
         return json.load(f)["said"]
 
 
-def finish(workdir: str, rc: int, wall_s: float, output: str | None = None) -> str:
+def wait(proc: subprocess.Popen, block: bool = True) -> float | None:
+    """Waits for `proc` to exit (`block=False`: only looks) and sets its `returncode`; returns
+    the CPU seconds (user + system) it and the processes it waited for used, or None while it
+    runs. The CPU time, unlike the wall time, leaves out time the job was stopped (SIGSTOP) or
+    waited for a core another process held; `subprocess` reaps without it, hence `os.wait4`."""
+    if proc.returncode is not None:  # reaped already: its usage is gone
+        return None
+    pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def finish(
+    workdir: str, rc: int, wall_s: float, output: str | None = None, cpu_s: float | None = None
+) -> str:
     """'done', 'preempted' (no marker: the job is unfinished), 'diverged' or 'failed'; writes
-    the marker (local or remote workdir). A diverged run's marker keeps what the trainer said,
-    found in `output` (else in the workdir's log)."""
+    the marker (local or remote workdir) with the run's wall time and, where known, its CPU
+    time (`wait`). A diverged run's marker keeps what the trainer said, found in `output` (else
+    in the workdir's log)."""
     if rc == EXIT_PREEMPTED:
         return "preempted"
     info = {"rc": rc, "wall_s": round(wall_s, 1), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if cpu_s is not None:
+        info["cpu_s"] = round(cpu_s, 1)
     if rc == EXIT_DIVERGED:
         said_ = divergence(workdir, output)
         _write(os.path.join(workdir, jobs_lib.DIVERGED), {**info, "said": said_})
@@ -204,13 +223,14 @@ def run(
                 report(f"started {job.row} seed={job.seed} {job.spec} -> {wd}")
             time.sleep(0.2)
             for wd, (job, proc, t0, fd) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
+                cpu = wait(proc, block=False)
+                if cpu is None:
                     continue
+                rc = proc.returncode
                 del running[wd]
                 finished += 1
                 wall = time.monotonic() - t0
-                outcome = finish(wd, rc, wall)
+                outcome = finish(wd, rc, wall, cpu_s=cpu)
                 os.close(fd)
                 out[outcome].append(wd)
                 what = {
@@ -232,7 +252,8 @@ def run(
             proc.send_signal(signal.SIGTERM)
         ended = 0
         for wd, (job, proc, t0, _) in running.items():
-            if proc.wait() == 0 and finish(wd, 0, time.monotonic() - t0) == "done":
+            cpu = wait(proc)
+            if proc.returncode == 0 and finish(wd, 0, time.monotonic() - t0, cpu_s=cpu) == "done":
                 ended += 1
                 report(f"done while stopping: {job.row} seed={job.seed}")
                 if on_done is not None:
