@@ -77,6 +77,10 @@ def steps(r: dict) -> str:
     return "\n".join(rows)
 
 
+def _op(name: str) -> str:
+    return name if name.startswith("(") else f"`{name}`"  # the untraced row is no op's name
+
+
 def profiles(r: dict) -> str:
     """Per profiled workload, the op kinds and the ops that took the most time in its traced
     steps (`xmodal bench --profile`)."""
@@ -85,11 +89,16 @@ def profiles(r: dict) -> str:
         p = w.get("profile")
         if not p:
             continue
+        # Earlier records: shares of the ops' time; since `wall_ms`, of the cores' time (CPU).
+        of = "the ops' time"
+        if "wall_ms" in p:
+            of = f"{p['wall_ms']:,.0f} ms wall x {p['cores']} cores"
         for title, rows_in in (("op kinds", p["by_kind"]), ("ops", p["top_ops"])):
-            rows = [f"**{name}: {title} with the most time** ({p['steps']} traced steps)", "",
+            rows = [f"**{name}: {title} with the most time** ({p['steps']} traced steps; "
+                    f"shares of {of})", "",
                     "| op | ms | share | calls |", "|---|---:|---:|---:|"]  # fmt: skip
             rows += [
-                f"| `{o['name']}` | {o['ms']:,.1f} | {_pct(o['share'])} | {o['calls']} |"
+                f"| {_op(o['name'])} | {o['ms']:,.1f} | {_pct(o['share'])} | {o['calls'] or '—'} |"
                 for o in rows_in
             ]
             out.append("\n".join(rows))

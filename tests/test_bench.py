@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from xmodal_jax import main
-from xmodal_jax.bench import ablations, cli, measure
+from xmodal_jax.bench import ablations, cli, measure, profile
+from xmodal_jax.bench.profile import UNTRACED
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import layers
 
@@ -225,13 +226,55 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     # the profile: ops by time, their shares of the ops' time, and the same summed by kind
     ops, kinds = clip["profile"]["top_ops"], clip["profile"]["by_kind"]
     assert ops and [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
-    assert all(0 < o["share"] <= 1 and o["calls"] >= 1 for o in ops)
+    assert all(0 < o["share"] <= 1 and (o["calls"] >= 1 or o["name"] == UNTRACED) for o in ops)
     assert sum(k["share"] for k in kinds) == pytest.approx(1.0, abs=1e-6) or len(kinds) == 15
+    profiled = clip["profile"]  # on a CPU: shares of the traced steps' wall time x cores
+    assert profiled["wall_ms"] > 0 and profiled["cores"] >= 1
     assert any(k["name"] in ("dot", "ynn_fusion", "fusion") for k in kinds)
     assert "**clip: op kinds with the most time**" in bench_tables.profiles(out)
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)
+
+
+def test_a_cpu_profile_shows_the_cores_time_no_traced_op_covers(tmp_path):
+    """XLA:CPU's convolutions run as Eigen tasks without trace events: a CPU profile's shares are
+    of the wall time x cores, with the rest as a row of its own (and by kind); an accelerator's
+    stay shares of its ops' time."""
+    import gzip
+
+    def write(events, threads, name):
+        meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": name}}]
+        meta += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
+                 for t, n in threads.items()]  # fmt: skip
+        path = tmp_path / f"{name.strip('/:')}.json.gz"
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": meta + events}, f)
+        return str(path)
+
+    ev = lambda tid, op, us: {"ph": "X", "pid": 1, "tid": tid, "name": op, "ts": 0, "dur": us}
+    events = [ev(1, "transpose_copy_fusion.3", 300.0), ev(2, "transpose_copy_fusion.7", 100.0),
+              ev(2, "convolution.1", 100.0), ev(1, "ThunkExecutor::Execute (wait)", 900.0),
+              ev(3, "$python_side", 5000.0)]  # fmt: skip
+    threads = {1: "tf_XLAPjRtCpuClient/1", 2: "tf_XLAEigen/2", 3: "python"}
+    cpu = write(events, threads, "/host:CPU")
+    ops = profile.top_ops(cpu, None, cpu_capacity_ms=2.0)  # e.g. 1 ms wall x 2 cores
+    assert [(o["name"], o["ms"], o["calls"]) for o in ops] == [
+        (UNTRACED, 1.5, 0), ("transpose_copy_fusion.3", 0.3, 1),
+        ("transpose_copy_fusion.7", 0.1, 1), ("convolution.1", 0.1, 1)]  # fmt: skip
+    assert [o["share"] for o in ops] == pytest.approx([0.75, 0.15, 0.05, 0.05])
+    kinds = profile.by_kind(ops)
+    assert [(k["name"], k["share"]) for k in kinds] == [
+        (UNTRACED, pytest.approx(0.75)), ("transpose_copy_fusion", pytest.approx(0.2)),
+        ("convolution", pytest.approx(0.05))]  # fmt: skip
+    # ops that add up to more than the capacity (threads beyond the cores): no row, op shares
+    over = profile.top_ops(cpu, None, cpu_capacity_ms=0.25)
+    assert UNTRACED not in [o["name"] for o in over]
+    assert sum(o["share"] for o in over) == pytest.approx(1.0)
+    # without a capacity (the older records), and on an accelerator: shares of the ops' time
+    assert [o["share"] for o in profile.top_ops(cpu)] == pytest.approx([0.6, 0.2, 0.2])
+    gpu = write([ev(1, "fusion.1", 30.0), ev(1, "gemm.2", 10.0)], {1: "stream 7"}, "/device:GPU:0")
+    assert [o["share"] for o in profile.top_ops(gpu, None, 1.0)] == pytest.approx([0.75, 0.25])
 
 
 @pytest.mark.parametrize("threshold", [1, 3, 4, 5, 7, 8, 100, 129, 256, 1000])

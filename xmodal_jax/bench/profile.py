@@ -4,8 +4,13 @@ that took the most time (`xmodal bench --profile`).
 The trace is written in Perfetto's JSON form (`create_perfetto_trace=True`) to a temporary
 folder and read back: every complete event ("ph": "X") of the device's own timelines (processes
 named `/device:...`, the GPU streams) or, on a CPU, of XLA's worker threads, summed by op name;
-runtime wrappers that contain the ops (waits, thread-pool awaits, the Python side) are left out,
-so the shares are of the time spent in ops. Only the summary is kept.
+runtime wrappers that contain the ops (waits, thread-pool awaits, the Python side) are left out.
+On an accelerator the shares are of the time spent in ops. On a CPU they are of the traced
+steps' wall time times the usable cores, and what no op's event covers is a row of its own
+(`UNTRACED`): XLA:CPU's own convolutions run as Eigen tasks that the trace does not show (a
+convolution's event ends when it has handed its work to Eigen's threads), so without that row
+an XLA-convolution step's shares would be of the ops around its convolutions only. That row
+also holds the time cores were idle. Only the summary is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import gzip
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,26 +29,36 @@ import jax
 
 # Events that wrap ops or wait for them rather than compute (XLA:CPU's thunk runtime).
 WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::", "end: ")
+# The row of a CPU profile for the cores' time in no traced op (see the module docstring).
+UNTRACED = "(in no traced op: Eigen's tasks, such as XLA's convolutions, and idle cores)"
 
 
-def trace(step: Callable[[], None], steps: int, folder: str) -> str:
-    """Runs `step` `steps` times under the profiler; the Perfetto trace file written."""
+def trace(step: Callable[[], None], steps: int, folder: str) -> tuple[str, float]:
+    """Runs `step` `steps` times under the profiler: the Perfetto trace file written and the
+    steps' wall time in seconds."""
     with jax.profiler.trace(folder, create_perfetto_trace=True):
+        start = time.perf_counter()
         for _ in range(steps):
             step()
+        wall = time.perf_counter() - start
     paths = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {folder}")
-    return max(paths, key=os.path.getmtime)
+    return max(paths, key=os.path.getmtime), wall
 
 
 def _metadata(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "M" and e.get("name") == kind]
 
 
-def top_ops(path: str, k: int | None = 15) -> list[dict[str, Any]]:
+def top_ops(
+    path: str, k: int | None = 15, cpu_capacity_ms: float | None = None
+) -> list[dict[str, Any]]:
     """The `k` ops (None: all) with the most time in the trace at `path`: name, total ms, share
-    of the time of every op counted, and how many times it ran."""
+    and how many times it ran. The shares are of the time of every op counted; for a CPU trace
+    with `cpu_capacity_ms` (the steps' wall time times the usable cores), of that, with a row
+    `UNTRACED` for the rest (none where the ops' events add up to more, as when more threads
+    than cores ran ops)."""
     with gzip.open(path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -64,7 +80,12 @@ def top_ops(path: str, k: int | None = 15) -> list[dict[str, Any]]:
     for e in filter(counted, events):
         time_us[e["name"]] += float(e.get("dur", 0.0))
         calls[e["name"]] += 1
-    total = sum(time_us.values()) or 1.0
+    traced = sum(time_us.values())
+    if not on_device and cpu_capacity_ms is not None:
+        if (rest := cpu_capacity_ms * 1e3 - traced) > 0:
+            time_us[UNTRACED] = rest
+        traced = max(traced, cpu_capacity_ms * 1e3)
+    total = traced or 1.0
     return [
         {"name": name, "ms": us / 1e3, "share": us / total, "calls": calls[name]}
         for name, us in time_us.most_common(k)
@@ -75,7 +96,7 @@ def by_kind(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`ops` summed by kind, the op name without XLA's numeric suffix (`dot.92` -> `dot`)."""
     kinds: dict[str, dict[str, Any]] = {}
     for op in ops:
-        kind = op["name"].split(".")[0]
+        kind = op["name"] if op["name"] == UNTRACED else op["name"].split(".")[0]
         row = kinds.setdefault(kind, {"name": kind, "ms": 0.0, "share": 0.0, "calls": 0})
         for key in ("ms", "share", "calls"):
             row[key] += op[key]
@@ -84,11 +105,16 @@ def by_kind(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def profile_step(step: Callable[[], None], steps: int = 3, k: int = 15) -> dict[str, Any]:
     """For `steps` calls of `step` (a warmed-up, blocking train step): the `k` ops with the most
-    time (`top_ops`) and every op summed by kind (`by_kind`, top `k`)."""
+    time (`top_ops`) and every op summed by kind (`by_kind`, top `k`); on a CPU the shares are
+    of the steps' wall time times the usable cores (`wall_ms`, `cores`)."""
     with tempfile.TemporaryDirectory() as folder:
-        path = trace(step, steps, folder)
-        return {
-            "steps": steps,
-            "top_ops": top_ops(path, k),
-            "by_kind": by_kind(top_ops(path, k=None))[:k],
-        }
+        path, wall = trace(step, steps, folder)
+        out: dict[str, Any] = {"steps": steps}
+        capacity = None
+        if jax.default_backend() == "cpu":
+            cores = len(os.sched_getaffinity(0))
+            out |= {"wall_ms": wall * 1e3, "cores": cores}
+            capacity = wall * 1e3 * cores
+        out["top_ops"] = top_ops(path, k, capacity)
+        out["by_kind"] = by_kind(top_ops(path, None, capacity))[:k]
+        return out
