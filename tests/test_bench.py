@@ -232,6 +232,13 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     assert profiled["wall_ms"] > 0 and profiled["cores"] >= 1
     assert any(k["name"] in ("dot", "ynn_fusion", "fusion") for k in kinds)
     assert "**clip: op kinds with the most time**" in bench_tables.profiles(out)
+    # the run line names the processor's vector extension (runs before the field: none)
+    m = out["machine"]
+    assert "cpu_simd" in m
+    simd = {**out, "machine": {**m, "cpu_simd": "AVX-512"}}
+    assert f"{m['cpu']}, AVX-512, {m['cores']} cores" in bench_tables.header(simd)
+    older = {**out, "machine": {k: v for k, v in m.items() if k != "cpu_simd"}}
+    assert f"{m['cpu']}, {m['cores']} cores" in bench_tables.header(older)
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -21,6 +21,7 @@ def machine() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": provenance.cpu_model(),
+        "cpu_simd": provenance.cpu_simd(),  # the widest vector extension: AVX2, AVX-512, ...
         "cores": len(os.sched_getaffinity(0)),
         "loadavg_1_5_15": list(os.getloadavg()),
         "backend": jax.default_backend(),
