@@ -142,6 +142,28 @@ def max_batch(a: dict) -> list[str]:
     return rows
 
 
+def conv_forms(a: dict) -> list[str]:
+    """Per 3x3 convolution shape and form: output + both gradients, against the matmul ceiling."""
+    rows = [
+        f"Batch {a['batch']}; output, input gradient and kernel gradient in one call.",
+        "",
+        "| shape (H x W x C) | form | ms | GFLOP/s | of the f32 matmul ceiling | "
+        "max rel. diff vs xla |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for shape, forms in a.items():
+        if shape == "batch":
+            continue
+        for form, v in forms.items():
+            diff = v.get("max_rel_diff_vs_xla")
+            diff = "—" if diff is None else f"{diff:.1e}"
+            rows.append(
+                f"| {shape} | {form} | {v['ms']:,.1f} | {v['gflops']:,.1f} | "
+                f"{_pct(v['of_matmul_peak'])} | {diff} |"
+            )
+    return rows
+
+
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
@@ -154,6 +176,8 @@ def ablations(r: dict) -> str:
             rows = malloc(a)
         elif name == "max_batch":
             rows = max_batch(a)
+        elif name == "conv_forms":
+            rows = conv_forms(a)
         else:
             rows = ["| variant | compile s | step ms | ex/s | peak MiB |", "|---|---|---|---|---|"]
             for label, v in a.items():

@@ -284,6 +284,59 @@ def test_a_cpu_profile_shows_the_cores_time_no_traced_op_covers(tmp_path):
     assert [o["share"] for o in profile.top_ops(gpu, None, 1.0)] == pytest.approx([0.75, 0.25])
 
 
+def _numpy_conv_forward_backward(x, w, dy):
+    """Float64 loops over the kernel's taps: a 'SAME' stride-1 convolution, and the gradients of
+    sum(y * dy) with respect to its input and kernel."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    k = w.shape[0]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    _, h, wd, _ = x.shape
+    y, gw, gxp = np.zeros(dy.shape), np.zeros(w.shape), np.zeros(xp.shape)
+    for i in range(k):
+        for j in range(k):
+            win = xp[:, i : i + h, j : j + wd, :]
+            y += np.einsum("bhwc,co->bhwo", win, w[i, j])
+            gw[i, j] = np.einsum("bhwc,bhwo->co", win, dy)
+            gxp[:, i : i + h, j : j + wd, :] += np.einsum("bhwo,co->bhwc", dy, w[i, j])
+    return y, gxp[:, p:-p, p:-p, :], gw
+
+
+def test_conv_forms_compute_the_convolution_and_its_gradients():
+    """The three convolution forms of the `conv_forms` ablation against float64 loops; `gemm`
+    is a product of the same size, not a convolution."""
+    from xmodal_jax.bench import conv_forms
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s) for s in ((2, 5, 6, 3), (3, 3, 3, 4), (2, 5, 6, 4)))
+    want = _numpy_conv_forward_backward(x, w, dy)
+    for name in conv_forms.CONVOLUTIONS:
+        got = conv_forms._forward_backward(conv_forms.FORMS[name], jnp.asarray(dy, jnp.float32))(
+            jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+        )
+        for g, r in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-4, err_msg=name)
+    y = conv_forms.gemm(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    assert y.shape == want[0].shape and not np.allclose(np.asarray(y), want[0], atol=1e-2)
+
+
+def test_conv_forms_ablation_times_each_form_per_shape(capsys):
+    import benchmarks.tables as bench_tables
+
+    results = main.run(["bench", "--small", "--workloads", "lenet_dann", "--steps", "2",
+                        "--rounds", "2", "--ablations", "conv_forms"])  # fmt: skip
+    a = results["ablations"]["conv_forms"]
+    assert a["batch"] == 4 and set(a) == {"batch", "8x8x8", "4x4x16"}
+    for shape in ("8x8x8", "4x4x16"):
+        assert list(a[shape]) == ["xla", "nchw", "im2col", "gemm"]
+        for form, v in a[shape].items():
+            assert v["ms"] > 0 and v["gflops"] > 0 and v["of_matmul_peak"] > 0
+            assert ("max_rel_diff_vs_xla" in v) == (form in ("nchw", "im2col"))
+            assert v.get("max_rel_diff_vs_xla", 0.0) < 1e-5
+    md = bench_tables.ablations(results)
+    assert "**conv_forms**" in md and "| 4x4x16 | im2col |" in md
+
+
 @pytest.mark.parametrize("threshold", [1, 3, 4, 5, 7, 8, 100, 129, 256, 1000])
 def test_largest_batch_search_agrees_with_trying_every_batch(threshold):
     calls = []

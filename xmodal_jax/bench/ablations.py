@@ -4,6 +4,8 @@
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
 `max_pool` (LeNet's pooling as `nn.max_pool` or as `tiled_max_pool`, in the LeNet + DANN step),
+`conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
+GEMM of that size: `conv_forms`),
 `cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`), `malloc`
 (glibc's allocator with and without the `xmodal` program's setting: `malloc`); for an
 accelerator, named only: `fsdp` (the CLIP step plain and through the trainer's sharded path)
@@ -196,6 +198,10 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
         return depthwise_ablation(args)
     if name == "max_pool":
         return max_pool_ablation(args)
+    if name == "conv_forms":
+        from xmodal_jax.bench import conv_forms
+
+        return conv_forms.ablation(args, peaks)
     if name == "max_batch":  # the scanned step first: it compiles several times faster
         variants = {
             "scan_remat_dots": {"dtype": args_dtype(args), "scan": True, "remat": "dots"},
