@@ -108,9 +108,10 @@ def said(workdir: str) -> str:
 
 def wait(proc: subprocess.Popen, block: bool = True) -> float | None:
     """Waits for `proc` to exit (`block=False`: only looks) and sets its `returncode`; returns
-    the CPU seconds (user + system) it and the processes it waited for used, or None while it
-    runs. The CPU time, unlike the wall time, leaves out time the job was stopped (SIGSTOP) or
-    waited for a core another process held; `subprocess` reaps without it, hence `os.wait4`."""
+    the CPU seconds (user + system) it and the processes it waited for used, None while it runs
+    (`returncode` None) or where it was reaped before. The CPU time, unlike the wall time,
+    leaves out time the job was stopped (SIGSTOP) or waited for a core another process held;
+    `subprocess` reaps without it, hence `os.wait4`."""
     if proc.returncode is not None:  # reaped already: its usage is gone
         return None
     pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
@@ -224,7 +225,7 @@ def run(
             time.sleep(0.2)
             for wd, (job, proc, t0, fd) in list(running.items()):
                 cpu = wait(proc, block=False)
-                if cpu is None:
+                if proc.returncode is None:
                     continue
                 rc = proc.returncode
                 del running[wd]
