@@ -244,6 +244,33 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     assert "| clip | 4 |" in bench_tables.steps(plain)
 
 
+def test_alternation_times_no_step_that_directly_follows_another_runners(monkeypatch):
+    """The step after a switch of runners pays for the other runner's state; `alternate` runs
+    it untimed, so every timed step follows one of its own runner's."""
+    from xmodal_jax.bench import runner
+
+    log: list[str] = []
+
+    def timed(call, n):  # 1.0 for a step after its own runner's, 100.0 after the other's
+        out = []
+        for _ in range(n):
+            after_own = bool(log) and log[-1] == call.__name__
+            call()
+            out.append(1.0 if after_own else 100.0)
+        return out
+
+    def ours():
+        log.append("ours")
+
+    def theirs():
+        log.append("theirs")
+
+    monkeypatch.setattr(runner.measure, "time_calls", timed)
+    medians = runner.alternate({"ours": ours, "theirs": theirs}, steps=4, rounds=4)
+    assert medians == {"ours": 1.0, "theirs": 1.0}
+    assert log.count("ours") == runner.WARMUP + 4 + 4  # warm-up, a step per switch, timed
+
+
 def test_a_cpu_profile_shows_the_cores_time_no_traced_op_covers(tmp_path):
     """XLA:CPU's convolutions run as Eigen tasks without trace events: a CPU profile's shares are
     of the wall time x cores, with the rest as a row of its own (and by kind); an accelerator's

@@ -34,7 +34,14 @@ def machine() -> dict[str, Any]:
 
 
 def alternate(runners: dict[str, Any], steps: int, rounds: int) -> dict[str, float]:
-    """Median step seconds of each `() -> None` runner, timed in `rounds` alternating rounds."""
+    """Median step seconds of each `() -> None` runner, timed in `rounds` alternating rounds.
+
+    With several runners, each one's turn in a round starts with an untimed step: the first
+    step after another runner's pays for the state that runner left in the shared process (with
+    PyTorch beside us and huge-page malloc, our ResNet-50 step at batch 16 ran measurably slower
+    for a step or two after PyTorch's, and PyTorch's did not after ours), which is not the cost
+    of the step itself. Each runner is then timed in its steady state, as a process of its own
+    would run it."""
     for call in runners.values():
         for _ in range(WARMUP):
             call()
@@ -42,6 +49,8 @@ def alternate(runners: dict[str, Any], steps: int, rounds: int) -> dict[str, flo
     per_round = [steps // rounds + (i < steps % rounds) for i in range(rounds)]
     for n in per_round:
         for k, call in runners.items():
+            if n and len(runners) > 1:
+                call()  # untimed: the step after the switch
             times[k] += measure.time_calls(call, n)
     return {k: measure.median(v) for k, v in times.items()}
 
