@@ -10,7 +10,7 @@ steps' wall time times the usable cores, and what no op's event covers is a row 
 (`UNTRACED`): XLA:CPU's own convolutions run as Eigen tasks that the trace does not show (a
 convolution's event ends when it has handed its work to Eigen's threads), so without that row
 an XLA-convolution step's shares would be of the ops around its convolutions only. That row
-also holds the time cores were idle. Only the summary is kept.
+also holds the time cores were idle and what the tracing itself cost. Only the summary is kept.
 """
 
 from __future__ import annotations
