@@ -9,8 +9,9 @@ the gradients of the input and of the kernel for a fixed output gradient, in eac
 - `im2col`: the 9 shifted windows of the padded input concatenated on the channel axis and one
   matrix product `[B*H*W, 9C] @ [9C, C]` (the lowering whose product runs at the machine's
   GEMM rate, at the cost of a patch matrix 9x the input);
-- `gemm`: a product of exactly that size on an input that needs no window (the input tiled 9
-  times), so not a convolution: what `im2col` could reach without its patch copy.
+- `gemm`: the product of exactly that size on the input tiled 9 times (no windows), not a
+  convolution: the rate of XLA's matrix product at that size, its operand built by a plain
+  copy instead of `im2col`'s windows.
 The forms are timed alternating in rounds (`runner.alternate`), each as GFLOP/s (3 products of
 2*B*H*W*9*C*C FLOPs) and as a share of the run's float32 matmul ceiling; `nchw` and `im2col`
 report their largest difference to `xla` over the output and both gradients, relative to the
