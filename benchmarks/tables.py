@@ -241,13 +241,11 @@ def test_run(r: dict) -> str:
     commit = (r["git"]["commit"] or "unknown")[:7] + (" + changes" if r["git"]["dirty"] else "")
     cpu = " ".join(filter(None, (r["cpu"], r.get("cpu_simd"))))
     cached = r.get("compilation_cache_entries")  # recorded since December 2026
-    cache = (
-        ""
-        if cached is None
-        else "; cold compilation cache"
-        if not cached
-        else (f"; {cached} programs in the compilation cache at the start")
-    )
+    cache = ""
+    if cached == 0:
+        cache = "; cold compilation cache"
+    elif cached:
+        cache = f"; {cached} programs in the compilation cache at the start"
     return (
         f"`{r['command']}`: {outcome} in {minutes} min {seconds} s "
         f"({r['date']}; {cpu}, {r['usable_cpus']} cores{cache}; jax {v['jax']}, jaxlib "

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from xmodal_jax.bench import runner
+from xmodal_jax.bench import ablations, runner
 
 # (height = width, channels) of ResNet-50's stride-1 3x3 convolutions, stage by stage.
 SHAPES = ((56, 64), (28, 128), (14, 256), (7, 512))
@@ -89,11 +89,6 @@ def _forward_backward(form: Callable, dy: jax.Array) -> Callable:
     return jax.jit(call)
 
 
-def _max_rel_diff(ref: tuple, other: tuple) -> float:
-    num = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ref, other, strict=True))
-    return num / max(float(jnp.max(jnp.abs(a))) for a in ref)
-
-
 def ablation(args, peaks: dict) -> dict[str, Any]:
     """Per shape and form: median ms of output + both gradients, GFLOP/s, share of the float32
     matmul ceiling, and (convolutions) the largest difference to `xla`."""
@@ -119,6 +114,7 @@ def ablation(args, peaks: dict) -> dict[str, Any]:
                 "of_matmul_peak": flops / seconds / peaks["matmul_f32_flops"],
             }
             if name in CONVOLUTIONS and name != "xla":
-                row[name]["max_rel_diff_vs_xla"] = _max_rel_diff(results["xla"], results[name])
+                diff = ablations.max_rel_diff(results["xla"], results[name])
+                row[name]["max_rel_diff_vs_xla"] = diff
         out[f"{hw}x{hw}x{c}"] = row
     return out

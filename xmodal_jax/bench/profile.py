@@ -115,6 +115,7 @@ def profile_step(step: Callable[[], None], steps: int = 3, k: int = 15) -> dict[
             cores = len(os.sched_getaffinity(0))
             out |= {"wall_ms": wall * 1e3, "cores": cores}
             capacity = wall * 1e3 * cores
-        out["top_ops"] = top_ops(path, k, capacity)
-        out["by_kind"] = by_kind(top_ops(path, None, capacity))[:k]
+        ops = top_ops(path, None, capacity)  # read the trace once: it can be large
+        out["top_ops"] = ops[:k]
+        out["by_kind"] = by_kind(ops)[:k]
         return out
