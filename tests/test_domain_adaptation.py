@@ -187,3 +187,43 @@ def test_adabn_of_an_adapted_model_re_estimates_the_model_statistics_only():
     jax.tree.map(np.testing.assert_array_equal, adapted["batch_stats"], want)
     moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), want, variables["batch_stats"])
     assert all(jax.tree.leaves(moved))
+
+
+def test_evaluators_adapting_one_model_on_one_split_estimate_statistics_once(monkeypatch):
+    """A digits AdaBN run's `target` and `a_distance_adabn` evaluators adapt the same variables
+    on the same split: the statistics are estimated once per evaluation, again for new
+    variables or another split, and every time for mutable (numpy) variables."""
+    from xmodal_jax.evaluators import adaptation as adaptation_evals
+
+    rng = np.random.default_rng(0)
+    batches = [rng.random((4, 3), np.float32) for _ in range(2)]
+    monkeypatch.setattr(
+        adaptation_evals.classification,
+        "local_batches",
+        lambda cfg, batch_size: ({"image": b, "_mask": np.ones(4, bool)} for b in batches),
+    )
+    calls = []
+
+    def adapt_batch_norm(variables, images):
+        stacked = np.concatenate(list(images))
+        calls.append(len(stacked))
+        return {**variables, "batch_stats": {"mean": stacked.mean(0) + variables["params"]["w"]}}
+
+    fns = {"adapt_batch_norm": adapt_batch_norm}
+    split, other = {"name": "t", "split": "train"}, {"name": "t", "split": "test"}
+    variables = {"params": {"w": jnp.ones(3)}, "batch_stats": {"mean": jnp.zeros(3)}}
+    first = adaptation_evals._adapted(fns, split, variables, 8)
+    again = adaptation_evals._adapted(fns, split, variables, 8)
+    assert calls == [8]
+    assert again["batch_stats"] is first["batch_stats"] and again["params"] is variables["params"]
+    np.testing.assert_allclose(first["batch_stats"]["mean"], np.concatenate(batches).mean(0) + 1)
+    adaptation_evals._adapted(fns, other, variables, 8)
+    assert calls == [8, 8]
+    moved = {**variables, "params": {"w": jnp.full(3, 2.0)}}
+    got = adaptation_evals._adapted(fns, other, moved, 8)
+    assert calls == [8, 8, 8]
+    np.testing.assert_allclose(got["batch_stats"]["mean"], np.concatenate(batches).mean(0) + 2)
+    host = jax.device_get(moved)
+    adaptation_evals._adapted(fns, other, host, 8)
+    adaptation_evals._adapted(fns, other, host, 8)
+    assert calls == [8, 8, 8, 8, 8]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,13 +34,50 @@ from xmodal_jax.objectives.adaptation import tent
 from xmodal_jax.parallel import mesh as mesh_lib
 
 
+class _LastStatistics:
+    """The statistics last re-estimated, with weak references to the variables they came from:
+    the evaluators of one evaluation are handed the same variables, so two that adapt on the
+    same split (a digits AdaBN run's `target` and `a_distance_adabn`) estimate them once. Only
+    the statistics are held (the variables are not kept alive), and only for immutable
+    `jax.Array` leaves, whose identity implies their values."""
+
+    def __init__(self):
+        self.refs: list[weakref.ref] = []
+        self.key: tuple | None = None
+        self.stats: Any = None
+
+    def get(self, variables, key: tuple) -> Any | None:
+        leaves = jax.tree.leaves(variables)
+        same = len(leaves) == len(self.refs) and all(
+            r() is leaf for r, leaf in zip(self.refs, leaves, strict=True)
+        )
+        return self.stats if same and key == self.key else None
+
+    def put(self, variables, key: tuple, stats: Any) -> None:
+        leaves = jax.tree.leaves(variables)
+        if not all(isinstance(leaf, jax.Array) for leaf in leaves):
+            self.refs, self.key, self.stats = [], None, None
+            return
+        self.refs, self.key, self.stats = [weakref.ref(leaf) for leaf in leaves], key, stats
+
+
+_LAST = _LastStatistics()
+
+
 def _adapted(fns: Mapping[str, Any], adapt: Mapping[str, Any], variables, batch_size: int):
     """`variables` with every BatchNorm's statistics re-estimated on the `adapt` split's images
-    (its real rows only: a padded row would enter the statistics)."""
-    images = (
-        local["image"][local["_mask"]] for local in classification.local_batches(adapt, batch_size)
-    )
-    return fns["adapt_batch_norm"](variables, images)
+    (its real rows only: a padded row would enter the statistics); the task's
+    `adapt_batch_norm` changes `batch_stats` only."""
+    key = (fns["adapt_batch_norm"], repr(sorted(adapt.items())), batch_size)
+    stats = _LAST.get(variables, key)
+    if stats is None:
+        images = (
+            local["image"][local["_mask"]]
+            for local in classification.local_batches(adapt, batch_size)
+        )
+        stats = fns["adapt_batch_norm"](variables, images)["batch_stats"]
+        _LAST.put(variables, key, stats)
+    return {**variables, "batch_stats": stats}
 
 
 def _needs_adabn(fns: Mapping[str, Any], where: str) -> None:
