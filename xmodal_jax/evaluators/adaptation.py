@@ -198,15 +198,15 @@ class TentClassification(classification.Classification):
     """Accuracy of online TENT (`objectives.adaptation.tent`) over the evaluated split.
 
     The split is read once, in its fixed order, batch after batch (`batch_size` is TENT's batch;
-    the official code's is 128). For each batch: `steps` times, the model runs with batch-
-    statistic BatchNorm (`fns['apply_train_bn']`), the mean entropy of its predictions on the
-    batch's real rows is taken and the BN scales and biases take one optimiser step; the
-    batch's predictions (scored as `classification`) are those of the last forward pass, before
-    its update. The adapted BN parameters and the optimiser state carry over to the next batch
-    (online), or are reset to the trained ones before every batch with `episodic`. Every run
-    starts from the given `variables`, which are never changed (the adapted parameters are a
-    separate tree); `adapt/entropy` is the mean over batches of the loss.
-    """
+    the official code's default is 128, its CIFAR-10-C config's 200). For each batch: `steps`
+    times, the model runs with batch-statistic BatchNorm (`fns['apply_train_bn']`), the mean
+    entropy of its predictions on the batch's real rows is taken and the BN scales and biases
+    take one optimiser step; the batch's predictions (scored as `classification`) are those of
+    the last forward pass, before its update. The adapted BN parameters and the optimiser state
+    carry over to the next batch (online), or are reset to the trained ones before every batch
+    with `episodic`. Every run starts from the given `variables`, which are never changed (the
+    adapted parameters are a separate tree); `adapt/entropy` is the mean over batches of the
+    loss."""
 
     def __init__(
         self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int
