@@ -157,7 +157,10 @@ def test_training_curves_of_many_evaluators_stay_legible(evaluations, tmp_path, 
     assert acc.get_title().startswith("evaluations" if few else f"{evaluations} evaluations")
 
 
-@pytest.mark.parametrize("table_file", [TABLE, "experiments/tables/zeroshot_shift.py"])
+@pytest.mark.parametrize(
+    "table_file",
+    [TABLE, "experiments/tables/zeroshot_shift.py", "experiments/tables/tent_clean.py"],
+)
 def test_each_row_s_first_job_loads_and_reports_what_the_row_reads(table_file):
     from xmodal_jax import config as config_lib
 

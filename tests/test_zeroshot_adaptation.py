@@ -330,6 +330,11 @@ def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_pa
     assert one.evals.shift_gzsl.dataset == "animal_silhouettes_c/snow_5"
     assert len(many.evals) == 2 * 5 + 1 and "val_pseudo_unseen" in many.evals
     assert len(config_lib.load(f"{ANIMALS}/shift_source_only.py:corruptions=all").evals) == 96
+    for config in ("shift_source_only.py", "shift_tent.py"):  # the clean control
+        clean = config_lib.load(f"{ANIMALS}/{config}:corruption=none,severity=5")
+        shift = [v for k, v in clean.evals.items() if k.startswith("shift_")]
+        assert shift and {v.dataset for v in shift} == {clean.data.name}
+        assert {v.split for v in shift} == {"test"}
     with pytest.raises(UserError, match="unknown \\['smog'\\]"):
         config_lib.load(f"{ANIMALS}/shift_source_only.py:corruptions=fog+smog")
     with pytest.raises(UserError, match="Unknown config argument 'corruptions'"):

@@ -24,7 +24,9 @@ rows with each other, not with the 5-split run's per-split figures.
 datasets at `severity`, its evaluators suffixed by the corruption (`shift_unseen_fog`, ...): the
 source-only and ConSE rows of `experiments/tables/zeroshot_shift.py` read one such run per seed,
 so the model is trained once rather than once per corruption.
-`shift_adapt.py` is the same with an adaptation term on unlabelled corrupted images.
+`corruption=none` evaluates on the clean test split instead (the control row of
+`experiments/tables/tent_clean.py`). `shift_adapt.py` is the same with an adaptation term on
+unlabelled corrupted images.
 """
 
 import ml_collections
@@ -35,12 +37,16 @@ from xmodal_jax.data.corruptions import CORRUPTIONS
 from xmodal_jax.errors import UserError
 
 DATASET = "animal_silhouettes_c"
+CLEAN, CLEAN_DATASET = "none", "animal_silhouettes"  # the quick start's own images
 SHIFT_DEFAULTS = dict(corruption="fog", severity=3, target_split="train[:90%]")
 SHIFT_VAL_SPLIT = "train[90%:]"
 
 
 def shifted_dataset(args) -> str:
-    """The TFDS name of the corrupted dataset the arguments name."""
+    """The TFDS name of the corrupted dataset the arguments name; `corruption=none`: the clean
+    `animal_silhouettes` (a control: what a setting does where nothing shifted)."""
+    if args.corruption == CLEAN:
+        return CLEAN_DATASET
     return f"{DATASET}/{args.corruption}_{int(args.severity)}"
 
 
