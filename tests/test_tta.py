@@ -214,8 +214,22 @@ def test_tent_needs_batch_norm_and_valid_options(tfds_dir):
         ev.run(variables)
     with pytest.raises(UserError, match="optimizer='rmsprop'"):
         _tent(tfds_dir, optimizer="rmsprop")
-    with pytest.raises(UserError, match="steps >= 1"):
-        _tent(tfds_dir, steps=0)
+    with pytest.raises(UserError, match="steps >= 0"):
+        _tent(tfds_dir, steps=-1)
+
+
+def test_tent_with_no_step_predicts_as_episodic_tent_before_its_updates(tfds_dir):
+    """`steps=0`: every batch normalised with its own statistics, nothing updated (the TENT
+    code's `norm` baseline): online, its predictions and entropies are episodic TENT's, which
+    predicts each batch before updating from the trained parameters."""
+    norm_only, variables = _tent(tfds_dir, steps=0)
+    episodic, _ = _tent(tfds_dir, episodic=True, lr=0.05)
+    got, want = norm_only.run(variables), episodic.run(variables)
+    assert got == pytest.approx(want, abs=1e-6)
+    batch = next(_batches(norm_only))
+    norm, opt_state = norm_only.initial(variables, batch)
+    kept, _, _ = norm_only._adapt(variables, norm, opt_state, batch)
+    jax.tree.map(np.testing.assert_array_equal, kept, norm)
 
 
 # ------------------------------------------------------------------ configs end to end

@@ -67,10 +67,12 @@ def _reference_accuracy(task, variables, classes_of_head, batch_size):
     return out
 
 
-def test_episodic_tent_predicts_as_batch_statistic_zero_shot(tfds_dir):
+@pytest.mark.parametrize("opts", [{"episodic": True, "lr": 0.05}, {"steps": 0}])
+def test_episodic_tent_predicts_as_batch_statistic_zero_shot(tfds_dir, opts):
+    """So does online TENT with no update (`steps=0`, batch statistics alone)."""
     task, variables = _task()
     for classes in ("unseen",):
-        ev = _evaluator(task, classes, episodic=True, lr=0.05)
+        ev = _evaluator(task, classes, **opts)
         result = ev.run(variables)
         expected = _reference_accuracy(
             task, variables, {i: ev._class_subset(h) for i, h in ev.heads}, 16
@@ -135,8 +137,8 @@ def test_zeroshot_tent_errors(tfds_dir):
     task, variables = _task()
     with pytest.raises(UserError, match="optimizer='rmsprop'"):
         _evaluator(task, optimizer="rmsprop")
-    with pytest.raises(UserError, match="steps >= 1"):
-        _evaluator(task, steps=0)
+    with pytest.raises(UserError, match="steps >= 0"):
+        _evaluator(task, steps=-1)
     with pytest.raises(UserError, match="statistics='test'"):
         _evaluator(task, statistics="test")
     with pytest.raises(UserError, match="cosine logits"):

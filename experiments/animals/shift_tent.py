@@ -22,10 +22,11 @@ chosen over the other.
 TENT's options are the official code's defaults (Adam, lr 1e-3, batch 128, one step per batch,
 not episodic; repo DequanWang/tent, `conf.py`, whose CIFAR-10-C config `cfgs/tent.yaml` raises
 the batch to 200); `lr`, `optimizer` ('adam' or 'sgd'), `tent_batch`, `tent_steps` (steps per
-batch) and `episodic` change them (`steps` stays the quick start's training steps). None is
-tuned: no target label may tune them. The image tower runs in the evaluation (about 13,000
-forward and backward passes of MobileNetV2 at 112 px per run for the 5 splits), so a run costs
-minutes on 2 CPU cores, unlike the cached source-only run."""
+batch; `tent_steps=0`: the normalisation alone, no update) and `episodic` change them (`steps`
+stays the quick start's training steps). None is tuned: no target label may tune them. The image
+tower runs in the evaluation (about 13,000 forward and backward passes of MobileNetV2 at 112 px
+per run for the 5 splits), so a run costs minutes on 2 CPU cores, unlike the cached source-only
+run."""
 
 from experiments.animals.shift_source_only import shift_config
 

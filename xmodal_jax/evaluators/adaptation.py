@@ -166,8 +166,10 @@ def tent_options(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     opts = {k: cfg.get(k, v) for k, v in tent.DEFAULTS.items()}
     if opts["optimizer"] not in tent.OPTIMIZERS:
         raise UserError(f"{where}.optimizer={opts['optimizer']!r}: use one of {tent.OPTIMIZERS}.")
-    if int(opts["steps"]) < 1 or float(opts["lr"]) <= 0:
-        raise UserError(f"{where}: TENT needs steps >= 1 and lr > 0, got {opts}.")
+    if int(opts["steps"]) < 0 or float(opts["lr"]) <= 0:
+        raise UserError(
+            f"{where}: TENT needs steps >= 0 (0: normalise only, no update) and lr > 0, got {opts}."
+        )
     return opts
 
 
@@ -188,6 +190,8 @@ def _tent_step(apply_train_bn: Callable, options: tuple, num_classes: int) -> tu
             (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(norm)
             updates, opt_state = tx.update(grads, opt_state, norm)
             norm = optax.apply_updates(norm, updates)
+        if not steps:  # test-time BatchNorm statistics alone (the TENT code's `norm` baseline)
+            loss, logits = loss_fn(norm)
         part = classification.sums(logits, batch["label"], batch["_mask"], num_classes)
         return norm, opt_state, {**part, "entropy": loss}
 
@@ -202,11 +206,12 @@ class TentClassification(classification.Classification):
     times, the model runs with batch-statistic BatchNorm (`fns['apply_train_bn']`), the mean
     entropy of its predictions on the batch's real rows is taken and the BN scales and biases
     take one optimiser step; the batch's predictions (scored as `classification`) are those of
-    the last forward pass, before its update. The adapted BN parameters and the optimiser state
-    carry over to the next batch (online), or are reset to the trained ones before every batch
-    with `episodic`. Every run starts from the given `variables`, which are never changed (the
-    adapted parameters are a separate tree); `adapt/entropy` is the mean over batches of the
-    loss."""
+    the last forward pass, before its update (`steps=0`: no update, each batch normalised with
+    its own statistics, the TENT code's `norm` baseline). The adapted BN parameters and the
+    optimiser state carry over to the next batch (online), or are reset to the trained ones
+    before every batch with `episodic`. Every run starts from the given `variables`, which are
+    never changed (the adapted parameters are a separate tree); `adapt/entropy` is the mean over
+    batches of the loss."""
 
     def __init__(
         self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int

@@ -13,12 +13,13 @@ tower runs with every BatchNorm normalising with the batch's statistics, the hea
 normalises its output, the logits are `exp(log_scale) * cos` with the head's class-prompt embeddings
 of those classes (text anchors fixed), and one optimiser step on the mean entropy moves only the
 tower's BN scales and biases; the batch's predictions are those of its last forward pass, before its
-update. `statistics='source'` keeps the tower's running statistics instead (only the BN affine
-parameters adapt): a variant for a tower whose running statistics are those its head was trained
-with, e.g. a locked ImageNet tower under heads trained on its inference-mode features, which batch
-statistics would shift away from what the heads saw. The adapted parameters carry over to the next
-batch of the same head's stream (`episodic`: reset before every batch) and start afresh for the next
-head: each head is its own deployment. The given variables never change.
+update; `steps=0` updates nothing (with batch statistics: test-time BatchNorm alone, the TENT code's
+`norm` baseline). `statistics='source'` keeps the tower's running statistics instead (only the BN
+affine parameters adapt): a variant for a tower whose running statistics are those its head was
+trained with, e.g. a locked ImageNet tower under heads trained on its inference-mode features, which
+batch statistics would shift away from what the heads saw. The adapted parameters carry over to the
+next batch of the same head's stream (`episodic`: reset before every batch) and start afresh for the
+next head: each head is its own deployment. The given variables never change.
 
 This is the test-time setting (online on the test stream: a stream of unseen-class images when
 scoring unseen classes); report it in its own row, never with the inductive or transductive
@@ -67,6 +68,8 @@ def _step(embed: Callable, options: tuple) -> tuple[Any, optax.GradientTransform
             (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(norm)
             updates, opt_state = tx.update(grads, opt_state, norm)
             norm = optax.apply_updates(norm, updates)
+        if not steps:  # the normalisation alone, no update (see the module docstring)
+            loss, logits = loss_fn(norm)
         return norm, opt_state, logits, loss
 
     return jax.jit(adapt), tx
