@@ -211,7 +211,8 @@ class TentClassification(classification.Classification):
     optimiser state carry over to the next batch (online), or are reset to the trained ones
     before every batch with `episodic`. Every run starts from the given `variables`, which are
     never changed (the adapted parameters are a separate tree); `adapt/entropy` is the mean over
-    batches of the loss."""
+    batches of the loss.
+    """
 
     def __init__(
         self, name: str, cfg: Mapping[str, Any], fns: Mapping[str, Any], mesh: Mesh, batch_size: int

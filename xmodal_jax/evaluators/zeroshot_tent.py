@@ -6,20 +6,21 @@
                                'batch_size': 128, 'statistics': 'batch'}
 
 TENT (Wang et al., ICLR 2021; `objectives.adaptation.tent`) with the zero-shot logits as the
-classifier: for each scored head, the test images of the classes it is scored on (`classes`, as in
-`zeroshot`) are read once, in the split's order, in batches of `batch_size` (default 128, the
-official code's default; its CIFAR-10-C config uses 200). For each batch, `steps` times: the image
-tower runs with every BatchNorm normalising with the batch's statistics, the head projects and
-normalises its output, the logits are `exp(log_scale) * cos` with the head's class-prompt embeddings
-of those classes (text anchors fixed), and one optimiser step on the mean entropy moves only the
-tower's BN scales and biases; the batch's predictions are those of its last forward pass, before its
-update; `steps=0` updates nothing (with batch statistics: test-time BatchNorm alone, the TENT code's
-`norm` baseline). `statistics='source'` keeps the tower's running statistics instead (only the BN
-affine parameters adapt): a variant for a tower whose running statistics are those its head was
-trained with, e.g. a locked ImageNet tower under heads trained on its inference-mode features, which
-batch statistics would shift away from what the heads saw. The adapted parameters carry over to the
-next batch of the same head's stream (`episodic`: reset before every batch) and start afresh for the
-next head: each head is its own deployment. The given variables never change.
+classifier: for each scored head, the test images of the classes it is scored on (`classes`, as
+in `zeroshot`) are read once, in the split's order, in batches of `batch_size` (default 128, the
+official code's default; its CIFAR-10-C config uses 200). For each batch, `steps` times: the
+image tower runs with every BatchNorm normalising with the batch's statistics, the head projects
+and normalises its output, the logits are `exp(log_scale) * cos` with the head's class-prompt
+embeddings of those classes (text anchors fixed), and one optimiser step on the mean entropy
+moves only the tower's BN scales and biases; the batch's predictions are those of its last
+forward pass, before its update; `steps=0` updates nothing (with batch statistics: test-time
+BatchNorm alone, the TENT code's `norm` baseline). `statistics='source'` keeps the tower's
+running statistics instead (only the BN affine parameters adapt): a variant for a tower whose
+running statistics are those its head was trained with, e.g. a locked ImageNet tower under heads
+trained on its inference-mode features, which batch statistics would shift away from what the
+heads saw. The adapted parameters carry over to the next batch of the same head's stream
+(`episodic`: reset before every batch) and start afresh for the next head: each head is its own
+deployment. The given variables never change.
 
 This is the test-time setting (online on the test stream: a stream of unseen-class images when
 scoring unseen classes); report it in its own row, never with the inductive or transductive
