@@ -311,6 +311,9 @@ def test_shift_adabn_config_runs_one_split(tfds_dir):
     assert [h.role for h in task.heads] == ["main", "control", "calibration"]
     with pytest.raises(UserError, match="one split per run"):
         tasks.build(on_embedded(config_lib.load(f"{ANIMALS}/shift_adapt.py:adabn=True")))
+    assert "statistics" not in c.model.image  # the recorded configs stay as they were
+    c = config_lib.load(f"{ANIMALS}/shift_adapt.py:method=none,adabn=True,split=2,source_bn=True")
+    assert c.model.image.statistics == "source"
 
 
 def test_shift_configs_build_train_and_evaluate_on_the_stand_in(tfds_dir, tmp_path):
@@ -437,6 +440,77 @@ def test_adabn_alone_trains_on_source_batches_only_and_caches_its_statistics(tfd
     c.data.target.split = "train[4%:7%]"  # other target images: estimated again
     tasks.build(c).adabn_tower  # noqa: B018
     assert len(passes) == 2
+
+
+def test_source_statistics_come_from_seen_class_source_images_and_feed_every_split(
+    tfds_dir, monkeypatch
+):
+    plain = tasks.build(adabn_config("entropy"))
+    target = plain.adabn_tower.variables["batch_stats"]
+    c = adabn_config("entropy")
+    c.model.image.statistics = "source"
+    task = tasks.build(c)
+    # AdaBN on top: the target's statistics do not depend on those they replace, so the ones
+    # estimated with the loaded statistics are read from the cache, not estimated again.
+    passes = []
+    adapt = adabn_lib.adapt_batch_norm
+    monkeypatch.setattr(
+        adabn_lib, "adapt_batch_norm", lambda *a, **k: passes.append(1) or adapt(*a, **k)
+    )
+    jax.tree.map(np.testing.assert_array_equal, task.adabn_tower.variables["batch_stats"], target)
+    assert not passes
+    labels = pipeline.split_labels("animal_silhouettes", "train[:2%]")
+    seen = np.flatnonzero(np.isin(labels, task.heads[0].train_classes))
+    assert 0 < len(seen) < len(labels)
+    loaded = plain.image_tower.variables
+    module = plain.image_tower.module
+    expected = adabn_lib.adapt_batch_norm(module, loaded, [_images("train[:2%]", PP, seen)])
+    close = lambda a, b: np.allclose(a, b, rtol=2e-3, atol=1e-5)
+    source = task.image_tower.variables
+    assert all(jax.tree.leaves(jax.tree.map(close, source["batch_stats"], expected["batch_stats"])))
+    every = adabn_lib.adapt_batch_norm(module, loaded, [_images("train[:2%]", PP)])
+    images = [_images("train[4%:6%]", SHIFTED_PP)]
+    jax.tree.map(  # what the cache relies on: the estimate ignores the statistics it replaces
+        np.testing.assert_array_equal,
+        adabn_lib.adapt_batch_norm(module, source, images)["batch_stats"],
+        adabn_lib.adapt_batch_norm(module, loaded, images)["batch_stats"],
+    )
+    for other in (every, loaded):  # neither all source rows nor the loaded statistics
+        differ = jax.tree.map(
+            lambda a, b: not close(a, b), source["batch_stats"], other["batch_stats"]
+        )
+        assert all(jax.tree.leaves(differ))
+    pooled = jax.jit(lambda v, x: module.apply(v, x)["pooled"])
+    batch = next(task.train_iterator(0, 1))  # the source's features: of its own statistics
+    index = np.asarray(batch["adapt_source"]["index"])[:, 0]
+    np.testing.assert_allclose(
+        batch["adapt_source"]["image_feats"][:, 0],
+        np.asarray(pooled(source, _images("train[:2%]", PP, index))),
+        atol=1e-4,
+    )
+
+
+def test_source_statistics_errors(tfds_dir):
+    c = adabn_config()
+    c.model.image.statistics = "target"
+    with pytest.raises(UserError, match="statistics='target'; use one of"):
+        tasks.build(c)
+    c.model.image.statistics = "source"
+    c.heads = {"unseen": [UNSEEN, ("bear", "cow")]}
+    with pytest.raises(UserError, match="statistics='source': .* one split per run"):
+        tasks.build(c)
+    c = adabn_config()
+    c.model.image.update(statistics="source", locked=False)
+    with pytest.raises(UserError, match="locked, cached image tower"):
+        tasks.build(c)
+    c = adapt_config("none")  # the tiny ViT: LayerNorm only
+    c.model.image.statistics = "source"
+    with pytest.raises(UserError, match="statistics='source': the image tower .* no BatchNorm"):
+        tasks.build(c)
+    c = adapt_config("none")
+    c.model.text.statistics = "source"
+    with pytest.raises(UserError, match="only the image tower's"):
+        tasks.build(c)
 
 
 def test_adabn_errors(tfds_dir):

@@ -24,6 +24,11 @@ rows with each other, not with the 5-split run's per-split figures.
 datasets at `severity`, its evaluators suffixed by the corruption (`shift_unseen_fog`, ...): the
 source-only and ConSE rows of `experiments/tables/zeroshot_shift.py` read one such run per seed,
 so the model is trained once rather than once per corruption.
+`source_bn=True` (with `split=k`) re-estimates the locked image tower's BatchNorm statistics on
+the clean `train[:90%]` images of the split's seen classes before training
+(`config.model.image.statistics='source'`): the heads then read features of their own domain's
+statistics instead of ImageNet's, the source model AdaBN assumes (`shift_adapt.py:adabn=True,
+source_bn=True` swaps in the corrupted images' statistics on top).
 `corruption=none` evaluates on the clean test split instead (the control row of
 `experiments/tables/tent_clean.py`). `shift_adapt.py` is the same with an adaptation term on
 unlabelled corrupted images.
@@ -57,10 +62,12 @@ def shift_config(
     one split's heads) evaluated on the corrupted test split, and the parsed `arg`
     (`corruption`, `severity`, `target_split` and `defaults` besides)."""
     known = {k: quickstart.DEFAULTS[k] for k in ("steps", "splits", "batch_size", "loss")}
-    args = parse_arg(arg, **known, split=-1, **SHIFT_DEFAULTS, **defaults)
+    args = parse_arg(arg, **known, split=-1, source_bn=False, **SHIFT_DEFAULTS, **defaults)
     c = quickstart.get_config(",".join(f"{k}={args[k]}" for k in known))
     if args.split >= 0:  # one split: its main, control and calibration heads
         c.heads.unseen = (quickstart.unseen_splits(args.split + 1)[args.split],)
+    if args.source_bn:  # set only when asked: the other configs stay as recorded
+        c.model.image.statistics = "source"
     shifted = {"dataset": shifted_dataset(args), "split": "test", "pp": quickstart.IMAGE_PP}
     c.evals = {
         "shift_seen": {"type": "zeroshot", "classes": "seen", **shifted},

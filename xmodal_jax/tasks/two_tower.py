@@ -15,7 +15,11 @@ Texts come from the data in one of two ways (`config.data.text`; each is an obje
 
 Towers (`config.model.image`, `config.model.text`): `tower` (a zoo name), `pretrained` (a
 `pretrained.load` name or path; its architecture wins), `overrides`, `locked`. A locked tower is
-outside the trained parameters and runs without gradient. Its outputs are **cached** on disk
+outside the trained parameters and runs without gradient. `config.model.image.statistics`
+(default `'pretrained'`): `'source'` re-estimates a locked image tower's BatchNorm statistics on
+the training split's images of the classes the heads train on before anything reads the tower
+(`zeroshot_adabn.source_tower`): a source model whose statistics are its own domain's, as
+AdaBN assumes, instead of those of the tower's pretraining data. Its outputs are **cached** on disk
 (`feature_cache`) when its input is deterministic: the image tower when `data.pp` draws no random
 numbers, the text tower for class prompts. With a cached image tower the input pipeline reads
 cached features instead of images, so LiT-style training costs only the heads. (Freezing by
@@ -61,7 +65,7 @@ from xmodal_jax.evaluation import zeroshot as zs
 from xmodal_jax.objectives import contrastive
 from xmodal_jax.objectives.class_contrastive import clamp_projected
 from xmodal_jax.parallel import mesh as mesh_lib
-from xmodal_jax.tasks import Variables, feature_cache
+from xmodal_jax.tasks import Variables, feature_cache, zeroshot_adabn
 from xmodal_jax.tasks.two_tower_heads import (
     HeadModule,
     head_options,
@@ -76,6 +80,7 @@ from xmodal_jax.tasks.two_tower_predict import (
 )
 from xmodal_jax.tasks.two_tower_texts import TEXT_SOURCES
 from xmodal_jax.tasks.two_tower_towers import (
+    STATISTICS,
     TEXT_DEFAULTS,
     TOWER_DEFAULTS,
     Tower,
@@ -140,6 +145,7 @@ class TwoTower(TwoTowerPredictions):
         )
         self.text_cached = self.text_tower.locked and self.texts.cacheable_text
         self._cache = feature_cache.FeatureCache(config.get("cache_dir"))
+        self._source_statistics()
         trainable = [t for t in (self.image_tower, self.text_tower) if not t.locked]
         if trainable and self.num_heads > 1:
             raise UserError(
@@ -159,6 +165,35 @@ class TwoTower(TwoTowerPredictions):
         self.head_module = HeadModule(**kwargs)
         self.heads_module = vmapped_heads(self.num_heads, self.texts.text_axis, **kwargs)
         self._train_arrays = None
+
+    def _source_statistics(self) -> None:
+        """`config.model.image.statistics`: with 'source', the image tower from here on has
+        BatchNorm statistics of the source training images (module docstring)."""
+        for tower in (self.image_tower, self.text_tower):
+            if tower.opts["statistics"] not in STATISTICS:
+                raise UserError(
+                    f"config.model.{tower.kind}.statistics={tower.opts['statistics']!r}; use "
+                    f"one of {STATISTICS}."
+                )
+        if self.text_tower.opts["statistics"] != "pretrained":
+            raise UserError("config.model.text.statistics: only the image tower's can change.")
+        if self.image_tower.opts["statistics"] == "pretrained":
+            return
+        if not self.image_cached:
+            raise UserError(
+                "config.model.image.statistics='source' re-estimates the statistics of a "
+                "locked, cached image tower: set config.model.image.locked=True and a "
+                "deterministic data.pp (a trained tower keeps its own statistics)."
+            )
+        self.image_tower = zeroshot_adabn.source_tower(
+            self.image_tower,
+            self.data,
+            self.heads,
+            self.class_names,
+            self.image_opts["input_key"],
+            int(self.image_opts["batch_size"]),
+            self._cache,
+        )
 
     # -------------------------------------------------------------- cached tower outputs
 

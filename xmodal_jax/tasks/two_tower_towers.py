@@ -25,7 +25,9 @@ TOWER_DEFAULTS = {
     "cache": True,
     "input_key": "image",
     "batch_size": 128,  # tower batch when computing cached outputs
+    "statistics": "pretrained",  # a locked image tower's BatchNorm statistics: or 'source'
 }
+STATISTICS = ("pretrained", "source")
 TEXT_DEFAULTS = {**TOWER_DEFAULTS, "input_key": "text", "max_len": 16, "vocab": "minilm"}
 
 

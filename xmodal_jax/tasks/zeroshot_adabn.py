@@ -1,9 +1,11 @@
-"""AdaBN on the locked image tower of `zeroshot_adaptation` (`config.adaptation.adabn=True`).
+"""AdaBN on the locked image tower of `zeroshot_adaptation` (`config.adaptation.adabn=True`),
+and the source statistics of `config.model.image.statistics='source'` (`source_tower`).
 
 Li et al. (ICLR Workshop 2017): the image tower's BatchNorm statistics are re-estimated on the
 unlabelled target images (`objectives.adaptation.adabn.adapt_batch_norm`, exact cumulative
 moments), its weights kept. The adapted tower then computes the features of every split of the
-target domain, training and evaluation alike; the source domain keeps the tower as loaded.
+target domain, training and evaluation alike; the source domain keeps the tower `two_tower`
+built (as loaded, or with source statistics: below).
 A split belongs to the target domain when it has the target's dataset name and `pp` (the
 evaluators' `dataset` and `pp`), so a shifted test split evaluated with the target's `pp` is
 seen through the adapted statistics. Its features are cached like the tower's own (the key
@@ -15,6 +17,12 @@ classes the heads train on (the labels serve that filter only); transductive, ev
 tower is shared by the heads, so with several splits the inductive statistics would include
 images of a head's unseen classes: inductive AdaBN needs the heads of one split. The test-time
 setting (statistics of the test stream itself) is not offered here.
+
+AdaBN assumes a source model whose statistics are those of its source domain; a pretrained
+tower's are those of its pretraining data (ImageNet). `source_tower` re-estimates them the same
+way on the source training images of the heads' classes (`config.model.image.statistics=
+'source'`, applied by `two_tower` before anything reads the tower), so the heads train on
+features of source statistics and AdaBN then swaps in the target's.
 """
 
 from __future__ import annotations
@@ -36,16 +44,19 @@ from xmodal_jax.tasks.two_tower_heads import Head
 from xmodal_jax.tasks.two_tower_towers import Tower
 
 
-def statistics_classes(heads: Sequence[Head], num_classes: int) -> tuple[int, ...] | None:
-    """The classes whose target images set the inductive statistics (None: every class); one
-    error when that union holds a head's unseen class."""
+def statistics_classes(
+    heads: Sequence[Head], num_classes: int, who: str = "config.adaptation.adabn"
+) -> tuple[int, ...] | None:
+    """The classes whose images set the inductive statistics (None: every class); one error
+    when that union holds a head's unseen class."""
     union = sorted({c for h in heads for c in h.train_classes})
     held_out = sorted({c for h in heads for c in h.unseen} & set(union))
     if held_out:
+        transductive = ", or set transductive=True" if who == "config.adaptation.adabn" else ""
         raise UserError(
-            "config.adaptation.adabn: the heads' image tower is shared, so its target "
-            f"statistics would include images of classes {held_out} that a head holds out; "
-            "run one split per run (e.g. split=k), or set transductive=True."
+            f"{who}: the heads' image tower is shared, so its statistics would include images "
+            f"of classes {held_out} that a head holds out; run one split per run (e.g. "
+            f"split=k){transductive}."
         )
     return None if len(union) == num_classes else tuple(union)
 
@@ -69,6 +80,8 @@ def adapted_tower(
     input_key: str,
     batch_size: int,
     cache: feature_cache.FeatureCache,
+    phase: str = "AdaBN statistics",
+    who: str = "config.adaptation.adabn",
 ) -> Tower:
     """`tower` with its BatchNorm statistics re-estimated on the target images of `rows` (None:
     all), in inference mode. The statistics depend on the tower, the images and the batching
@@ -76,21 +89,24 @@ def adapted_tower(
     other seeds (and other heads of the same classes) read them instead of another pass."""
     if "batch_stats" not in (tower.variables or {}):
         raise UserError(
-            f"config.adaptation.adabn: the image tower {tower.opts['pretrained'] or ''}"
+            f"{who}: the image tower {tower.opts['pretrained'] or ''}"
             f"{tower.opts['tower'] or ''} has no BatchNorm statistics to adapt."
         )
     digest = (
         "all" if rows is None else hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()
     )
+    # The estimate reads the tower's weights and the images, not the statistics it replaces,
+    # so those stay out of the key: a tower with source statistics finds the target's cached.
+    weights = {k: v for k, v in tower.variables.items() if k != "batch_stats"}
     description = {
         "kind": "adabn_statistics",
-        "tower": tower.description(),
+        "tower": {**tower.description(), "weights": feature_cache.weights_digest(weights)},
         **feature_cache.split_description(target, input_key),
         "rows": digest,
         "batch_size": batch_size,
     }
 
-    @timing.phase("AdaBN statistics")
+    @timing.phase(phase)
     def compute() -> dict[str, np.ndarray]:
         images = target_images(target, rows, input_key, batch_size)
         adapted = adabn.adapt_batch_norm(tower.module, tower.variables, images)
@@ -98,6 +114,36 @@ def adapted_tower(
 
     stats = traverse_util.unflatten_dict(cache.get_or_compute(description, compute), sep="/")
     return dataclasses.replace(tower, variables={**tower.variables, "batch_stats": stats})
+
+
+def source_tower(
+    tower: Tower,
+    data: Mapping[str, Any],
+    heads: Sequence[Head],
+    class_names: Sequence[str],
+    input_key: str,
+    batch_size: int,
+    cache: feature_cache.FeatureCache,
+) -> Tower:
+    """`tower` with BatchNorm statistics of the source training split (`data`: name, split,
+    pp) re-estimated on the images of the classes the heads train on, as the target's are
+    for AdaBN (`config.model.image.statistics='source'`): no image of a head's unseen classes
+    enters, so with several splits it needs one split per run."""
+    who = "config.model.image.statistics='source'"
+    classes = statistics_classes(heads, len(class_names), who)
+    source = {
+        "name": data["name"],
+        "split": data["split"],
+        "pp": data.get("pp", ""),
+        "data_dir": data.get("data_dir"),
+    }
+    rows = None
+    if classes is not None:
+        labels = pipeline.split_labels(source["name"], source["split"], source["data_dir"])
+        rows = np.flatnonzero(np.isin(labels, classes))
+    return adapted_tower(
+        tower, source, rows, input_key, batch_size, cache, phase="source statistics", who=who
+    )
 
 
 def same_domain(data_cfg: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
