@@ -15,16 +15,16 @@ Texts come from the data in one of two ways (`config.data.text`; each is an obje
 
 Towers (`config.model.image`, `config.model.text`): `tower` (a zoo name), `pretrained` (a
 `pretrained.load` name or path; its architecture wins), `overrides`, `locked`. A locked tower is
-outside the trained parameters and runs without gradient. `config.model.image.statistics`
-(default `'pretrained'`): `'source'` re-estimates a locked image tower's BatchNorm statistics on
-the training split's images of the classes the heads train on before anything reads the tower
-(`zeroshot_adabn.source_tower`): a source model whose statistics are its own domain's, as
-AdaBN assumes, instead of those of the tower's pretraining data. Its outputs are **cached** on disk
+outside the trained parameters and runs without gradient. Its outputs are **cached** on disk
 (`feature_cache`) when its input is deterministic: the image tower when `data.pp` draws no random
 numbers, the text tower for class prompts. With a cached image tower the input pipeline reads
 cached features instead of images, so LiT-style training costs only the heads. (Freezing by
 `config.schedule` / `config.transfer='lit'` also works, but keeps the tower in the step; a tower
 frozen for the whole run runs in inference mode there, as a locked one does.)
+`config.model.image.statistics` (default `'pretrained'`): `'source'` re-estimates a locked,
+cached image tower's BatchNorm statistics on the training split's images of the classes the
+heads train on before anything reads the tower (`zeroshot_adabn.source_tower`): a source model
+whose statistics are its own domain's, as AdaBN assumes, not its pretraining data's.
 
 Heads (`config.heads`) turn one run into several experiments trained side by side, e.g. the 5
 seen/unseen splits of the quick start: each head has its own projections and temperature (one
