@@ -20,11 +20,8 @@ outside the trained parameters and runs without gradient. Its outputs are **cach
 numbers, the text tower for class prompts. With a cached image tower the input pipeline reads
 cached features instead of images, so LiT-style training costs only the heads. (Freezing by
 `config.schedule` / `config.transfer='lit'` also works, but keeps the tower in the step; a tower
-frozen for the whole run runs in inference mode there, as a locked one does.)
-`config.model.image.statistics` (default `'pretrained'`): `'source'` re-estimates a locked,
-cached image tower's BatchNorm statistics on the training split's images of the classes the
-heads train on before anything reads the tower (`zeroshot_adabn.source_tower`): a source model
-whose statistics are its own domain's, as AdaBN assumes, not its pretraining data's.
+frozen for the whole run runs in inference mode there, as a locked one does.) `statistics`:
+`'source'` gives a locked image tower BatchNorm statistics of the source (`zeroshot_adabn`).
 
 Heads (`config.heads`) turn one run into several experiments trained side by side, e.g. the 5
 seen/unseen splits of the quick start: each head has its own projections and temperature (one
@@ -80,7 +77,6 @@ from xmodal_jax.tasks.two_tower_predict import (
 )
 from xmodal_jax.tasks.two_tower_texts import TEXT_SOURCES
 from xmodal_jax.tasks.two_tower_towers import (
-    STATISTICS,
     TEXT_DEFAULTS,
     TOWER_DEFAULTS,
     Tower,
@@ -145,7 +141,9 @@ class TwoTower(TwoTowerPredictions):
         )
         self.text_cached = self.text_tower.locked and self.texts.cacheable_text
         self._cache = feature_cache.FeatureCache(config.get("cache_dir"))
-        self._source_statistics()
+        self.image_tower = zeroshot_adabn.with_statistics(  # config.model.image.statistics
+            self.image_tower, self.text_tower, self.image_cached, self.data, self.texts, self._cache
+        )
         trainable = [t for t in (self.image_tower, self.text_tower) if not t.locked]
         if trainable and self.num_heads > 1:
             raise UserError(
@@ -165,35 +163,6 @@ class TwoTower(TwoTowerPredictions):
         self.head_module = HeadModule(**kwargs)
         self.heads_module = vmapped_heads(self.num_heads, self.texts.text_axis, **kwargs)
         self._train_arrays = None
-
-    def _source_statistics(self) -> None:
-        """`config.model.image.statistics`: with 'source', the image tower from here on has
-        BatchNorm statistics of the source training images (module docstring)."""
-        for tower in (self.image_tower, self.text_tower):
-            if tower.opts["statistics"] not in STATISTICS:
-                raise UserError(
-                    f"config.model.{tower.kind}.statistics={tower.opts['statistics']!r}; use "
-                    f"one of {STATISTICS}."
-                )
-        if self.text_tower.opts["statistics"] != "pretrained":
-            raise UserError("config.model.text.statistics: only the image tower's can change.")
-        if self.image_tower.opts["statistics"] == "pretrained":
-            return
-        if not self.image_cached:
-            raise UserError(
-                "config.model.image.statistics='source' re-estimates the statistics of a "
-                "locked, cached image tower: set config.model.image.locked=True and a "
-                "deterministic data.pp (a trained tower keeps its own statistics)."
-            )
-        self.image_tower = zeroshot_adabn.source_tower(
-            self.image_tower,
-            self.data,
-            self.heads,
-            self.class_names,
-            self.image_opts["input_key"],
-            int(self.image_opts["batch_size"]),
-            self._cache,
-        )
 
     # -------------------------------------------------------------- cached tower outputs
 

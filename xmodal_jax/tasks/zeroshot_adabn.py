@@ -19,10 +19,11 @@ images of a head's unseen classes: inductive AdaBN needs the heads of one split.
 setting (statistics of the test stream itself) is not offered here.
 
 AdaBN assumes a source model whose statistics are those of its source domain; a pretrained
-tower's are those of its pretraining data (ImageNet). `source_tower` re-estimates them the same
-way on the source training images of the heads' classes (`config.model.image.statistics=
-'source'`, applied by `two_tower` before anything reads the tower), so the heads train on
-features of source statistics and AdaBN then swaps in the target's.
+tower's are those of its pretraining data (ImageNet). `config.model.image.statistics='source'`
+(default `'pretrained'`; a locked, cached image tower) re-estimates them the same way on the
+training split's images of the classes the heads train on (`source_tower`), applied by
+`two_tower` before anything reads the tower (`with_statistics`): the heads train on features of
+their own domain's statistics, and AdaBN then swaps in the target's.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from xmodal_jax.errors import UserError
 from xmodal_jax.objectives.adaptation import adabn
 from xmodal_jax.tasks import feature_cache
 from xmodal_jax.tasks.two_tower_heads import Head
-from xmodal_jax.tasks.two_tower_towers import Tower
+from xmodal_jax.tasks.two_tower_texts import CaptionTexts, ClassNameTexts
+from xmodal_jax.tasks.two_tower_towers import STATISTICS, Tower
 
 
 def statistics_classes(
@@ -114,6 +116,44 @@ def adapted_tower(
 
     stats = traverse_util.unflatten_dict(cache.get_or_compute(description, compute), sep="/")
     return dataclasses.replace(tower, variables={**tower.variables, "batch_stats": stats})
+
+
+def with_statistics(
+    image_tower: Tower,
+    text_tower: Tower,
+    image_cached: bool,
+    data: Mapping[str, Any],
+    texts: ClassNameTexts | CaptionTexts,
+    cache: feature_cache.FeatureCache,
+) -> Tower:
+    """The image tower `two_tower` reads, by `config.model.image.statistics`: `'pretrained'`
+    (the default), as loaded; `'source'`, with the statistics of `source_tower`."""
+    for tower in (image_tower, text_tower):
+        if tower.opts["statistics"] not in STATISTICS:
+            raise UserError(
+                f"config.model.{tower.kind}.statistics={tower.opts['statistics']!r}; use one "
+                f"of {STATISTICS}."
+            )
+    if text_tower.opts["statistics"] != "pretrained":
+        raise UserError("config.model.text.statistics: only the image tower's can change.")
+    if image_tower.opts["statistics"] == "pretrained":
+        return image_tower
+    if not image_cached:
+        raise UserError(
+            "config.model.image.statistics='source' re-estimates the statistics of a locked, "
+            "cached image tower: set config.model.image.locked=True and a deterministic "
+            "data.pp (a trained tower keeps its own statistics)."
+        )
+    opts = image_tower.opts
+    return source_tower(
+        image_tower,
+        data,
+        texts.heads,
+        texts.class_names,
+        opts["input_key"],
+        int(opts["batch_size"]),
+        cache,
+    )
 
 
 def source_tower(
