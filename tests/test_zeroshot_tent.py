@@ -162,3 +162,6 @@ def test_shift_tent_config_names_its_setting(tfds_dir):
     assert c.evals.shift_seen_tent.statistics == "batch"
     c = config_lib.load(f"{path}:lr=0.0005,episodic=True,statistics=source")
     assert c.evals.shift_seen_tent.episodic and c.evals.shift_unseen_tent.statistics == "source"
+    c = config_lib.load(f"{path}:split=2,source_bn=True,statistics=source")
+    assert c.model.image.statistics == "source" and len(c.heads.unseen) == 1
+    assert c.evals.shift_unseen_tent.statistics == "source"

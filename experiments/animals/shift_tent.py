@@ -17,7 +17,9 @@ its seen-class penalty is calibrated on a fixed model, and an online model is no
 adapts only the BN scales and biases: the quick start's heads were trained on the tower's
 inference-mode features, which batch statistics move away from (on clean test images, batch
 statistics alone take the seen-class accuracy far down), so both rows are reported, neither
-chosen over the other.
+chosen over the other. `source_bn=True,split=k` (`shift_source_only.py`) starts TENT from the
+tower on the silhouettes' own statistics, those its heads were trained with; `statistics=source`
+then keeps them as TENT's normalisation.
 
 TENT's options are the official code's defaults (Adam, lr 1e-3, batch 128, one step per batch,
 not episodic; repo DequanWang/tent, `conf.py`, whose CIFAR-10-C config `cfgs/tent.yaml` raises
