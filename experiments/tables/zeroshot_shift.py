@@ -26,7 +26,7 @@ Each adaptation trade-off is 1, not tuned (no target label may tune it); the rul
 The seen-class penalty of the GZSL column is chosen per run on labelled corrupted `train[90%:]`
 images of seen classes (one scalar, the same rule for every row). Transductive variants
 (`shift_adapt.py:transductive=True`) read unseen-class images and belong in a table of their
-own. Per-corruption unseen accuracies are in the CSV.
+own. Per-corruption seen and unseen accuracies are in the CSV.
 """
 
 from xmodal_jax import xla_defaults
@@ -40,18 +40,21 @@ SOURCE = "experiments/animals/shift_source_only.py"
 ADAPT = "experiments/animals/shift_adapt.py"
 TENT = "experiments/animals/shift_tent.py"
 PER_CORRUPTION = {f"unseen {c}": f"corruption={c},severity={SEVERITY}" for c in CORRUPTIONS}
+PER_CORRUPTION_SEEN = {f"seen {c}": f"corruption={c},severity={SEVERITY}" for c in CORRUPTIONS}
 COLUMNS = [
     Column(SEEN, "eval/shift_seen/accuracy"),
     Column(UNSEEN, "eval/shift_unseen/accuracy"),
     Column(CONTROL, "eval/shift_unseen_control/accuracy", bold=False),
     Column(GZSL, "eval/shift_gzsl/harmonic_mean"),
+    *(Column(label, "eval/shift_seen/accuracy", csv_only=True) for label in PER_CORRUPTION_SEEN),
     *(Column(label, "eval/shift_unseen/accuracy", csv_only=True) for label in PER_CORRUPTION),
 ]
 PER_CORRUPTION_COLUMNS = [UNSEEN, *PER_CORRUPTION]
+COLUMN_ARGS = PER_CORRUPTION_SEEN | PER_CORRUPTION
 
 
 def _row(label: str, config: str, args: str = "", **kw) -> Row:
-    return Row(label, config, args, average_over=SETS, column_args=PER_CORRUPTION, **kw)
+    return Row(label, config, args, average_over=SETS, column_args=COLUMN_ARGS, **kw)
 
 
 def _evaluated(evaluator: str, metric: str) -> tuple[str, ...]:
@@ -64,6 +67,8 @@ def _source_row(label: str, shown: dict[str, tuple[str, str]], args: str = "", *
     seed (and `args`): `shown` maps the table's shown columns to (evaluator, metric)."""
     metrics = {col: _evaluated(*m) for col, m in shown.items()}
     metrics |= dict(zip(PER_CORRUPTION, metrics[UNSEEN], strict=True))
+    if SEEN in metrics:
+        metrics |= dict(zip(PER_CORRUPTION_SEEN, metrics[SEEN], strict=True))
     return Row(
         label, SOURCE, ",".join(filter(None, ["corruptions=all", args])), metrics=metrics, **kw
     )
@@ -82,7 +87,7 @@ SILHOUETTE_STATISTICS = "source_bn=True"  # the heads on features of the source'
 def _adabn(label: str, args: str = "") -> Row:
     """One split's heads per run (the image tower is shared): the 19 x 5 runs averaged."""
     sets = tuple(f"{s},{k}" for s in SETS for k in SPLITS)
-    column_args = {label: tuple(f"{s},{k}" for k in SPLITS) for label, s in PER_CORRUPTION.items()}
+    column_args = {label: tuple(f"{s},{k}" for k in SPLITS) for label, s in COLUMN_ARGS.items()}
     args = ",".join(filter(None, ["method=none,adabn=True", args]))
     return Row(label, ADAPT, args, average_over=sets, column_args=column_args)
 
@@ -110,9 +115,9 @@ TABLE = Table(
                 f"TENT{label} (test-time)",
                 TENT,
                 args,
-                columns=[SEEN, UNSEEN, CONTROL, *PER_CORRUPTION],
+                columns=[SEEN, UNSEEN, CONTROL, *PER_CORRUPTION_SEEN, *PER_CORRUPTION],
                 metrics={
-                    SEEN: "eval/shift_seen_tent/accuracy",
+                    **{k: "eval/shift_seen_tent/accuracy" for k in [SEEN, *PER_CORRUPTION_SEEN]},
                     CONTROL: "eval/shift_unseen_control_tent/accuracy",
                     **{k: "eval/shift_unseen_tent/accuracy" for k in PER_CORRUPTION_COLUMNS},
                 },
