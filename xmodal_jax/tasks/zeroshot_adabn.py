@@ -47,18 +47,19 @@ from xmodal_jax.tasks.two_tower_towers import STATISTICS, Tower
 
 
 def statistics_classes(
-    heads: Sequence[Head], num_classes: int, who: str = "config.adaptation.adabn"
+    heads: Sequence[Head],
+    num_classes: int,
+    who: str = "config.adaptation.adabn",
+    fix: str = "run one split per run (e.g. split=k), or set transductive=True",
 ) -> tuple[int, ...] | None:
-    """The classes whose images set the inductive statistics (None: every class); one error
-    when that union holds a head's unseen class."""
+    """The classes whose images set the inductive statistics (None: every class); one error,
+    naming `who` and `fix`, when that union holds a head's unseen class."""
     union = sorted({c for h in heads for c in h.train_classes})
     held_out = sorted({c for h in heads for c in h.unseen} & set(union))
     if held_out:
-        transductive = ", or set transductive=True" if who == "config.adaptation.adabn" else ""
         raise UserError(
             f"{who}: the heads' image tower is shared, so its statistics would include images "
-            f"of classes {held_out} that a head holds out; run one split per run (e.g. "
-            f"split=k){transductive}."
+            f"of classes {held_out} that a head holds out; {fix}."
         )
     return None if len(union) == num_classes else tuple(union)
 
@@ -170,7 +171,9 @@ def source_tower(
     for AdaBN (`config.model.image.statistics='source'`): no image of a head's unseen classes
     enters, so with several splits it needs one split per run."""
     who = "config.model.image.statistics='source'"
-    classes = statistics_classes(heads, len(class_names), who)
+    classes = statistics_classes(
+        heads, len(class_names), who, "run one split per run (e.g. split=k)"
+    )
     source = {
         "name": data["name"],
         "split": data["split"],
