@@ -32,7 +32,9 @@ def _mib(b: float | None) -> str:
 def header(r: dict) -> str:
     m, c = r["machine"], r["ceilings"]
     return (
-        f"`{r['command']}` — {m['date']}, {m['cpu']}, "
+        f"`{r['command']}` — {m['date']}, {m['cpu']}"
+        + (f" ({m['cpu_family']})" if m.get("cpu_family") else "")  # runs since the field
+        + ", "
         + (f"{m['cpu_simd']}, " if m.get("cpu_simd") else "")  # runs since the field
         + f"{m['cores']} cores, jax {m['jax']}, "
         # Runs before the field ran with XLA's default: YNNPACK's convolutions on CPU.

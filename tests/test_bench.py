@@ -218,6 +218,7 @@ def test_peak_memory_counts_the_activations():
 
 def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, capsys):
     import benchmarks.tables as bench_tables
+    from xmodal_jax import provenance
 
     argv = ["--small", "--workloads", "clip", "--scan", "--remat", "dots", "--steps", "1"]
     out = cli.run([*argv, "--profile"])
@@ -235,10 +236,15 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     # the run line names the processor's vector extension (runs before the field: none)
     m = out["machine"]
     assert "cpu_simd" in m
-    simd = {**out, "machine": {**m, "cpu_simd": "AVX-512"}}
+    simd = {**out, "machine": {**m, "cpu_simd": "AVX-512", "cpu_family": ""}}
     assert f"{m['cpu']}, AVX-512, {m['cores']} cores" in bench_tables.header(simd)
-    older = {**out, "machine": {k: v for k, v in m.items() if k != "cpu_simd"}}
+    older = {**out, "machine": {k: v for k, v in m.items() if k not in ("cpu_simd", "cpu_family")}}
     assert f"{m['cpu']}, {m['cores']} cores" in bench_tables.header(older)
+    # and, on x86, the family and model behind a generic name (runs before the field: none)
+    assert m["cpu_family"] == provenance.cpu_family()
+    family = {**out, "machine": {**m, "cpu_simd": "AVX-512", "cpu_family": "family 26, model 2"}}
+    want = f"{m['cpu']} (family 26, model 2), AVX-512, {m['cores']} cores"
+    assert want in bench_tables.header(family)
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -1342,6 +1342,21 @@ def test_provenance_names_the_cpu_and_its_widest_vector_extension(tmp_path):
     assert prov["cpu_model"] == provenance.cpu_model() and prov["cpu_simd"] == provenance.cpu_simd()
 
 
+def test_cpu_family_tells_processors_behind_one_model_name_apart(tmp_path):
+    from xmodal_jax import provenance
+
+    zen5 = "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    cases = {
+        zen5 + "\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n": "family 26, model 2",
+        "processor\t: 0\nmodel name\t: AMD EPYC\n": "",  # no family: not named
+        "processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n": "",  # Arm
+    }
+    for i, (text, want) in enumerate(cases.items()):
+        (tmp_path / str(i)).write_text(text)
+        assert provenance.cpu_family(str(tmp_path / str(i))) == want, text
+    assert provenance.cpu_family(str(tmp_path / "none")) == ""
+
+
 def test_provenance_names_the_files_changed_since_the_commit(tmp_path):
     import subprocess
 

@@ -73,6 +73,27 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def cpu_family(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """'family F, model M' of an x86 CPU ('' elsewhere). Virtual machines often report a
+    generic model name ('AMD EPYC') for processors of different generations, whose step times
+    and ratios to PyTorch differ; the family and model tell them apart."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for ln in f:
+                key, _, value = ln.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not ln.strip():
+                    break  # the first processor's block only
+    except OSError:
+        return ""
+    if "cpu family" not in fields or "model" not in fields:
+        return ""
+    return f"family {fields['cpu family']}, model {fields['model']}"
+
+
 # The vector extensions XLA:CPU compiles for when the host has them, widest first: the same run
 # on CPUs with different ones differs in its last bits (the vector width orders the sums), and
 # training carries such differences into the figures.

@@ -22,6 +22,7 @@ def machine() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": provenance.cpu_model(),
         "cpu_simd": provenance.cpu_simd(),  # the widest vector extension: AVX2, AVX-512, ...
+        "cpu_family": provenance.cpu_family(),  # x86: tells generations behind one name apart
         "cores": len(os.sched_getaffinity(0)),
         "loadavg_1_5_15": list(os.getloadavg()),
         "backend": jax.default_backend(),
