@@ -409,12 +409,19 @@ def test_fsdp_and_max_batch_ablations_at_small_size(tfds_dir, capsys):
 
 
 def test_max_pool_ablation_same_update_both_forms():
-    args = argparse.Namespace(small=True, batch=None, steps=2, rounds=1)
-    a = ablations.max_pool_ablation(args)
+    args = argparse.Namespace(small=True, batch=None, steps=2, rounds=1, workloads="clip")
+    a = ablations.max_pool_ablation(args)  # no pooled workload named: LeNet + DANN's
     assert a["update_max_abs_diff_rel"] == 0.0  # the same gradient, bit for bit
     assert a["train_step_reduce_window_s"] > 0 and a["train_step_tiled_s"] > 0
     ratio = a["train_step_reduce_window_s"] / a["train_step_tiled_s"]
     assert a["speed_tiled_vs_reduce_window"] == pytest.approx(ratio)
+    assert not any(k.startswith("resnet50_") for k in a)
+    # ResNet-50's stem pool, where named (its BatchNorms: first updates equal or within rounding)
+    r = ablations.max_pool_ablation(argparse.Namespace(**{**vars(args), "workloads": "resnet50"}))
+    assert "train_step_tiled_s" not in r and r["resnet50_batch"] == 4
+    assert r["resnet50_update_max_abs_diff_rel"] < 1e-5
+    ratio = r["resnet50_train_step_reduce_window_s"] / r["resnet50_train_step_strided_s"]
+    assert r["resnet50_speed_strided_vs_reduce_window"] == pytest.approx(ratio)
 
 
 def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):

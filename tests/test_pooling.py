@@ -1,6 +1,6 @@
-"""`tiled_max_pool`: values and gradients equal to `nn.max_pool`'s bit for bit, and the gradient
-equal to a float64 numpy reference (the first maximum of each window takes the window's
-gradient)."""
+"""`tiled_max_pool` and `max_pool`: values and gradients equal to `nn.max_pool`'s bit for bit,
+and the gradient equal to a float64 numpy reference (the first maximum of each window takes the
+window's gradient; overlapping windows' shares add up)."""
 
 import subprocess
 import sys
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from xmodal_jax.models.lenet import LeNet
-from xmodal_jax.models.pooling import tiled_max_pool
+from xmodal_jax.models.pooling import max_pool, tiled_max_pool
+from xmodal_jax.models.resnet import ResNet
 
 
 def _inputs(shape, seed, grid=True):
@@ -53,6 +54,77 @@ def test_equals_max_pool_and_reference(shape, window):
     assert np.asarray(grad_ours).tobytes() == np.asarray(grad_theirs).tobytes()
     ref = _reference_grad(np.asarray(x, np.float64), np.asarray(g, np.float64), *window)
     np.testing.assert_array_equal(np.asarray(grad_ours, np.float64), ref)
+
+
+def _reference_strided_grad(x, g, window, strides, padding) -> np.ndarray:
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
+    xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-np.inf)
+    dxp = np.zeros(xp.shape, np.float64)
+    n, oh, ow, c = g.shape
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    win = xp[b, i * sh : i * sh + kh, j * sw : j * sw + kw, ch]
+                    r, s = np.unravel_index(np.argmax(win), win.shape)  # first maximum
+                    dxp[b, i * sh + r, j * sw + s, ch] += g[b, i, j, ch]
+    return dxp[:, top : top + x.shape[1], left : left + x.shape[2]]
+
+
+@pytest.mark.parametrize(
+    "shape,window,strides,padding",
+    [
+        ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd size
+        ((2, 10, 12, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),  # and even
+        ((2, 7, 6, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),  # four windows share a position
+        ((1, 9, 8, 2), (3, 2), (2, 3), ((0, 1), (1, 0))),  # uneven
+        ((2, 11, 11, 2), (2, 2), (3, 3), ((0, 0), (0, 0))),  # gaps between windows
+    ],
+)
+@pytest.mark.parametrize("grid", [True, False])
+def test_strided_equals_max_pool_and_reference(shape, window, strides, padding, grid):
+    x = _inputs(shape, seed=sum(shape), grid=grid)
+    theirs_fn = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)  # noqa: E731
+    ours_fn = lambda x: max_pool(x, window, strides, padding)  # noqa: E731
+    theirs, ours = theirs_fn(x), ours_fn(x)
+    assert ours.shape == theirs.shape
+    assert np.asarray(ours).tobytes() == np.asarray(theirs).tobytes()
+
+    g = jnp.asarray(np.random.RandomState(2).randn(*ours.shape), jnp.float32)
+    grad_ours = jax.jit(lambda x, g: jax.vjp(ours_fn, x)[1](g)[0])(x, g)
+    grad_theirs = jax.jit(lambda x, g: jax.vjp(theirs_fn, x)[1](g)[0])(x, g)
+    assert np.asarray(grad_ours).tobytes() == np.asarray(grad_theirs).tobytes()
+    args = (np.asarray(x, np.float64), np.asarray(g, np.float64), window, strides, padding)
+    ref = _reference_strided_grad(*args)  # up to 4 float32 shares a position: float32 rounding
+    np.testing.assert_allclose(np.asarray(grad_ours, np.float64), ref, rtol=1e-6, atol=1e-6)
+    if grid:  # ties are common here: the test above would not tell a wrong winner from rounding
+        assert ((np.asarray(grad_ours) != 0) == (ref != 0)).all()
+
+
+def test_resnet_train_gradient_unchanged_by_the_pool():
+    """ResNet's loss and gradient with its stem pool as `max_pool` and as `nn.max_pool` (the
+    default): equal bit for bit, or within float32 rounding where XLA sums BatchNorm's
+    statistics in another order in the two programs (as for LeNet above)."""
+    x = _inputs((4, 32, 32, 3), seed=3, grid=False)
+    kw = {"stage_sizes": (1, 1), "width": 0.25, "num_classes": 5}
+    variables = ResNet(**kw).init(jax.random.PRNGKey(0), x[:2])
+
+    def grads(pool):
+        def loss(params):
+            out, _ = ResNet(**kw, pool=pool).apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.mean(out["logits"] ** 2)
+
+        value, grad = jax.jit(jax.value_and_grad(loss))(variables["params"])
+        return [value, *jax.tree_util.tree_leaves(grad)]
+
+    ours, theirs = grads("strided"), grads("reduce_window")
+    scale = max(float(np.abs(leaf).max()) for leaf in theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="pool 'tiled'"):
+        ResNet(**kw, pool="tiled").init(jax.random.PRNGKey(0), x[:2])
 
 
 def test_nan_window_sends_no_gradient():

@@ -3,7 +3,8 @@
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
-`max_pool` (LeNet's pooling as `nn.max_pool` or as `tiled_max_pool`, in the LeNet + DANN step),
+`max_pool` (`nn.max_pool` or the elementwise forms of `pooling`: LeNet + DANN's pool, ResNet-50's
+stem pool),
 `conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
 GEMM of that size: `conv_forms`),
 `cpu_backends` (XLA:CPU's kernel libraries, each in its own process: `backends`), `malloc`
@@ -63,21 +64,35 @@ def depthwise_ablation(args) -> dict[str, Any]:
     return out
 
 
+# The max-pool forms compared per workload: (`nn.max_pool`'s form, the elementwise one).
+POOLS = {"lenet_dann": ("reduce_window", "tiled"), "resnet50": ("reduce_window", "strided")}
+
+
 def max_pool_ablation(args) -> dict[str, Any]:
-    """LeNet + DANN train step with `nn.max_pool` (its gradient is select-and-scatter) and with
-    `tiled_max_pool` (LeNet's default): step times alternated in one process, and how far apart
-    their first updates are (0 when the gradients agree bit for bit)."""
-    sz = workloads.sizes("lenet_dann", args.small, args.batch)
-    updates, built = {}, {}
-    for pool in ("reduce_window", "tiled"):
-        updates[pool], _, built[pool] = _first_updates("lenet_dann", sz, pool=pool)
-    calls = {f"train_step_{pool}_s": b.runner.step for pool, b in built.items()}
-    out: dict[str, Any] = runner.alternate(calls, args.steps, args.rounds)
-    out["speed_tiled_vs_reduce_window"] = (
-        out["train_step_reduce_window_s"] / out["train_step_tiled_s"]
-    )
-    out["update_max_abs_diff_rel"] = max_rel_diff(updates["reduce_window"], updates["tiled"])
-    out["batch_per_domain"] = sz["batch"]
+    """The train step with `nn.max_pool` (its gradient is select-and-scatter) and with the
+    project's elementwise form (`pooling`), for LeNet + DANN (`tiled_max_pool`) and ResNet-50
+    (`max_pool`, its stem pool) where `--workloads` names them (neither: LeNet + DANN): step
+    times alternated in one process, and how far apart their first updates are (0 when the
+    gradients agree bit for bit). ResNet-50's figures are prefixed `resnet50_`."""
+    chosen = [w for w in POOLS if w in getattr(args, "workloads", "").split(",")]
+    out: dict[str, Any] = {}
+    for name in chosen or ["lenet_dann"]:
+        prefix = "" if name == "lenet_dann" else f"{name}_"  # LeNet's keys as in older records
+        sz = workloads.sizes(name, args.small, args.batch)
+        updates, built = {}, {}
+        for pool in POOLS[name]:
+            updates[pool], _, built[pool] = _first_updates(name, sz, pool=pool)
+        calls = {f"{prefix}train_step_{pool}_s": b.runner.step for pool, b in built.items()}
+        times = runner.alternate(calls, args.steps, args.rounds)
+        plain, ours = POOLS[name]
+        out |= times
+        out[f"{prefix}speed_{ours}_vs_{plain}"] = (
+            times[f"{prefix}train_step_{plain}_s"] / times[f"{prefix}train_step_{ours}_s"]
+        )
+        out[f"{prefix}update_max_abs_diff_rel"] = max_rel_diff(updates[plain], updates[ours])
+        out[f"{prefix}batch" if prefix else "batch_per_domain"] = sz["batch"]
+        del built, calls
+        gc.collect()
     return out
 
 

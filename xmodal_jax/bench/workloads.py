@@ -131,13 +131,10 @@ def _images(rng: np.random.Generator, b: int, size: int, channels: int = 3) -> n
     return rng.standard_normal((b, size, size, channels), np.float32)
 
 
-def _classification(sz: dict, dtype: Any) -> tuple[Classification, dict]:
-    config = ml_collections.ConfigDict(
-        {
-            "model": {"name": "resnet50", "num_classes": sz["classes"], "width": sz["width"],
-                      "stage_sizes": tuple(sz["stages"]), "dtype": dtype},
-        }
-    )  # fmt: skip
+def _classification(sz: dict, dtype: Any, pool: str | None) -> tuple[Classification, dict]:
+    model = {"name": "resnet50", "num_classes": sz["classes"], "width": sz["width"],
+             "stage_sizes": tuple(sz["stages"]), "dtype": dtype}  # fmt: skip
+    config = ml_collections.ConfigDict({"model": model | ({"pool": pool} if pool else {})})
     rng = np.random.default_rng(0)
     b = sz["batch"]
     batch = {"image": _images(rng, b, sz["image"]), "label": rng.integers(0, sz["classes"], b)}
@@ -145,11 +142,11 @@ def _classification(sz: dict, dtype: Any) -> tuple[Classification, dict]:
 
 
 def _dann(
-    sz: dict, dtype: Any, depthwise: str, lenet: bool, pool: str
+    sz: dict, dtype: Any, depthwise: str, lenet: bool, pool: str | None
 ) -> tuple[DomainAdaptation, dict]:
     if lenet:  # the digits LeNet (float32 only: `build` refuses another dtype)
-        model = {"name": "lenet", "num_classes": sz["classes"], "bottleneck": sz["bottleneck"],
-                 "pool": pool}  # fmt: skip
+        model = {"name": "lenet", "num_classes": sz["classes"], "bottleneck": sz["bottleneck"]}
+        model |= {"pool": pool} if pool else {}
     else:
         model = {"name": "mobilenet_v2", "num_classes": sz["classes"], "width": sz["width"],
                  "depthwise": depthwise, "dtype": dtype}  # fmt: skip
@@ -210,7 +207,7 @@ def build(
     scan: bool = False,
     remat: str = "none",
     depthwise: str = "auto",
-    pool: str = "tiled",
+    pool: str | None = None,  # the model's max-pool form (LeNet, ResNet); None: its default
     donate: bool = True,
     fsdp: bool = False,
 ) -> Built:
@@ -222,7 +219,7 @@ def build(
         task, batch = _clip(sz, dtype, scan, remat)
         examples = sz["batch"]
     elif name == "resnet50":
-        task, batch = _classification(sz, dtype)
+        task, batch = _classification(sz, dtype, pool)
         batch["label"] = batch["label"].astype(np.int32)
         examples = sz["batch"]
     else:

@@ -3,7 +3,10 @@
 `norm='batch'` is the torchvision model; `norm='group'` swaps BatchNorm for GroupNorm and
 standardises conv weights (BiT-style transfer, Kolesnikov et al. 2020), which does not depend
 on batch statistics. `stem='small'` replaces the 7x7/2 conv + max-pool by one 3x3/1 conv for
-small images (CIFAR-size, digits).
+small images (CIFAR-size, digits). `pool` picks the stem's max-pool: `reduce_window`
+(`nn.max_pool`, the default) or `strided` (`pooling.max_pool`), the same values and gradients;
+on CPU the second made the ResNet-50 train step a little faster at batch 4 and much slower at
+batch 16 (`xmodal bench --ablations max_pool`, BENCHMARKS.md), so it is not the default.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import axes, layers
+from xmodal_jax.models import axes, layers, pooling
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -38,6 +41,7 @@ class ResNet(nn.Module):
     norm_groups: int = 32
     weight_std: bool | None = None  # default: True with GroupNorm
     stem: str = "imagenet"  # 'imagenet' | 'small'
+    pool: str = "reduce_window"  # the stem's max-pool: 'reduce_window' | 'strided'
     bn_momentum: float = 0.9
     norm_eps: float = 1e-5
     zero_init_residual: bool = False
@@ -58,6 +62,7 @@ class ResNet(nn.Module):
         block, sizes = self._arch()
         layers.check_choice("block", block, ("basic", "bottleneck"))
         layers.check_choice("stem", self.stem, ("imagenet", "small"))
+        layers.check_choice("pool", self.pool, ("reduce_window", "strided"))
         ws = self.norm == "group" if self.weight_std is None else self.weight_std
         conv = lambda *a, **k: layers.Conv(
             *a, weight_std=ws, dtype=self.dtype, param_dtype=self.param_dtype, **k
@@ -86,7 +91,8 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(base, 7, strides=2, name="stem_conv")(x)
             x = jax.nn.relu(norm("stem_norm", base)(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            pool = pooling.max_pool if self.pool == "strided" else nn.max_pool
+            x = pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = conv(base, 3, name="stem_conv")(x)
             x = jax.nn.relu(norm("stem_norm", base)(x))
