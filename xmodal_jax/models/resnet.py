@@ -5,7 +5,7 @@ standardises conv weights (BiT-style transfer, Kolesnikov et al. 2020), which do
 on batch statistics. `stem='small'` replaces the 7x7/2 conv + max-pool by one 3x3/1 conv for
 small images (CIFAR-size, digits). `pool` picks the stem's max-pool: `reduce_window`
 (`nn.max_pool`, the default) or `strided` (`pooling.max_pool`), the same values and gradients;
-on CPU the second made the ResNet-50 train step a little faster at batch 4 and much slower at
+on CPU the second left the ResNet-50 train step level at batch 4 and made it much slower at
 batch 16 (`xmodal bench --ablations max_pool`, BENCHMARKS.md), so it is not the default.
 """
 
