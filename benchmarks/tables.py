@@ -241,7 +241,8 @@ def test_run(r: dict) -> str:
     outcome = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors"
     minutes, seconds = divmod(round(r["wall_s"]), 60)
     commit = (r["git"]["commit"] or "unknown")[:7] + (" + changes" if r["git"]["dirty"] else "")
-    cpu = " ".join(filter(None, (r["cpu"], r.get("cpu_simd"))))
+    family = f"({r['cpu_family']})" if r.get("cpu_family") else ""  # recorded since 2026-12-07
+    cpu = " ".join(filter(None, (r["cpu"], family, r.get("cpu_simd"))))
     cached = r.get("compilation_cache_entries")  # recorded since December 2026
     cache = ""
     if cached == 0:

@@ -112,6 +112,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "tests": {r.nodeid: round(r.duration, 1) for r in calls},
         "cpu": provenance.cpu_model(),
         "cpu_simd": provenance.cpu_simd(),
+        "cpu_family": provenance.cpu_family(),
         "usable_cpus": provenance.usable_cpus(),
         "compilation_cache_entries": config.stash[_CACHED],
         "git": provenance.git_state(ROOT),

@@ -451,7 +451,10 @@ def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
     assert rec["cpu_simd"] == provenance.cpu_simd()
     line = bench_tables.test_run(rec)
     assert "2 programs in the compilation cache at the start" in line
-    assert f"{rec['cpu']} {rec['cpu_simd']}, " in line
+    assert rec["cpu_family"] == provenance.cpu_family()
+    named = bench_tables.test_run({**rec, "cpu_family": "family 26, model 2"})
+    assert f"{rec['cpu']} (family 26, model 2) {rec['cpu_simd']}, " in named
+    assert f"{rec['cpu']} {rec['cpu_simd']}, " in bench_tables.test_run({**rec, "cpu_family": ""})
     cold = {**rec, "compilation_cache_entries": 0}
     assert "cold compilation cache" in bench_tables.test_run(cold)
     older = {k: v for k, v in rec.items() if k not in ("cpu_simd", "compilation_cache_entries")}
