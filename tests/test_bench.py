@@ -79,8 +79,11 @@ def test_depthwise_forms_agree_on_train_step_gradients(capsys):
     d = results["ablations"]["depthwise"]
     # First-step parameter updates of the MobileNetV2 + DANN step are -lr x gradient (SGD).
     assert d["grad_max_abs_diff_rel"] < 1e-4
+    assert d["grad_shift_vjp_vs_shift_max_abs_diff_rel"] < 1e-4
     for key in ("train_step_conv_s", "train_step_shift_s", "forward_conv_images_per_s"):
         assert d[key] > 0
+    ratio = d["train_step_shift_alternated_s"] / d["train_step_shift_vjp_alternated_s"]
+    assert d["speed_shift_vjp_vs_shift"] == pytest.approx(ratio)
 
 
 def _numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
@@ -98,21 +101,46 @@ def _numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarr
     return out
 
 
+def _numpy_depthwise_grads(x, kernel, dy, stride):
+    """The input and kernel gradients of `_numpy_depthwise` for the output gradient `dy`, by
+    the same loop: each output pixel's gradient times its window."""
+    k = kernel.shape[0]
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+    for i in range(dy.shape[1]):
+        for j in range(dy.shape[2]):
+            rows, cols = slice(i * stride, i * stride + k), slice(j * stride, j * stride + k)
+            g = dy[:, i, j]  # [b, c]
+            dxp[:, rows, cols] += g[:, None, None, :] * kernel[None, :, :, 0, :]
+            dk[:, :, 0] += np.einsum("bklc,bc->klc", xp[:, rows, cols], g)
+    return dxp[:, p : p + x.shape[1], p : p + x.shape[2]], dk
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_forms_match_reference_forward_and_backward(stride):
     rng = np.random.default_rng(stride)
     x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)
-    mods = {impl: layers.DepthwiseConv(3, stride, impl) for impl in ("conv", "shift")}
+    impls = ("conv", "shift", "shift_vjp")
+    mods = {impl: layers.DepthwiseConv(3, stride, impl) for impl in impls}
     variables = nn.unbox(jax.jit(mods["conv"].init)(jax.random.key(0), x))
     kernel = np.asarray(variables["params"]["kernel"])
     ref = _numpy_depthwise(x.astype(np.float64), kernel.astype(np.float64), stride)
+    dy = rng.standard_normal(ref.shape).astype(np.float32)
+    ref_dx, ref_dk = _numpy_depthwise_grads(
+        x.astype(np.float64), kernel.astype(np.float64), dy.astype(np.float64), stride
+    )
     grads = {}
     for impl, mod in mods.items():
         y = jax.jit(mod.apply)(variables, x)
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
         loss = lambda v, im, m=mod: jnp.sum(jnp.sin(m.apply(v, im)))
         grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+        dk, dx = jax.jit(lambda v, im, m=mod: jax.vjp(m.apply, v, im)[1](dy))(variables, x)
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dk["params"]["kernel"], ref_dk, rtol=1e-5, atol=1e-5)
     assert ablations.max_rel_diff(grads["conv"], grads["shift"]) < 1e-5
+    assert ablations.max_rel_diff(grads["shift"], grads["shift_vjp"]) < 1e-5
 
 
 @pytest.mark.parametrize("m,k,n", [(64, 32, 48), (128, 256, 8)])

@@ -2,7 +2,8 @@
 
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
-grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference),
+grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference,
+and the shifted form with its own input gradient),
 `max_pool` (`nn.max_pool` or the elementwise forms of `pooling`: LeNet + DANN's pool, ResNet-50's
 stem pool),
 `conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
@@ -49,7 +50,8 @@ def max_rel_diff(a: Any, b: Any) -> float:
 
 def depthwise_ablation(args) -> dict[str, Any]:
     """MobileNetV2 + DANN train step with the grouped-conv and the shifted depthwise forms:
-    step times, and how far apart their first-step gradients are."""
+    step times, and how far apart their first-step gradients are; then the shifted form with
+    its own input gradient (`shift_vjp`) against `shift`, alternated in rounds."""
     sz = workloads.sizes("mnv2_dann", args.small, args.batch)
     d_conv, t_conv, b_conv = _first_updates("mnv2_dann", sz, depthwise="conv")
     d_shift, t_shift, b_shift = _first_updates("mnv2_dann", sz, depthwise="shift")
@@ -60,6 +62,18 @@ def depthwise_ablation(args) -> dict[str, Any]:
         "compile_shift_s": b_shift.runner.compiled.compile_s,
         "grad_max_abs_diff_rel": max_rel_diff(d_conv, d_shift),
     }
+    del b_conv
+    gc.collect()
+    d_vjp, _, b_vjp = _first_updates("mnv2_dann", sz, depthwise="shift_vjp")
+    calls = {"train_step_shift_alternated_s": b_shift.runner.step,
+             "train_step_shift_vjp_alternated_s": b_vjp.runner.step}  # fmt: skip
+    out |= runner.alternate(calls, args.steps, args.rounds)
+    out["speed_shift_vjp_vs_shift"] = (
+        out["train_step_shift_alternated_s"] / out["train_step_shift_vjp_alternated_s"]
+    )
+    out["grad_shift_vjp_vs_shift_max_abs_diff_rel"] = max_rel_diff(d_shift, d_vjp)
+    del b_shift, b_vjp, calls
+    gc.collect()
     out.update(mobilenet_forward(args))
     return out
 
