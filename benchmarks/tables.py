@@ -69,9 +69,10 @@ def steps(r: dict) -> str:
                 first = f"; first step {t['compile_s']:.1f} s" if kind == "torch_compile" else ""
                 cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×{first})")
         flops = w["flops_per_step"]
-        v = w.get("variant")
-        label = f"{name} (scan, remat {v['remat']})" if v and v["scan"] else name
-        label = f"{name} (remat {v['remat']})" if v and not v["scan"] else label
+        v = w.get("variant") or {}
+        label = f"{name} (scan, remat {v['remat']})" if v.get("scan") else name
+        label = f"{name} (remat {v['remat']})" if "scan" in v and not v["scan"] else label
+        label = f"{name} (depthwise {v['depthwise']})" if "depthwise" in v else label
         rows.append(
             f"| {label} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
             f"{w['examples_per_s']:.2f} | {flops / 1e9:.1f} | "

@@ -278,6 +278,17 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     assert "| clip | 4 |" in bench_tables.steps(plain)
 
 
+def test_depthwise_flag_picks_mobilenets_form_and_the_table_names_it():
+    import benchmarks.tables as bench_tables
+
+    argv = ["--small", "--workloads", "mnv2_dann", "--steps", "1", "--depthwise", "shift_vjp"]
+    out = cli.run(argv)
+    assert out["workloads"]["mnv2_dann"]["variant"] == {"depthwise": "shift_vjp"}
+    assert "| mnv2_dann (depthwise shift_vjp) | 8 |" in bench_tables.steps(out)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        cli.run([*argv[:-1], "grouped"])
+
+
 def test_alternation_times_no_step_that_directly_follows_another_runners(monkeypatch):
     """The step after a switch of runners pays for the other runner's state; `alternate` runs
     it untimed, so every timed step follows one of its own runner's."""

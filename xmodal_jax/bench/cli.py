@@ -3,6 +3,7 @@
     xmodal bench [--small] [--json PATH] [--workloads clip,resnet50,mnv2_dann,lenet_dann,pipeline]
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
                  [--scan] [--remat none|dots|full] [--profile]
+                 [--depthwise auto|conv|shift|shift_vjp]
                  [--ablations scan_remat,donation,bf16,depthwise,max_pool,conv_forms,
                                 cpu_backends,malloc|all]
                  [--ablations fsdp,max_batch [--memory-gib G]]   # for an accelerator
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", action="store_true", help="clip: layer stacks with nn.scan")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                    help="clip: remat policy of each layer")  # fmt: skip
+    p.add_argument("--depthwise", default="auto", choices=("auto", "conv", "shift", "shift_vjp"),
+                   help="mnv2_dann: MobileNetV2's depthwise form")  # fmt: skip
     p.add_argument(
         "--ablations",
         default="",
@@ -103,6 +106,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         else:
             layers = {"scan": args.scan, "remat": args.remat}
             variant = layers if name == "clip" and (args.scan or args.remat != "none") else {}
+            if name == "mnv2_dann" and args.depthwise != "auto":
+                variant = {"depthwise": args.depthwise}
             results["workloads"][name] = runner.run_step(name, args, peaks, dtype, **variant)
         report.print_workload(name, results["workloads"][name])
         _save(results, args.json)
