@@ -141,6 +141,13 @@ def test_depthwise_forms_match_reference_forward_and_backward(stride):
         np.testing.assert_allclose(dk["params"]["kernel"], ref_dk, rtol=1e-5, atol=1e-5)
     assert ablations.max_rel_diff(grads["conv"], grads["shift"]) < 1e-5
     assert ablations.max_rel_diff(grads["shift"], grads["shift_vjp"]) < 1e-5
+    # EfficientNet-Lite's depthwise layers pad outside (padding=0): the flipped form pads dy more
+    unpadded = {impl: layers.DepthwiseConv(3, stride, impl, padding=0) for impl in impls[1:]}
+    loss = lambda v, im, m: jnp.sum(jnp.sin(m.apply(v, im)))  # noqa: E731
+    g = {i: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(variables, x, m)
+         for i, m in unpadded.items()}  # fmt: skip
+    assert g["shift"][1].shape == x.shape
+    assert ablations.max_rel_diff(g["shift"], g["shift_vjp"]) < 1e-5
 
 
 @pytest.mark.parametrize("m,k,n", [(64, 32, 48), (128, 256, 8)])
