@@ -165,10 +165,13 @@ def test_shell_scripts_pass_shellcheck():
 
 
 def test_launcher_passes_the_environment_and_stops_the_others(tmp_path):
+    # Process 2 fails once the others have written their line (without the wait, a busy machine
+    # could start them after the launcher had already stopped them); they then sleep.
     script = (
         'echo "$XMODAL_PROCESS_ID/$XMODAL_NUM_PROCESSES $XMODAL_COORDINATOR $JAX_PLATFORMS '
         '$XLA_FLAGS" > "$0/$XMODAL_PROCESS_ID"; '
-        '[ "$XMODAL_PROCESS_ID" = 2 ] && exit 3; exec sleep 300'
+        '[ "$XMODAL_PROCESS_ID" = 2 ] && { for _ in $(seq 200); do '
+        '[ -s "$0/0" ] && [ -s "$0/1" ] && break; sleep 0.1; done; exit 3; }; exec sleep 300'
     )
     t0 = time.time()
     r = subprocess.run(
