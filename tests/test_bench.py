@@ -251,14 +251,17 @@ def test_peak_memory_counts_the_activations():
     assert peaks[512] - peaks[8] >= saved
 
 
-def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, capsys):
+def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(tfds_dir, capsys):
     import benchmarks.tables as bench_tables
     from xmodal_jax import provenance
 
-    argv = ["--small", "--workloads", "clip", "--scan", "--remat", "dots", "--steps", "1"]
-    out = cli.run([*argv, "--profile"])
+    argv = ["--small", "--workloads", "clip,mnv2_dann", "--scan", "--remat", "dots", "--steps", "1"]
+    out = cli.run([*argv, "--profile", "--depthwise", "shift_vjp"])
     clip = out["workloads"]["clip"]
     assert clip["variant"] == {"scan": True, "remat": "dots"} and clip["step_s"] > 0
+    # --depthwise picks MobileNetV2's form, and the step table names it
+    assert out["workloads"]["mnv2_dann"]["variant"] == {"depthwise": "shift_vjp"}
+    assert "| mnv2_dann (depthwise shift_vjp) | 8 |" in bench_tables.steps(out)
     # the profile: ops by time, their shares of the ops' time, and the same summed by kind
     ops, kinds = clip["profile"]["top_ops"], clip["profile"]["by_kind"]
     assert ops and [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
@@ -285,15 +288,9 @@ def test_clip_layer_stack_flags_and_profile_of_the_scanned_remat_step(tfds_dir, 
     assert "| clip | 4 |" in bench_tables.steps(plain)
 
 
-def test_depthwise_flag_picks_mobilenets_form_and_the_table_names_it():
-    import benchmarks.tables as bench_tables
-
-    argv = ["--small", "--workloads", "mnv2_dann", "--steps", "1", "--depthwise", "shift_vjp"]
-    out = cli.run(argv)
-    assert out["workloads"]["mnv2_dann"]["variant"] == {"depthwise": "shift_vjp"}
-    assert "| mnv2_dann (depthwise shift_vjp) | 8 |" in bench_tables.steps(out)
+def test_an_unknown_depthwise_form_is_refused_before_anything_runs():
     with pytest.raises(SystemExit):  # argparse names the choices
-        cli.run([*argv[:-1], "grouped"])
+        cli.run(["--small", "--workloads", "mnv2_dann", "--depthwise", "grouped"])
 
 
 def test_alternation_times_no_step_that_directly_follows_another_runners(monkeypatch):
