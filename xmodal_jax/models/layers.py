@@ -9,7 +9,7 @@ torchvision / HF weights give the same outputs also for strided convolutions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -198,20 +198,31 @@ def depthwise_impl(impl: str) -> str:
     return impl
 
 
-def _taps(xp: jax.Array, k: int, s: int, out_hw: tuple[int, int]):
-    """`(i, j, tap)`: the strided slice of the padded `xp` that kernel tap (i, j) multiplies."""
-    (b, _, _, c), (ho, wo) = xp.shape, out_hw
-    for i in range(k):
-        for j in range(k):
-            end = (b, i + (ho - 1) * s + 1, j + (wo - 1) * s + 1, c)
-            yield i, j, jax.lax.slice(xp, (0, i, j, 0), end, (1, s, s, 1))
+def window_spans(strides: tuple[int, int], out_hw: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of a padded input that one window offset's strided view covers."""
+    return strides[0] * (out_hw[0] - 1) + 1, strides[1] * (out_hw[1] - 1) + 1
+
+
+def window_views(
+    xp: jax.Array, window: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int]
+) -> Iterator[tuple[int, int, jax.Array]]:
+    """`(i, j, view)` in row-major order of (i, j): the element at offset (i, j) of every window
+    of the padded NHWC `xp` (the shifted depthwise form's taps, the strided max-pool's views).
+    A generator: each slice is traced when taken, so a caller's operations on one view come
+    before the next slice in the program, the order autodiff then sums the gradients in."""
+    (kh, kw), (sh, sw), (rows, cols) = window, strides, window_spans(strides, out_hw)
+    n, _, _, c = xp.shape
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, jax.lax.slice(xp, (0, i, j, 0), (n, i + rows, j + cols, c), (1, sh, sw, 1))
 
 
 def _shifted(x: jax.Array, kernel: jax.Array, k: int, s: int, p: int) -> jax.Array:
     h, w = x.shape[1:3]
     out_hw = ((h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
     y = None
-    for i, j, tap in _taps(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), k, s, out_hw):
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    for i, j, tap in window_views(xp, (k, k), (s, s), out_hw):
         y = tap * kernel[i, j, 0] if y is None else y + tap * kernel[i, j, 0]
     return y
 
@@ -231,7 +242,7 @@ def _shifted_vjp_bwd(k, s, p, res, dy):
     # products. Other strides keep autodiff's gradient. The kernel gradient is autodiff's.
     x, kernel = res
     xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    taps = _taps(xp, k, s, dy.shape[1:3])  # row-major, as the kernel's first two axes
+    taps = window_views(xp, (k, k), (s, s), dy.shape[1:3])  # row-major, as the kernel's axes
     dk = jnp.stack([jnp.sum(tap * dy, axis=(0, 1, 2)) for _, _, tap in taps])
     dk = dk.reshape(kernel.shape).astype(kernel.dtype)
     if s != 1:

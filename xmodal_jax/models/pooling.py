@@ -22,6 +22,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax.models.layers import window_spans, window_views
+
 
 def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
     """`nn.max_pool(x, window, strides=window)` on NHWC `x` (rows and columns that do not fill a
@@ -86,22 +88,6 @@ def max_pool(
     return _strided(x, tuple(window), tuple(strides), tuple(map(tuple, padding)))
 
 
-def _spans(strides, out_hw) -> tuple[int, int]:
-    """Rows and columns of the padded input that one offset's view strides over."""
-    return strides[0] * (out_hw[0] - 1) + 1, strides[1] * (out_hw[1] - 1) + 1
-
-
-def _views(xp: jax.Array, window, strides, out_hw) -> list[tuple[int, int, jax.Array]]:
-    """`(i, j, view)`: the elements at offset (i, j) of every window of the padded `xp`."""
-    (kh, kw), (sh, sw), (rows, cols) = window, strides, _spans(strides, out_hw)
-    n, _, _, c = xp.shape
-    return [
-        (i, j, jax.lax.slice(xp, (0, i, j, 0), (n, i + rows, j + cols, c), (1, sh, sw, 1)))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
 def _padded(x: jax.Array, window, strides, padding) -> tuple[jax.Array, tuple[int, int]]:
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
     out_hw = tuple((xp.shape[1 + a] - window[a]) // strides[a] + 1 for a in (0, 1))
@@ -118,7 +104,7 @@ def _maximum(views: list[tuple[int, int, jax.Array]]) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _strided(x: jax.Array, window, strides, padding) -> jax.Array:
     xp, out_hw = _padded(x, window, strides, padding)
-    return _maximum(_views(xp, window, strides, out_hw))
+    return _maximum(list(window_views(xp, window, strides, out_hw)))
 
 
 def _strided_fwd(x, window, strides, padding):
@@ -128,7 +114,7 @@ def _strided_fwd(x, window, strides, padding):
 def _strided_bwd(window, strides, padding, x, g):
     # The barrier as in `_pool_bwd`: every read of `x` must see the same values.
     xp, out_hw = _padded(jax.lax.optimization_barrier(x), window, strides, padding)
-    views = _views(xp, window, strides, out_hw)
+    views = list(window_views(xp, window, strides, out_hw))
     out = _maximum(views)
     # Each window's first maximum, as its offset's index (none: len(views)), kept in memory:
     # fused into the sum below, it would be recomputed for every share of every position.
@@ -143,7 +129,7 @@ def _strided_bwd(window, strides, padding, x, g):
         i, j, _ = views[k]
         place = [
             (off, xp.shape[1 + a] - off - span, strides[a] - 1)
-            for a, (off, span) in enumerate(zip((i, j), _spans(strides, out_hw), strict=True))
+            for a, (off, span) in enumerate(zip((i, j), window_spans(strides, out_hw), strict=True))
         ]
         share = jnp.where(first == k, g, zero)
         dxp = dxp + jax.lax.pad(share, zero, [(0, 0, 0), *place, (0, 0, 0)])
