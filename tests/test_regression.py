@@ -11,10 +11,11 @@ software stack (its provenance says so) fails with the reason: such a record is 
 is to be rerun, not compared loosely.
 
 The processor is the exception: XLA:CPU compiles for the host's vector extensions, so the same
-code gives other last bits on another processor. Where the record names another processor, or
-names none and differs, the record's own commit (`git archive` of it, in its own data and cache
-directories) is run here beside this tree, and the two runs must agree to 1e-6: that the code
-changed no result is then shown on this machine, whatever made the record.
+code gives other last bits on another processor (its model name, vector extension and, where
+recorded, x86 family and model). Where the record names another processor, or names none and
+differs, the record's own commit (`git archive` of it, in its own data and cache directories)
+is run here beside this tree, and the two runs must agree to 1e-6: that the code changed no
+result is then shown on this machine, whatever made the record.
 """
 
 import json
@@ -91,13 +92,21 @@ def _comparable(rec: dict) -> str | None:
 
 def _other_processor(rec: dict) -> str | None:
     """The record's processor where it is not this one, '' where the record names none (made
-    before `cpu_simd`), None where it is this one."""
+    before `cpu_simd`), None where it is this one. One model name and vector extension may
+    cover x86 generations that differ in their last bits: where the record names the family and
+    model (`cpu_family`) they must match too; a record made before that field, with this name,
+    counts as naming none."""
     prov = rec.get("provenance") or {}
     if prov.get("cpu_simd") is None:
         return ""
     theirs = (prov.get("cpu_model"), prov.get("cpu_simd"))
     here = (provenance.cpu_model(), provenance.cpu_simd())
-    return None if theirs == here else ", ".join(map(str, theirs))
+    if theirs != here:
+        return ", ".join(map(str, theirs))
+    if "cpu_family" not in prov:
+        return ""
+    same = prov["cpu_family"] == provenance.cpu_family()
+    return None if same else ", ".join(map(str, (*theirs, prov["cpu_family"] or "no family")))
 
 
 def _reference_tree(rec: dict, dest: str) -> str:
@@ -185,7 +194,12 @@ def test_a_record_of_another_processor_is_compared_through_its_commit_run_here(t
     cpu = {"cpu_model": provenance.cpu_model(), "cpu_simd": provenance.cpu_simd()}
     assert _comparable({"provenance": here}) is None
     assert _other_processor({"provenance": here}) == ""  # before the fields: unnamed
+    assert _other_processor({"provenance": {**here, **cpu}}) == ""  # same name, no family
+    cpu["cpu_family"] = provenance.cpu_family()
     assert _other_processor({"provenance": {**here, **cpu}}) is None
+    gen = {**here, **cpu, "cpu_family": "family 0, model 0"}  # another generation, same name
+    want = f"{cpu['cpu_model']}, {cpu['cpu_simd']}, family 0, model 0"
+    assert _other_processor({"provenance": gen}) == want
     other = {**here, **cpu, "cpu_simd": "AVX-512" if cpu["cpu_simd"] != "AVX-512" else "AVX2"}
     assert _comparable({"provenance": other}) is None
     assert _other_processor({"provenance": other}) == f"{cpu['cpu_model']}, {other['cpu_simd']}"

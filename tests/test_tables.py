@@ -1306,6 +1306,13 @@ def test_a_table_says_what_its_runs_rest_on():
         "Commits: ccccccc; 2 runs from a checkout with uncommitted changes."
     )  # which files changed is unknown for the first: no split is claimed
     assert records_lib.describe([]) == []
+    named = rec(1.0, "d")
+    named["provenance"] |= {"device_kind": "cpu", "device_count": 1, "platform": "cpu"}
+    named["provenance"] |= {"usable_cpus": 2, "cpu_model": "AMD EPYC", "cpu_simd": "AVX-512"}
+    named["provenance"]["cpu_family"] = "family 26, model 2"
+    assert records_lib.describe([named])[2] == (
+        "Devices: cpu x1 (2 CPUs: AMD EPYC (family 26, model 2), AVX-512; YNNPACK convolutions)."
+    )
     untimed = {"done": {}, "provenance": None}  # run by a `--dry-run` line: no wall time
     assert records_lib.describe([rec(100.0, "a"), untimed])[0] == (
         f"2 runs, {100 / 3600:.1f} h of compute in all (median 100 s a run; 1 run without a "
@@ -1355,6 +1362,7 @@ def test_cpu_family_tells_processors_behind_one_model_name_apart(tmp_path):
         (tmp_path / str(i)).write_text(text)
         assert provenance.cpu_family(str(tmp_path / str(i))) == want, text
     assert provenance.cpu_family(str(tmp_path / "none")) == ""
+    assert provenance.describe({"a": 1})["cpu_family"] == provenance.cpu_family()
 
 
 def test_provenance_names_the_files_changed_since_the_commit(tmp_path):

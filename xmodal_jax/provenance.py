@@ -138,6 +138,7 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "usable_cpus": usable_cpus(),
         "cpu_model": cpu_model(),
         "cpu_simd": cpu_simd(),
+        "cpu_family": cpu_family(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults

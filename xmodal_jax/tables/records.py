@@ -169,10 +169,11 @@ def _software(prov: dict) -> str:
 
 
 def _device(prov: dict) -> str:
-    """`cpu x1 (2 CPUs: AMD EPYC, AVX2; XLA convolutions)`: the devices a run's provenance
-    names, on CPU with the processor and its vector extension (records before those fields name
-    none) and who ran its convolutions (`xla_defaults`; records before the field: YNNPACK,
-    XLA's default then), as each changes the last bits of a run."""
+    """`cpu x1 (2 CPUs: AMD EPYC (family 26, model 2), AVX-512; XLA convolutions)`: the devices
+    a run's provenance names, on CPU with the processor, its x86 family and model and its vector
+    extension (records before those fields name none) and who ran its convolutions
+    (`xla_defaults`; records before the field: YNNPACK, XLA's default then), as each changes the
+    last bits of a run."""
     if not prov.get("device_kind"):
         return "unrecorded"
     text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
@@ -180,7 +181,10 @@ def _device(prov: dict) -> str:
         cpus = prov.get("usable_cpus")
         convs = {"xla": "XLA", "ynnpack": "YNNPACK"}[prov.get("cpu_convolutions", "ynnpack")]
         cpus = f"{cpus} CPUs" if cpus else "CPU count unrecorded"
-        model = ", ".join(filter(None, (prov.get("cpu_model"), prov.get("cpu_simd"))))
+        name = prov.get("cpu_model")
+        if name and prov.get("cpu_family"):
+            name = f"{name} ({prov['cpu_family']})"
+        model = ", ".join(filter(None, (name, prov.get("cpu_simd"))))
         text += (
             f" ({cpus}: {model}; {convs} convolutions)"
             if model
