@@ -39,6 +39,8 @@ def header(r: dict) -> str:
         + f"{m['cores']} cores, jax {m['jax']}, "
         # Runs before the field ran with XLA's default: YNNPACK's convolutions on CPU.
         f"{m.get('cpu_convolutions', 'ynnpack')} convolutions on CPU, "
+        # Runs before the field ran `shift` where a depthwise layer asked for 'auto'.
+        + (f"{m['cpu_depthwise']} depthwise, " if m.get("cpu_depthwise") else "")
         # Runs before the field, or outside the `xmodal` program: glibc's allocator defaults.
         + (f"glibc tunables `{m['glibc_tunables']}`, " if m.get("glibc_tunables") else "")
         + "load average "

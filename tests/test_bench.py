@@ -150,6 +150,24 @@ def test_depthwise_forms_match_reference_forward_and_backward(stride):
     assert ablations.max_rel_diff(g["shift"], g["shift_vjp"]) < 1e-5
 
 
+def test_auto_depthwise_on_cpu_is_shift_vjp_unless_the_environment_says_shift(monkeypatch):
+    x = np.zeros((2, 7, 6, 5), np.float32)
+    variables = nn.unbox(jax.jit(layers.DepthwiseConv(3).init)(jax.random.key(0), x))
+
+    def program(impl: str) -> str:  # traced afresh: the form is chosen when tracing
+        return str(jax.make_jaxpr(layers.DepthwiseConv(3, 1, impl).apply)(variables, x))
+
+    monkeypatch.delenv(layers.CPU_DEPTHWISE_ENV, raising=False)
+    assert layers.depthwise_impl("auto") == "shift_vjp"
+    assert "custom_vjp_call" in program("shift_vjp") and "custom_vjp_call" not in program("shift")
+    assert program("auto") == program("shift_vjp")
+    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "shift")  # as the runs recorded before it
+    assert program("auto") == program("shift")
+    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "conv")
+    with pytest.raises(UserError, match="XMODAL_CPU_DEPTHWISE='conv'.*unset it"):
+        layers.depthwise_impl("auto")
+
+
 @pytest.mark.parametrize("m,k,n", [(64, 32, 48), (128, 256, 8)])
 def test_flop_counter_matches_hand_count_for_a_matmul_step(m, k, n):
     a, b = jnp.ones((m, k)), jnp.ones((k, n))
@@ -283,6 +301,13 @@ def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(t
     family = {**out, "machine": {**m, "cpu_simd": "AVX-512", "cpu_family": "family 26, model 2"}}
     want = f"{m['cpu']} (family 26, model 2), AVX-512, {m['cores']} cores"
     assert want in bench_tables.header(family)
+    # and what depthwise='auto' ran on CPU (runs before the field: `shift`, not named)
+    assert m["cpu_depthwise"] == layers.cpu_depthwise()
+    assert "convolutions on CPU, shift_vjp depthwise, " in bench_tables.header(
+        {**out, "machine": {**m, "cpu_depthwise": "shift_vjp"}}
+    )
+    before = {k: v for k, v in m.items() if k != "cpu_depthwise"}
+    assert " depthwise, " not in bench_tables.header({**out, "machine": before})
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -4,11 +4,12 @@ requires the same figures on the pinned software stack.
 Each case names a committed table record (table, row, seed, config arguments); the run is
 repeated with exactly the record's config, arguments, seed and overrides, in a process of its own
 with the record's XLA:CPU convolution setting (`xla_defaults`; XLA reads its flags once a
-process, and a record made before the project's default ran YNNPACK's) and a feature cache of its
-own (a cached locked-tower feature would hide a change to the tower), and every metric the table
-reads must equal the record's to 1e-6. A case whose record was made on another device count or
-software stack (its provenance says so) fails with the reason: such a record is stale here, and
-is to be rerun, not compared loosely.
+process, and a record made before the project's default ran YNNPACK's), the depthwise form its
+`depthwise='auto'` ran on CPU (`layers.cpu_depthwise`; `shift` before the field) and a feature
+cache of its own (a cached locked-tower feature would hide a change to the tower), and every
+metric the table reads must equal the record's to 1e-6. A case whose record was made on another
+device count or software stack (its provenance says so) fails with the reason: such a record is
+stale here, and is to be rerun, not compared loosely.
 
 The processor is the exception: XLA:CPU compiles for the host's vector extensions, so the same
 code gives other last bits on another processor (its model name, vector extension and, where
@@ -27,6 +28,7 @@ import jax
 import pytest
 
 from xmodal_jax import cache_dirs, provenance, xla_defaults
+from xmodal_jax.models import layers
 from xmodal_jax.tables import records, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +53,8 @@ def _record(table: str, row: str, seed: int, args: dict) -> dict:
 
 
 def _environment(rec: dict) -> dict[str, str]:
-    """This process's environment with the record's convolution setting in `XLA_FLAGS`."""
+    """This process's environment with the record's convolution setting in `XLA_FLAGS` and its
+    depthwise form on CPU (`layers.cpu_depthwise`; records before the field ran `shift`)."""
     env = dict(os.environ)
     flags = [
         f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(f"{xla_defaults.NAME}=")
@@ -60,6 +63,7 @@ def _environment(rec: dict) -> dict[str, str]:
     keep_ynnpack = f"{xla_defaults.NAME}=+{xla_defaults.CONVOLUTIONS}"
     flags.append(xla_defaults.FLAG if theirs == "xla" else keep_ynnpack)
     env["XLA_FLAGS"] = " ".join(flags)
+    env[layers.CPU_DEPTHWISE_ENV] = (rec.get("provenance") or {}).get("cpu_depthwise", "shift")
     return env
 
 
@@ -230,3 +234,14 @@ def test_a_rerun_gets_its_records_convolution_setting(monkeypatch):
     assert xla_defaults.cpu_convolutions({"XLA_FLAGS": old}) == "ynnpack"
     new = _environment({"provenance": {"cpu_convolutions": "xla"}})
     assert xla_defaults.cpu_convolutions(new) == "xla"
+
+
+def test_a_rerun_gets_its_records_depthwise_form(monkeypatch):
+    """Records before `cpu_depthwise` ran `shift` for `depthwise='auto'` on CPU; a record that
+    names its form gets that one, whatever this process's own setting."""
+    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "shift_vjp")
+    old = _environment({"provenance": {"platform": "cpu"}})
+    assert layers.cpu_depthwise(old) == "shift"
+    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "shift")
+    new = _environment({"provenance": {"cpu_depthwise": "shift_vjp"}})
+    assert layers.cpu_depthwise(new) == "shift_vjp"

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from xmodal_jax import provenance, xla_defaults
 from xmodal_jax.bench import measure, workloads
+from xmodal_jax.models import layers
 
 WARMUP = 2
 
@@ -30,6 +31,7 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
+        "cpu_depthwise": layers.cpu_depthwise(),  # what depthwise='auto' runs on CPU
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults
     }
 

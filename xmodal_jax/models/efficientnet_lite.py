@@ -77,13 +77,14 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite tower: `{'pooled': [B, 1280], 'features': [B, H, W, 1280], 'logits'?}`.
 
     `width` / `depth` are the compound-scaling coefficients (`VARIANTS`); `depthwise` picks the
-    depthwise-conv implementation ('conv' | 'shift' | 'auto', see `layers.DepthwiseConv`).
+    depthwise-conv implementation ('conv' | 'shift' | 'shift_vjp' | 'auto', see
+    `layers.DepthwiseConv`).
     """
 
     num_classes: int = 0
     width: float = 1.0
     depth: float = 1.0
-    depthwise: str = "auto"  # 'conv' | 'shift' | 'auto'
+    depthwise: str = "auto"  # 'conv' | 'shift' | 'shift_vjp' | 'auto'
     dropout: float = 0.2  # before the classifier
     bn_momentum: float = 0.99
     norm_eps: float = 1e-3

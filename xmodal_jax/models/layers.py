@@ -9,6 +9,7 @@ torchvision / HF weights give the same outputs also for strided convolutions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
@@ -190,11 +191,31 @@ class Conv(nn.Module):
         return y
 
 
+# What `depthwise='auto'` runs on CPU; runs recorded before `shift_vjp` became the default ran
+# `shift` (provenance `cpu_depthwise`; the regression tier sets it from a record).
+CPU_DEPTHWISE_ENV = "XMODAL_CPU_DEPTHWISE"
+CPU_DEPTHWISE = ("shift_vjp", "shift")
+
+
+def cpu_depthwise(environ: Mapping[str, str] | None = None) -> str:
+    """The depthwise form `'auto'` picks on CPU: `shift_vjp` (the fastest there, BENCHMARKS.md),
+    or `shift` (autodiff's gradient, bit for bit as runs made before it) where
+    `$XMODAL_CPU_DEPTHWISE=shift`."""
+    value = (os.environ if environ is None else environ).get(CPU_DEPTHWISE_ENV) or "shift_vjp"
+    if value not in CPU_DEPTHWISE:
+        raise UserError(
+            f"${CPU_DEPTHWISE_ENV}={value!r} is not a CPU depthwise form: use one of "
+            f"{CPU_DEPTHWISE}, or unset it for the default ({CPU_DEPTHWISE[0]!r})."
+        )
+    return value
+
+
 def depthwise_impl(impl: str) -> str:
-    """Resolve `'auto'`: shifted multiply-adds on CPU, a grouped convolution elsewhere."""
+    """Resolve `'auto'`: shifted multiply-adds on CPU (`cpu_depthwise()`), a grouped convolution
+    elsewhere."""
     check_choice("depthwise implementation", impl, ("conv", "shift", "shift_vjp", "auto"))
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
+        return cpu_depthwise() if jax.default_backend() == "cpu" else "conv"
     return impl
 
 
@@ -263,8 +284,8 @@ class DepthwiseConv(nn.Module):
     grouped form slowly, the shifted form is several times faster there; outputs are the same.
     `impl='shift_vjp'` is the shifted form with its own input gradient at stride 1 (the shifted
     form over the output gradient, kernel flipped), faster than autodiff's on CPU
-    (`xmodal bench --ablations depthwise`) and equal to it up to float32 rounding; not what
-    `auto` picks, since the committed runs were made with `shift`.
+    (`xmodal bench --ablations depthwise`) and equal to it up to float32 rounding (its forward
+    is `shift`'s, bit for bit). `auto` picks `cpu_depthwise()` on CPU, `conv` elsewhere.
     """
 
     kernel_size: int = 3

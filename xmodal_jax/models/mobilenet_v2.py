@@ -3,7 +3,7 @@
 
 `width` is the width multiplier (channels rounded to multiples of 8, as in the paper's
 reference code); `depthwise` picks the depthwise-conv implementation ('conv' | 'shift' |
-'auto', see `layers.DepthwiseConv`) without changing the parameters.
+'shift_vjp' | 'auto', see `layers.DepthwiseConv`) without changing the parameters.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class MobileNetV2(nn.Module):
 
     num_classes: int = 0
     width: float = 1.0
-    depthwise: str = "auto"  # 'conv' | 'shift' | 'auto'
+    depthwise: str = "auto"  # 'conv' | 'shift' | 'shift_vjp' | 'auto'
     stem: str = "imagenet"  # 'imagenet' (stride-2 first conv) | 'small' (stride 1)
     dropout: float = 0.2  # before the classifier, as torchvision
     bn_momentum: float = 0.9

@@ -169,11 +169,12 @@ def _software(prov: dict) -> str:
 
 
 def _device(prov: dict) -> str:
-    """`cpu x1 (2 CPUs: AMD EPYC (family 26, model 2), AVX-512; XLA convolutions)`: the devices
-    a run's provenance names, on CPU with the processor, its x86 family and model and its vector
-    extension (records before those fields name none) and who ran its convolutions
-    (`xla_defaults`; records before the field: YNNPACK, XLA's default then), as each changes the
-    last bits of a run."""
+    """`cpu x1 (2 CPUs: AMD EPYC (family 26, model 2), AVX-512; XLA convolutions, shift_vjp
+    depthwise)`: the devices a run's provenance names, on CPU with the processor, its x86 family
+    and model and its vector extension (records before those fields name none), who ran its
+    convolutions (`xla_defaults`; records before the field: YNNPACK, XLA's default then) and the
+    depthwise form `depthwise='auto'` ran (`layers.cpu_depthwise`; named where recorded, records
+    before the field ran `shift`), as each changes the last bits of a run."""
     if not prov.get("device_kind"):
         return "unrecorded"
     text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
@@ -185,11 +186,10 @@ def _device(prov: dict) -> str:
         if name and prov.get("cpu_family"):
             name = f"{name} ({prov['cpu_family']})"
         model = ", ".join(filter(None, (name, prov.get("cpu_simd"))))
-        text += (
-            f" ({cpus}: {model}; {convs} convolutions)"
-            if model
-            else f" ({cpus}, {convs} convolutions)"
-        )
+        convs = f"{convs} convolutions"
+        if prov.get("cpu_depthwise"):
+            convs += f", {prov['cpu_depthwise']} depthwise"
+        text += f" ({cpus}: {model}; {convs})" if model else f" ({cpus}, {convs})"
     return text
 
 
