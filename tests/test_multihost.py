@@ -435,7 +435,11 @@ def test_killing_one_process_stops_the_other(tmp_path, tfds_dir):
         log = (tmp_path / "log0").read_text()
         assert code != 0, log[-3000:]
         assert waited < 120
-        assert "another task died" in log, log[-3000:]  # JAX's coordination service says why
+        # JAX's coordination service says why. A peer killed in the middle of a collective can
+        # instead make gloo's transport abort the survivor first (seen once, under load:
+        # "Received data size doesn't match expected size"); it stops either way.
+        stopped_by = ("another task died", "gloo::")
+        assert any(why in log for why in stopped_by), log[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
