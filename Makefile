@@ -61,7 +61,7 @@ test-slow: install-test
 	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "slow and mesh" -n 2 --dist loadscope \
 	  --durations=0 $(if $(RECORD),--timing-record=$(RECORD))
 	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "slow and not mesh" -n 2 --dist loadscope \
-	  --durations=0 $(if $(RECORD),--timing-record=$(RECORD) --timing-record-append)
+	  --no-loadscope-reorder --durations=0 $(if $(RECORD),--timing-record=$(RECORD) --timing-record-append)
 
 # Every committed table, written again from its committed run records (NAME.runs.jsonl) and
 # benchmark runs (benchmarks/results/*.json), then embedded in the documents.

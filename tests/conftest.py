@@ -63,8 +63,13 @@ LONG_MODULES = (
 )  # fmt: skip
 
 
+# The slow tier's longest cases (`make test-slow` keeps this order): its two scopes, the module's
+# cases and `TestLongCase`, start first, one on each worker.
+FIRST_MODULES = ("test_regression.py",)
+
+
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    rank = {name: i for i, name in enumerate(FIRST_MODULES + LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
