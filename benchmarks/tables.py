@@ -138,12 +138,12 @@ def max_batch(a: dict) -> list[str]:
             f"{b} ({_mib(t['peak_bytes'])}, {'yes' if t['fits'] else 'no'})"
             for b, t in sorted(v["tried"].items(), key=lambda kv: int(kv[0]))
         )
-        unfinished = v["largest"] is None and v["smallest_not_fitting"] is None
-        found = "not finished" if unfinished else None
-        rows.append(
-            f"| {label} | {found or v['largest']} | {found or v['smallest_not_fitting']} | "
-            f"{tried} |"
-        )
+        largest, above = v["largest"], v["smallest_not_fitting"]
+        if largest is None and above is None:
+            largest = above = "not finished"
+        elif above is None:  # every batch up to the search's cap fitted: a lower bound
+            largest, above = f"≥ {largest}", f"none up to the cap, {v['cap']}"
+        rows.append(f"| {label} | {largest} | {above} | {tried} |")
     return rows
 
 

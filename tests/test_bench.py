@@ -451,11 +451,26 @@ def test_largest_batch_search_agrees_with_trying_every_batch(threshold):
         assert (largest, above) == (None, 4)
         return
     if threshold >= 256:  # nothing above the cap is tried
-        assert (largest, above) == (256, 257) and max(calls) == 256
+        assert (largest, above) == (256, None) and max(calls) == 256
         return
     assert largest is not None and largest <= threshold < above
     assert above - largest <= max(1, largest // 4)
     assert len(set(calls)) == len(calls)  # each batch tried once
+
+
+def test_max_batch_table_names_a_search_that_stopped_at_its_cap():
+    import benchmarks.tables as bench_tables
+
+    tried = {"4": {"peak_bytes": 2**20, "fits": True}, "8": {"peak_bytes": 2**21, "fits": True}}
+    capped = {"largest": 8, "smallest_not_fitting": None, "tried": tried, "cap": 8}
+    found = {"largest": 4, "smallest_not_fitting": 5, "tried": tried, "cap": 64}
+    running = {"largest": None, "smallest_not_fitting": None, "tried": tried}
+    rows = bench_tables.max_batch(
+        {"memory_limit_bytes": 2**30, "a": capped, "b": found, "c": running}
+    )
+    assert "| a | ≥ 8 | none up to the cap, 8 | 4 (1.0, yes), 8 (2.0, yes) |" in rows
+    assert any(r.startswith("| b | 4 | 5 |") for r in rows)
+    assert any(r.startswith("| c | not finished | not finished |") for r in rows)
 
 
 @pytest.mark.slow  # a dozen small CLIP compiles

@@ -121,16 +121,19 @@ def variant_ablation(name: str, args, peaks: dict, variants: dict[str, dict]) ->
     return out
 
 
-def search_largest(fits: Callable[[int], bool], start: int, cap: int) -> tuple[int | None, int]:
-    """`(largest batch that fits, smallest found not to)`: doubling from `start` up to `cap`
-    (`cap` + 1 stands for "not found" above it), then bisecting the gap to a quarter of the
-    last fitting batch. `fits` is called once per batch tried."""
+def search_largest(
+    fits: Callable[[int], bool], start: int, cap: int
+) -> tuple[int | None, int | None]:
+    """`(largest batch that fits, smallest found not to)`: doubling from `start` up to `cap`,
+    then bisecting the gap to a quarter of the last fitting batch; `(lo, None)` where nothing up
+    to `cap` failed (the search stops there, `lo` is a lower bound). `fits` is called once per
+    batch tried."""
     if not fits(start):
         return None, start
     lo, hi = start, None
     while hi is None:
         if 2 * lo > cap:
-            return lo, cap + 1
+            return lo, None
         if fits(2 * lo):
             lo *= 2
         else:
@@ -186,7 +189,8 @@ def max_batch_ablation(
             return ok
 
         largest, above = search_largest(fits, start, cap=16 * start)
-        out[label] = {"largest": largest, "smallest_not_fitting": above, "tried": tried}
+        out[label] = {"largest": largest, "smallest_not_fitting": above, "tried": tried,
+                      "cap": 16 * start}  # fmt: skip
     return out
 
 
