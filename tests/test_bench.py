@@ -542,3 +542,20 @@ def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
     assert "cold compilation cache" in bench_tables.test_run(cold)
     older = {k: v for k, v in rec.items() if k not in ("cpu_simd", "compilation_cache_entries")}
     assert "compilation cache" not in bench_tables.test_run(older)
+
+
+def test_torch_text_tower_compiles_as_one_graph_with_the_same_output():
+    torch = pytest.importorskip("torch")
+    from xmodal_jax.bench import torch_ref, workloads
+
+    sz = workloads.sizes("clip", small=True)
+    torch.manual_seed(0)
+    tower = torch_ref.CLIPText(sz)
+    ids = torch.randint(1, sz["vocab"], (2, sz["context"]))
+    explained = torch._dynamo.explain(tower)(ids)  # traced only, no inductor compile
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():
+        x = tower.tok(ids) + tower.pos[: ids.shape[1]]
+        detected = tower.encoder(x, mask=tower.mask)  # causality read from the mask's values
+        hinted = tower.encoder(x, mask=tower.mask, is_causal=True)
+    torch.testing.assert_close(hinted, detected, rtol=0, atol=1e-6)

@@ -87,7 +87,9 @@ class CLIPText(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.tok(ids) + self.pos[: ids.shape[1]]
-        x = self.norm(self.encoder(x, mask=self.mask))
+        # The hint spares the encoder checking the mask's values each call, a data-dependent
+        # branch that splits torch.compile's graph.
+        x = self.norm(self.encoder(x, mask=self.mask, is_causal=True))
         return self.proj(x[torch.arange(ids.shape[0]), ids.argmax(-1)])
 
 
