@@ -559,3 +559,16 @@ def test_torch_text_tower_compiles_as_one_graph_with_the_same_output():
         detected = tower.encoder(x, mask=tower.mask)  # causality read from the mask's values
         hinted = tower.encoder(x, mask=tower.mask, is_causal=True)
     torch.testing.assert_close(hinted, detected, rtol=0, atol=1e-6)
+
+
+def test_torch_references_run_where_jax_runs_or_say_why_not(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from xmodal_jax.bench import torch_ref, workloads
+
+    assert torch_ref.device_for("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="JAX runs on 'gpu' but this PyTorch cannot"):
+        torch_ref.device_for("gpu")  # not the host CPU in its place
+    ref = torch_ref.Runner("lenet_dann", workloads.sizes("lenet_dann", small=True), False)
+    ref.step()
+    assert ref.device.type == "cpu"

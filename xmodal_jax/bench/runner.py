@@ -91,7 +91,8 @@ def run_step(
         bf16 = dtype == jnp.bfloat16
         for kind, compiled in (("torch_eager", False), ("torch_compile", True)):
             try:
-                refs[kind] = torch_ref.Runner(name, sz, compiled, bf16)
+                device = torch_ref.device_for(jax.default_backend())
+                refs[kind] = torch_ref.Runner(name, sz, compiled, bf16, str(device))
                 runners[kind] = refs[kind].step
             except Exception as e:  # noqa: BLE001 - a failed reference is reported, not fatal
                 refs[kind] = e
@@ -115,5 +116,6 @@ def run_step(
             "step_s": medians[kind],
             "examples_per_s": built.examples_per_step / medians[kind],
             "speedup": medians[kind] / medians["ours"],
+            "device": str(ref.device),
         }
     return out

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from xmodal_jax.errors import UserError  # noqa: E402
 from xmodal_jax.models.mobilenet_v2 import SETTINGS, make_divisible  # noqa: E402
 
 
@@ -33,6 +34,21 @@ def set_threads(n: int) -> None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def device_for(backend: str) -> torch.device:
+    """The device the references run on: the kind JAX runs on (`jax.default_backend()`), so
+    that both sides of a ratio use the same chip."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
+        return torch.device("cuda")
+    raise UserError(
+        f"--torch: JAX runs on {backend!r} but this PyTorch cannot (torch "
+        f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}); a comparison with "
+        "PyTorch on the host CPU would mean nothing. Install a PyTorch for this accelerator, or "
+        "drop --torch."
+    )
 
 
 # ---------------------------------------------------------------- CLIP two-tower
@@ -90,7 +106,7 @@ class CLIPText(nn.Module):
         # The hint spares the encoder checking the mask's values each call, a data-dependent
         # branch that splits torch.compile's graph.
         x = self.norm(self.encoder(x, mask=self.mask, is_causal=True))
-        return self.proj(x[torch.arange(ids.shape[0]), ids.argmax(-1)])
+        return self.proj(x[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)])
 
 
 class ClipLoss(nn.Module):
@@ -103,7 +119,7 @@ class ClipLoss(nn.Module):
         zi = F.normalize(self.image(batch["image"]), dim=-1)
         zt = F.normalize(self.text(batch["text"]), dim=-1)
         logits = self.log_scale.exp() * zi @ zt.T
-        target = torch.arange(logits.shape[0])
+        target = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
@@ -215,7 +231,7 @@ class DannLoss(nn.Module):
         f = self.features(torch.cat([batch["source"], batch["target"]]))
         ce = F.cross_entropy(self.head(f[:n]), batch["label"])
         d = self.disc(_Reverse.apply(f, 1.0))[:, 0]
-        domain = torch.cat([torch.ones(n), torch.zeros(f.shape[0] - n)])
+        domain = torch.cat([d.new_ones(n), d.new_zeros(f.shape[0] - n)])
         return ce + F.binary_cross_entropy_with_logits(d, domain)
 
 
@@ -257,31 +273,39 @@ def _batch(name: str, sz: dict) -> dict[str, torch.Tensor]:
 
 
 class Runner:
-    """One optimiser step per `step()` of the reference model, eager or `torch.compile`d."""
+    """One optimiser step per `step()` of the reference model, eager or `torch.compile`d, on
+    `device`; on CUDA each step waits for the device, as ours does (`block_until_ready`)."""
 
-    def __init__(self, name: str, sz: dict, compiled: bool, bf16: bool = False):
+    def __init__(
+        self, name: str, sz: dict, compiled: bool, bf16: bool = False, device: str = "cpu"
+    ):
         torch.manual_seed(0)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # cuDNN picks its fastest convolutions, as users set
+            torch.backends.cudnn.benchmark = True
         losses = {"clip": ClipLoss, "resnet50": ResNetLoss, "mnv2_dann": DannLoss,
                   "lenet_dann": LeNetDannLoss}  # fmt: skip
-        model = losses[name](sz)
+        model = losses[name](sz).to(self.device)
         self.model = model.train()
         if name == "clip":  # as `workloads._optimizer`
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         else:
             self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         self.forward = torch.compile(model) if compiled else model
-        self.batch = _batch(name, sz)
+        self.batch = {k: v.to(self.device) for k, v in _batch(name, sz).items()}
         self.bf16 = bf16
         start = time.perf_counter()
         self.step()  # torch.compile compiles on the first call
         self.compile_s = time.perf_counter() - start
 
     def step(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.forward(self.batch)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def mobilenet_forward(width: float, batch: int, image: int) -> Any:
