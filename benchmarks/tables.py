@@ -51,12 +51,25 @@ def header(r: dict) -> str:
     )
 
 
+# Where a step's FLOPs come from (`flops_source`), where not from XLA's count of the compiled step.
+FLOPS_MARKS = {
+    "loop_once": ("‡", "XLA's count of the compiled scanned step, which counts the loop body of a "
+                  "scanned layer stack once, not once per layer: far below what the step "
+                  "executes, and its MFU with it (records made before the unrolled count)."),
+    "unrolled": ("†", "FLOPs of the same step with its layer stacks unrolled (the same remat), "
+                 "from the lowered program: XLA counts a scanned stack's loop body once."),
+    "lowered": ("§", "the lowered program's count: the compiled program's was missing or below "
+                "half of it."),
+}  # fmt: skip
+
+
 def steps(r: dict) -> str:
     rows = [
         "| workload | batch | compile s | step ms | ex/s | GFLOP/step | GFLOP/s | MFU | peak MiB "
         "| torch eager ms (ours ×) | torch.compile ms (ours ×) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    used: dict[str, str] = {}
     for name, w in r["workloads"].items():
         if name == "pipeline":
             continue
@@ -72,16 +85,20 @@ def steps(r: dict) -> str:
                 cells.append(f"{_ms(t['step_s'])} ({t['speedup']:.2f}×{first})")
         flops = w["flops_per_step"]
         v = w.get("variant") or {}
+        source = w.get("flops_source") or ("loop_once" if v.get("scan") else "compiled")
+        mark = FLOPS_MARKS.get(source, ("", ""))[0]
+        used[mark] = FLOPS_MARKS.get(source, ("", ""))[1]
         label = f"{name} (scan, remat {v['remat']})" if v.get("scan") else name
         label = f"{name} (remat {v['remat']})" if "scan" in v and not v["scan"] else label
         label = f"{name} (depthwise {v['depthwise']})" if "depthwise" in v else label
         rows.append(
             f"| {label} | {w['examples_per_step']} | {w['compile_s']:.1f} | {_ms(w['step_s'])} | "
-            f"{w['examples_per_s']:.2f} | {flops / 1e9:.1f} | "
-            f"{w['achieved_flops_per_s'] / 1e9:.1f} | {_pct(w['mfu'])} | "
+            f"{w['examples_per_s']:.2f} | {flops / 1e9:.1f}{mark} | "
+            f"{w['achieved_flops_per_s'] / 1e9:.1f}{mark} | {_pct(w['mfu'])}{mark} | "
             f"{_mib(w['peak_bytes'])} | {cells[0]} | {cells[1]} |"
         )
-    return "\n".join(rows)
+    notes = [f"{m} {text}" for m, text in used.items() if m]
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 def _op(name: str) -> str:

@@ -269,7 +269,9 @@ def test_peak_memory_counts_the_activations():
     assert peaks[512] - peaks[8] >= saved
 
 
-def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(tfds_dir, capsys):
+def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(
+    tfds_dir, small_run, capsys
+):
     import benchmarks.tables as bench_tables
     from xmodal_jax import provenance
 
@@ -277,6 +279,16 @@ def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(t
     out = cli.run([*argv, "--profile", "--depthwise", "shift_vjp"])
     clip = out["workloads"]["clip"]
     assert clip["variant"] == {"scan": True, "remat": "dots"} and clip["step_s"] > 0
+    # The scanned step's FLOPs are the unrolled program's (XLA counts a loop body once): at
+    # least the unrolled step's compiled count (small_run, no remat), remat's recomputation on top
+    unrolled = small_run[0]["workloads"]["clip"]["flops_per_step"]
+    assert clip["flops_source"] == "unrolled"
+    assert 0.95 * unrolled <= clip["flops_per_step"] <= 1.5 * unrolled
+    assert small_run[0]["workloads"]["clip"]["flops_source"] == "compiled"
+    assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
+    assert "† FLOPs of the same step with its layer stacks unrolled" in bench_tables.steps(out)
+    older = {k: v for k, v in clip.items() if k != "flops_source"}  # records before the field
+    assert "‡ XLA's count" in bench_tables.steps({**out, "workloads": {"clip": older}})
     # --depthwise picks MobileNetV2's form, and the step table names it
     assert out["workloads"]["mnv2_dann"]["variant"] == {"depthwise": "shift_vjp"}
     assert "| mnv2_dann (depthwise shift_vjp) | 8 |" in bench_tables.steps(out)
@@ -456,6 +468,14 @@ def test_largest_batch_search_agrees_with_trying_every_batch(threshold):
     assert largest is not None and largest <= threshold < above
     assert above - largest <= max(1, largest // 4)
     assert len(set(calls)) == len(calls)  # each batch tried once
+
+
+def test_implausible_compiled_flops_fall_back_to_the_lowered_count():
+    assert measure.plausible_flops(1.0e9, 0.98e9) == (1.0e9, "compiled")
+    assert measure.plausible_flops(0.9e9, None) == (0.9e9, "compiled")
+    assert measure.plausible_flops(511.0, 74752.0) == (74752.0, "lowered")  # jax-ml/jax#22249
+    assert measure.plausible_flops(None, 2.0e6) == (2.0e6, "lowered")
+    assert measure.plausible_flops(None, None) == (None, "none")
 
 
 def test_max_batch_table_names_a_search_that_stopped_at_its_cap():

@@ -23,6 +23,7 @@ class Compiled:
     compile_s: float
     flops: float | None  # per call, from cost analysis
     peak_bytes: int | None  # from memory analysis
+    flops_source: str = "compiled"  # which cost analysis `flops` comes from
 
 
 def flops_of(compiled: Any) -> float | None:
@@ -58,12 +59,24 @@ def peak_bytes_of(compiled: Any) -> int | None:
     return max(plan, int(getattr(m, "peak_memory_in_bytes", 0) or 0))
 
 
+def plausible_flops(compiled: float | None, lowered: float | None) -> tuple[float | None, str]:
+    """`(flops, source)`: the compiled program's count, or the lowered one's where the compiled
+    count is missing or below half of it (XLA's optimisations do not remove that much work;
+    GPU cost analyses have returned -1 or per-output counts for library GEMM calls, e.g.
+    jax-ml/jax#16008 and #22249)."""
+    if compiled is not None and (lowered is None or compiled >= 0.5 * lowered):
+        return compiled, "compiled"
+    return lowered, "lowered" if lowered is not None else "none"
+
+
 def compile_jit(jitted: Any, *args: Any) -> Compiled:
     """Lower and compile `jitted` for `args` (arrays or ShapeDtypeStructs), timing it."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    return Compiled(compiled, seconds, flops_of(compiled), peak_bytes_of(compiled))
+    flops, source = plausible_flops(flops_of(compiled), flops_of(lowered))
+    return Compiled(compiled, seconds, flops, peak_bytes_of(compiled), source)
 
 
 def time_calls(call: Callable[[], Any], steps: int) -> list[float]:

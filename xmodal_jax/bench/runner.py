@@ -67,6 +67,7 @@ def _summary(built: workloads.Built, step_s: float, peak: float, peak_name: str)
         "examples_per_step": built.examples_per_step,
         "examples_per_s": built.examples_per_step / step_s,
         "flops_per_step": c.flops,
+        "flops_source": c.flops_source,  # compiled, lowered or unrolled (measure, workloads)
         "achieved_flops_per_s": achieved,
         "mfu": measure.mfu(achieved, peak),
         "mfu_peak": peak_name,

@@ -229,19 +229,38 @@ def build(
         examples = 2 * sz["batch"]
     tx, lr_fn = optim.build(_optimizer(name))
     if fsdp:
-        return _build_sharded(task, batch, tx, lr_fn, examples)
-    batch = jax.device_put(batch)
-    variables = dict(jax.jit(lambda b: nn.unbox(task.init(jax.random.key(0), b)))(batch))
+        built = _build_sharded(task, batch, tx, lr_fn, examples)
+    else:
+        batch = jax.device_put(batch)
+        state = jax.jit(lambda b: _initial_state(task, tx, b))(batch)
+        step = step_lib.make_train_step(task, tx, lr_fn, total=1000)
+        jitted = jax.jit(step, donate_argnums=0 if donate else ())
+        compiled = measure.compile_jit(jitted, state, batch)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        built = Built(measure.StepRunner(compiled, state, batch), examples, n_params)
+    if scan:
+        c = built.runner.compiled
+        c.flops, c.flops_source = _unrolled_flops(sz, dtype, remat, tx, lr_fn), "unrolled"
+    return built
+
+
+def _initial_state(task, tx, batch: dict) -> step_lib.TrainState:
+    variables = dict(nn.unbox(task.init(jax.random.key(0), batch)))
     params = variables.pop("params")
-    state = step_lib.TrainState(
+    return step_lib.TrainState(
         step=jnp.int32(0),
         params=params,
         model_state=variables,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(1)),
     )
+
+
+def _unrolled_flops(sz: dict, dtype: Any, remat: str, tx, lr_fn) -> float | None:
+    """FLOPs of the CLIP step with its layer stacks unrolled (the same remat policy), from the
+    lowered program (nothing compiled): XLA's cost analysis counts the body of a scanned stack's
+    loop once, not once per layer."""
+    task, batch = _clip(sz, dtype, scan=False, remat=remat)
+    state = jax.eval_shape(lambda b: _initial_state(task, tx, b), batch)
     step = step_lib.make_train_step(task, tx, lr_fn, total=1000)
-    jitted = jax.jit(step, donate_argnums=0 if donate else ())
-    compiled = measure.compile_jit(jitted, state, batch)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return Built(measure.StepRunner(compiled, state, batch), examples, n_params)
+    return measure.flops_of(jax.jit(step).lower(state, batch))
