@@ -395,6 +395,19 @@ def test_a_cpu_profile_shows_the_cores_time_no_traced_op_covers(tmp_path):
     assert [o["share"] for o in profile.top_ops(cpu)] == pytest.approx([0.6, 0.2, 0.2])
     gpu = write([ev(1, "fusion.1", 30.0), ev(1, "gemm.2", 10.0)], {1: "stream 7"}, "/device:GPU:0")
     assert [o["share"] for o in profile.top_ops(gpu, None, 1.0)] == pytest.approx([0.75, 0.25])
+    # a device's program, step and kernel lines repeat its ops: only "XLA Ops" counts
+    lines = {1: "XLA Modules", 2: "XLA Ops", 3: "Stream #13(Compute)", 4: "Steps"}
+    events = [ev(1, "jit_step(123)", 50.0), ev(2, "fusion.1", 30.0), ev(2, "gemm.2", 10.0),
+              ev(3, "sm90_xmma_gemm_bf16", 9.0), ev(3, "loop_fusion_kernel", 29.0),
+              ev(4, "0", 50.0)]  # fmt: skip
+    ops = profile.top_ops(write(events, lines, "/device:GPU:1"), None)
+    assert [(o["name"], o["share"]) for o in ops] == [
+        ("fusion.1", pytest.approx(0.75)), ("gemm.2", pytest.approx(0.25))]  # fmt: skip
+    # without an ops line: the kernels, not the program or step spans
+    del lines[2]
+    events = [e for e in events if e["tid"] != 2]
+    kernels = [o["name"] for o in profile.top_ops(write(events, lines, "/device:GPU:2"), None)]
+    assert kernels == ["loop_fusion_kernel", "sm90_xmma_gemm_bf16"]
 
 
 def _numpy_conv_forward_backward(x, w, dy):

@@ -2,8 +2,10 @@
 that took the most time (`xmodal bench --profile`).
 
 The trace is written in Perfetto's JSON form (`create_perfetto_trace=True`) to a temporary
-folder and read back: every complete event ("ph": "X") of the device's own timelines (processes
-named `/device:...`, the GPU streams) or, on a CPU, of XLA's worker threads, summed by op name;
+folder and read back: every complete event ("ph": "X") of the device's HLO-op timeline
+(processes named `/device:...`, their "XLA Ops" line, which the program, step and kernel lines
+beside it would count again; without one, the lines that are not such spans) or, on a CPU, of
+XLA's worker threads, summed by op name;
 runtime wrappers that contain the ops (waits, thread-pool awaits, the Python side) are left out.
 On an accelerator the shares are of the time spent in ops. On a CPU they are of the traced
 steps' wall time times the usable cores, and what no op's event covers is a row of its own
@@ -29,6 +31,11 @@ import jax
 
 # Events that wrap ops or wait for them rather than compute (XLA:CPU's thunk runtime).
 WRAPPERS = ("ThunkExecutor::", "SlinkyThreadPool::", "end: ")
+# A device's timelines: its HLO ops ("XLA Ops"), and beside them lines that span or repeat them
+# (whole programs, steps, framework ops, the kernels of the GPU's streams).
+DEVICE_OPS = "XLA Ops"
+DEVICE_SPANS = ("XLA Modules", "Steps", "Framework Ops", "TensorFlow Ops", "TensorFlow Name Scope",
+                "Launch Stats", "Source code")  # fmt: skip
 # The row of a CPU profile for the cores' time in no traced op (see the module docstring).
 UNTRACED = "(in no traced op: Eigen's tasks, such as XLA's convolutions, and idle cores)"
 
@@ -67,13 +74,26 @@ def top_ops(
         (e["pid"], e.get("tid")): e["args"]["name"] for e in _metadata(events, "thread_name")
     }
     on_device = any(str(n).startswith("/device:") for n in processes.values())
+    device_lines = {
+        key: str(name)
+        for key, name in threads.items()
+        if str(processes.get(key[0], "")).startswith("/device:")
+    }
+    ops_lines = {key for key, name in device_lines.items() if name == DEVICE_OPS}
 
     def counted(e: dict) -> bool:
         if e.get("ph") != "X" or str(e.get("name", "")).startswith(WRAPPERS):
             return False
-        if on_device:
-            return str(processes.get(e["pid"], "")).startswith("/device:")
-        return str(threads.get((e["pid"], e.get("tid")), "")).startswith("tf_XLA")
+        key = (e["pid"], e.get("tid"))
+        if on_device:  # the "XLA Ops" lines where there are, else the lines of no span
+            if not str(processes.get(e["pid"], "")).startswith("/device:"):
+                return False
+            return (
+                key in ops_lines
+                if ops_lines
+                else not device_lines.get(key, "").startswith(DEVICE_SPANS)
+            )
+        return str(threads.get(key, "")).startswith("tf_XLA")
 
     time_us: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
