@@ -104,6 +104,9 @@ def run_step(
     out["dtype"] = jnp.dtype(dtype).name
     if variant:
         out["variant"] = dict(variant)
+    if stats := jax.devices()[0].memory_stats():  # accelerators: the allocator's own figures
+        keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+        out["device_memory"] = {k: stats[k] for k in keys if k in stats}
     if getattr(args, "profile", False):
         from xmodal_jax.bench import profile
 
