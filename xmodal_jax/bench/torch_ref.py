@@ -286,13 +286,20 @@ class Runner:
         losses = {"clip": ClipLoss, "resnet50": ResNetLoss, "mnv2_dann": DannLoss,
                   "lenet_dann": LeNetDannLoss}  # fmt: skip
         model = losses[name](sz).to(self.device)
+        # On CUDA the convolutions run channels-last, the layout NVIDIA's tensor-core kernels
+        # want (and XLA picks for ours); on CPU, PyTorch's default layout.
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        model = model.to(memory_format=layout)
         self.model = model.train()
         if name == "clip":  # as `workloads._optimizer`
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         else:
             self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         self.forward = torch.compile(model) if compiled else model
-        self.batch = {k: v.to(self.device) for k, v in _batch(name, sz).items()}
+        self.batch = {
+            k: v.to(self.device, memory_format=layout) if v.dim() == 4 else v.to(self.device)
+            for k, v in _batch(name, sz).items()
+        }
         self.bf16 = bf16
         start = time.perf_counter()
         self.step()  # torch.compile compiles on the first call
