@@ -231,7 +231,8 @@ class DannLoss(nn.Module):
         f = self.features(torch.cat([batch["source"], batch["target"]]))
         ce = F.cross_entropy(self.head(f[:n]), batch["label"])
         d = self.disc(_Reverse.apply(f, 1.0))[:, 0]
-        domain = torch.cat([d.new_ones(n), d.new_zeros(f.shape[0] - n)])
+        ones, zeros = torch.ones(n, device=d.device), torch.zeros(f.shape[0] - n, device=d.device)
+        domain = torch.cat([ones, zeros])
         return ce + F.binary_cross_entropy_with_logits(d, domain)
 
 
