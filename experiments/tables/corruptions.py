@@ -5,6 +5,10 @@
     xmodal table experiments/tables/corruptions.py --root DIR --dry-run   # the rest: a cluster
                                           # (SLURM: launch/slurm_array.sbatch runs the lines)
 
+A column of an adaptation row fills as soon as its runs have finished: the committed records
+hold DANN's `MNIST sev. 5` (its 57 dry-run lines with `dataset=digits_mnist` and `severity=5`),
+the other adaptation cells wait for a cluster.
+
 Accuracy (%) on the corrupted test splits: the mean over the 19 corruptions at severity 3 and
 at severity 5, and over all 95 corruption-severity pairs; the CSV also has every pair and the
 mean of each severity (`experiments/tables/plot_corruptions.py` draws accuracy against
