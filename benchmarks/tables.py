@@ -31,6 +31,8 @@ def _mib(b: float | None) -> str:
 
 def header(r: dict) -> str:
     m, c = r["machine"], r["ceilings"]
+    # Runs before the field took the best of 5 products.
+    best = f", best of {c['matmul_repeats']}" if "matmul_repeats" in c else ""
     return (
         f"`{r['command']}` — {m['date']}, {m['cpu']}"
         + (f" ({m['cpu_family']})" if m.get("cpu_family") else "")  # runs since the field
@@ -46,7 +48,9 @@ def header(r: dict) -> str:
         + "load average "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_1_5_15'])} (1/5/15 min) at the start. "
         f"Ceilings measured in this run: matmul float32 {c['matmul_f32_flops'] / 1e9:.1f} "
-        f"GFLOP/s, bfloat16 {c['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s (n={c['matmul_n']}), "
+        f"GFLOP/s, bfloat16 {c['matmul_bf16_flops'] / 1e9:.1f} GFLOP/s (n={c['matmul_n']}"
+        + best
+        + "), "
         f"copy {c['copy_bytes_per_s'] / 1e9:.2f} GB/s."
     )
 

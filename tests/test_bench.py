@@ -55,6 +55,11 @@ def test_small_run_reports_every_field(small_run, capsys):
     assert written == results
     c = results["ceilings"]
     assert c["matmul_f32_flops"] > 0 and c["matmul_bf16_flops"] > 0 and c["copy_bytes_per_s"] > 0
+    import benchmarks.tables as bench_tables
+
+    assert c["matmul_repeats"] == 20 and "(n=512, best of 20), copy" in bench_tables.header(results)
+    older = {**results, "ceilings": {k: v for k, v in c.items() if k != "matmul_repeats"}}
+    assert "(n=512), copy" in bench_tables.header(older)  # runs before the field: best of 5
     assert set(results["workloads"]) == set(cli.WORKLOADS)
     for name in ("clip", "resnet50", "mnv2_dann"):
         r = results["workloads"][name]

@@ -8,8 +8,12 @@ import jax.numpy as jnp
 
 from xmodal_jax.bench import measure
 
+# Best of 20 products: on a 2-core CPU the best of 5 fell short of the machine's rate by up to a
+# sixth in one run of 5 and not in the next, which moved every MFU of a run with it.
+MATMUL_REPEATS = 20
 
-def matmul_flops_per_s(n: int, dtype: jnp.dtype, repeats: int = 5) -> float:
+
+def matmul_flops_per_s(n: int, dtype: jnp.dtype, repeats: int = MATMUL_REPEATS) -> float:
     """Best FLOP/s of an `n x n @ n x n` product in `dtype` (2 n^3 FLOPs per call)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
@@ -38,6 +42,7 @@ def measure_all(small: bool) -> dict[str, float]:
     size = mib << 20
     return {
         "matmul_n": n,
+        "matmul_repeats": MATMUL_REPEATS,
         "matmul_f32_flops": matmul_flops_per_s(n, jnp.float32),
         "matmul_bf16_flops": matmul_flops_per_s(n, jnp.bfloat16),
         "copy_bytes": size,
