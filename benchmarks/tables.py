@@ -90,8 +90,8 @@ def steps(r: dict) -> str:
         flops = w["flops_per_step"]
         v = w.get("variant") or {}
         source = w.get("flops_source") or ("loop_once" if v.get("scan") else "compiled")
-        mark = FLOPS_MARKS.get(source, ("", ""))[0]
-        used[mark] = FLOPS_MARKS.get(source, ("", ""))[1]
+        mark, note = FLOPS_MARKS.get(source, ("", ""))
+        used[mark] = note
         label = f"{name} (scan, remat {v['remat']})" if v.get("scan") else name
         label = f"{name} (remat {v['remat']})" if "scan" in v and not v["scan"] else label
         label = f"{name} (depthwise {v['depthwise']})" if "depthwise" in v else label

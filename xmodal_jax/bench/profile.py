@@ -88,11 +88,9 @@ def top_ops(
         if on_device:  # the "XLA Ops" lines where there are, else the lines of no span
             if not str(processes.get(e["pid"], "")).startswith("/device:"):
                 return False
-            return (
-                key in ops_lines
-                if ops_lines
-                else not device_lines.get(key, "").startswith(DEVICE_SPANS)
-            )
+            if ops_lines:
+                return key in ops_lines
+            return not device_lines.get(key, "").startswith(DEVICE_SPANS)
         return str(threads.get(key, "")).startswith("tf_XLA")
 
     time_us: collections.Counter = collections.Counter()

@@ -286,11 +286,10 @@ class Runner:
             torch.backends.cudnn.benchmark = True
         losses = {"clip": ClipLoss, "resnet50": ResNetLoss, "mnv2_dann": DannLoss,
                   "lenet_dann": LeNetDannLoss}  # fmt: skip
-        model = losses[name](sz).to(self.device)
         # On CUDA the convolutions run channels-last, the layout NVIDIA's tensor-core kernels
         # want (and XLA picks for ours); on CPU, PyTorch's default layout.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        model = model.to(memory_format=layout)
+        model = losses[name](sz).to(self.device, memory_format=layout)
         self.model = model.train()
         if name == "clip":  # as `workloads._optimizer`
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
