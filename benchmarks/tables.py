@@ -43,6 +43,8 @@ def header(r: dict) -> str:
         f"{m.get('cpu_convolutions', 'ynnpack')} convolutions on CPU, "
         # Runs before the field ran `shift` where a depthwise layer asked for 'auto'.
         + (f"{m['cpu_depthwise']} depthwise, " if m.get("cpu_depthwise") else "")
+        # Runs before the field ran `fused` (`cotangent.py`).
+        + (f"{m['cpu_cotangent']} cotangents, " if m.get("cpu_cotangent") else "")
         # Runs before the field, or outside the `xmodal` program: glibc's allocator defaults.
         + (f"glibc tunables `{m['glibc_tunables']}`, " if m.get("glibc_tunables") else "")
         + "load average "
@@ -193,7 +195,7 @@ def conv_forms(a: dict) -> list[str]:
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
-        if name in ("depthwise", "max_pool"):
+        if name in ("depthwise", "max_pool", "cotangent"):
             rows = ["| quantity | value |", "|---|---|"]
             rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
         elif name == "cpu_backends":

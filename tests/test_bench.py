@@ -15,7 +15,7 @@ from xmodal_jax import main
 from xmodal_jax.bench import ablations, cli, measure, profile
 from xmodal_jax.bench.profile import UNTRACED
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import layers
+from xmodal_jax.models import cotangent, layers
 
 STEP_FIELDS = (
     "compile_s",
@@ -325,6 +325,13 @@ def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(
     )
     before = {k: v for k, v in m.items() if k != "cpu_depthwise"}
     assert " depthwise, " not in bench_tables.header({**out, "machine": before})
+    # and how residual gradients were fused on CPU (runs before the field: `fused`, not named)
+    assert m["cpu_cotangent"] == cotangent.cpu_cotangent()
+    assert "shift_vjp depthwise, materialized cotangents, " in bench_tables.header(
+        {**out, "machine": {**m, "cpu_depthwise": "shift_vjp", "cpu_cotangent": "materialized"}}
+    )
+    before = {k: v for k, v in m.items() if k != "cpu_cotangent"}
+    assert " cotangents, " not in bench_tables.header({**out, "machine": before})
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -3,7 +3,8 @@
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference,
-and the shifted form with its own input gradient),
+and the shifted form with its own input gradient), `cotangent` (the CLIP step with its residual
+gradients materialized or fused, `models/cotangent.py`),
 `max_pool` (`nn.max_pool` or the elementwise forms of `pooling`: LeNet + DANN's pool, ResNet-50's
 stem pool),
 `conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
@@ -16,17 +17,20 @@ and `max_batch` (the largest CLIP batch that fits, unrolled and scanned with rem
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xmodal_jax.bench import measure, runner, workloads
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import zoo
+from xmodal_jax.models import cotangent, zoo
 
 
 def _first_updates(name: str, sz: dict, **variant: Any) -> tuple[Any, float, Any]:
@@ -108,6 +112,52 @@ def max_pool_ablation(args) -> dict[str, Any]:
         del built, calls
         gc.collect()
     return out
+
+
+def _clip_gradients(sz: dict, dtype: Any) -> Any:
+    """The CLIP step's loss gradient at the workload's initial parameters (unrolled stacks)."""
+    task, batch = workloads.clip_task(sz, dtype, scan=False, remat="none")
+    params = nn.unbox(task.init(jax.random.key(0), batch))["params"]
+    loss = lambda p: task.loss(p, {}, batch, jax.random.key(1), 0.0)[0]
+    return jax.device_get(jax.jit(jax.grad(loss))(params))
+
+
+def cotangent_ablation(args) -> dict[str, Any]:
+    """The CLIP step (unrolled) with its residual gradients materialized once a block (the
+    default on CPU) and as XLA's fusion leaves them (`fused`; `models/cotangent.py`): step times
+    alternated in one process, compile times, the instructions in each program's fusions
+    (duplicated producers counted as often as they are copied), and how far apart the two
+    settings' loss gradients are."""
+    sz = workloads.sizes("clip", args.small, args.batch)
+    dtype = args_dtype(args)
+    built, grads, out = {}, {}, {"batch": sz["batch"]}
+    for setting in cotangent.CPU_COTANGENT:
+        with _environ(cotangent.CPU_COTANGENT_ENV, setting):
+            built[setting] = workloads.build("clip", sz, dtype=dtype)
+            grads[setting] = _clip_gradients(sz, dtype)
+        compiled = built[setting].runner.compiled
+        out[f"compile_{setting}_s"] = compiled.compile_s
+        out[f"fused_instructions_{setting}"] = measure.fused_instructions(compiled.fn.as_text())
+    calls = {f"train_step_{k}_s": b.runner.step for k, b in built.items()}
+    out |= runner.alternate(calls, args.steps, args.rounds)
+    out["speed_materialized_vs_fused"] = (
+        out["train_step_fused_s"] / out["train_step_materialized_s"]
+    )
+    out["grad_max_abs_diff_rel"] = max_rel_diff(grads["fused"], grads["materialized"])
+    return out
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
 
 
 def variant_ablation(name: str, args, peaks: dict, variants: dict[str, dict]) -> dict[str, Any]:
@@ -231,6 +281,8 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
         return depthwise_ablation(args)
     if name == "max_pool":
         return max_pool_ablation(args)
+    if name == "cotangent":
+        return cotangent_ablation(args)
     if name == "conv_forms":
         from xmodal_jax.bench import conv_forms
 

@@ -4,8 +4,8 @@
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
                  [--scan] [--remat none|dots|full] [--profile]
                  [--depthwise auto|conv|shift|shift_vjp]
-                 [--ablations scan_remat,donation,bf16,depthwise,max_pool,conv_forms,
-                                cpu_backends,malloc|all]
+                 [--ablations scan_remat,donation,bf16,depthwise,cotangent,max_pool,
+                                conv_forms,cpu_backends,malloc|all]
                  [--ablations fsdp,max_batch [--memory-gib G]]   # for an accelerator
 
 Per workload: compile time, median step time over `--steps` timed steps after warm-up, examples/s,

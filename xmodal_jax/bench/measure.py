@@ -5,6 +5,7 @@ memory plan of the compiled executable, time steps with the device work finished
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -67,6 +68,26 @@ def plausible_flops(compiled: float | None, lowered: float | None) -> tuple[floa
     if compiled is not None and (lowered is None or compiled >= 0.5 * lowered):
         return compiled, "compiled"
     return lowered, "lowered" if lowered is not None else "none"
+
+
+def fused_instructions(hlo_text: str) -> int:
+    """Instructions in the fused computations of a compiled program's HLO text
+    (`jax.stages.Compiled.as_text()`), each counted as often as a fusion calls it: where the
+    fusion pass duplicates producers into several consumers, this counts every copy
+    (`cotangent.py`)."""
+    sizes: dict[str, int] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        if name is None:
+            head = re.match(r"%?([\w.-]+) \(.*\) -> .* \{$", line)
+            if head:
+                name = head.group(1)
+                sizes[name] = 0
+        elif line.startswith("}"):
+            name = None
+        elif line.strip():
+            sizes[name] += 1
+    return sum(sizes.get(c, 0) for c in re.findall(r" fusion\(.*?calls=%?([\w.-]+)", hlo_text))
 
 
 def compile_jit(jitted: Any, *args: Any) -> Compiled:

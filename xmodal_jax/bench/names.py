@@ -8,6 +8,7 @@ ABLATIONS = (
     "donation",
     "bf16",
     "depthwise",
+    "cotangent",
     "max_pool",
     "conv_forms",
     "cpu_backends",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import axes
+from xmodal_jax.models.cotangent import materialized_cotangent
 from xmodal_jax.models.layers import (
     REMAT_POLICIES,
     Dense,
@@ -160,12 +161,14 @@ class TransformerBlock(nn.Module):
         attn = MultiHeadAttention(self.num_heads, dropout=self.attn_dropout, name="attn", **kw)
         mlp = MlpBlock(self.mlp_dim, self.act, name="mlp", **kw)
         drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        # Each residual point's gradient is computed once (see `cotangent.py`).
+        x = materialized_cotangent(x)
         if self.norm_first:
             y = norm1(x)
-            x = x + drop(attn(y, y, mask, self.deterministic))
+            x = materialized_cotangent(x + drop(attn(y, y, mask, self.deterministic)))
             x = x + drop(mlp(norm2(x)))
         else:
-            x = norm1(x + drop(attn(x, x, mask, self.deterministic)))
+            x = materialized_cotangent(norm1(x + drop(attn(x, x, mask, self.deterministic))))
             x = norm2(x + drop(mlp(x)))
         return x.astype(self.dtype), None
 

@@ -174,7 +174,9 @@ def _device(prov: dict) -> str:
     and model and its vector extension (records before those fields name none), who ran its
     convolutions (`xla_defaults`; records before the field: YNNPACK, XLA's default then) and the
     depthwise form `depthwise='auto'` ran (`layers.cpu_depthwise`; named where recorded, records
-    before the field ran `shift`), as each changes the last bits of a run."""
+    before the field ran `shift`) and how residual gradients were fused (`cotangent.cpu_cotangent`;
+    named where recorded, records before the field: `fused`), as each changes the last bits of a
+    run."""
     if not prov.get("device_kind"):
         return "unrecorded"
     text = f"{prov['device_kind']} x{prov.get('device_count', '?')}"
@@ -189,6 +191,8 @@ def _device(prov: dict) -> str:
         convs = f"{convs} convolutions"
         if prov.get("cpu_depthwise"):
             convs += f", {prov['cpu_depthwise']} depthwise"
+        if prov.get("cpu_cotangent"):
+            convs += f", {prov['cpu_cotangent']} cotangents"
         text += f" ({cpus}: {model}; {convs})" if model else f" ({cpus}, {convs})"
     return text
 
