@@ -197,7 +197,8 @@ def ablations(r: dict) -> str:
     for name, a in r.get("ablations", {}).items():
         if name in ("depthwise", "max_pool", "cotangent"):
             rows = ["| quantity | value |", "|---|---|"]
-            rows += [f"| {k} | {v:.4g} |" for k, v in a.items()]
+            rows += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v:.4g} |"
+                     for k, v in a.items()]  # fmt: skip
         elif name == "cpu_backends":
             rows = cpu_backends(a)
         elif name == "malloc":

@@ -91,6 +91,18 @@ def test_depthwise_forms_agree_on_train_step_gradients(capsys):
     assert d["speed_shift_vjp_vs_shift"] == pytest.approx(ratio)
 
 
+@pytest.mark.slow  # two more CLIP compiles; the mechanism's own check is tests/test_cotangent.py
+def test_cotangent_ablation_compares_the_two_settings():
+    results = main.run(["bench", "--small", "--workloads", "clip", "--ablations", "cotangent",
+                        "--steps", "1", "--rounds", "1"])  # fmt: skip
+    c = results["ablations"]["cotangent"]
+    assert c["grad_max_abs_diff_rel"] < 1e-5  # the same gradients up to float32 rounding
+    assert c["fused_instructions_fused"] > c["fused_instructions_materialized"] > 0
+    ratio = c["train_step_fused_s"] / c["train_step_materialized_s"]
+    assert c["speed_materialized_vs_fused"] == pytest.approx(ratio)
+    assert results["machine"]["cpu_cotangent"] == "materialized"
+
+
 def _numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
     """Direct loop over output pixels: the definition of a padded depthwise convolution."""
     k = kernel.shape[0]

@@ -6,13 +6,14 @@ gradient at block `l + 1`'s plus elementwise terms (the branches' LayerNorm back
 these is an elementwise op, which XLA:CPU's fusion pass counts as cheap and duplicates into every
 consumer that can fuse it: the transposed copies feeding the weight gradients, the bias
 gradients' reductions, the next block's terms. So each consumer recomputes the chain from the top
-of the stack down to its block, and the work grows with the square of the depth (in the ViT-B/16
-+ CLIP text train step at batch 2: fusions of up to 584 ops, 14% of the step's time in the
-transposed copies alone; `xmodal bench --ablations cotangent` measures the step both ways).
+of the stack down to its block, and the work grows with the square of the depth
+(`xmodal bench --ablations cotangent` measures the CLIP train step both ways: BENCHMARKS.md).
 
 `jax.lax.optimization_barrier` does not stop it: XLA:CPU removes barriers before fusion (XLA:GPU
-keeps them until after). A floating-point division is an op XLA:CPU's fusion counts as expensive,
-and it never duplicates an expensive producer into several consumers. So the backward divides the
+keeps them until after; openxla/xla `xla/service/cpu/cpu_compiler.cc`). A floating-point division
+is an op XLA:CPU's fusion counts as expensive (`xla/service/cpu/cpu_instruction_fusion.cc`,
+`IsExpensive`), and it never duplicates an expensive producer into several consumers
+(`xla/service/instruction_fusion.cc`). So the backward divides the
 cotangent by `x * 0 + 1`: one wherever `x` is finite, so the quotient is the cotangent bit for
 bit, and not foldable by XLA, since `x` could be infinite or NaN (where the gradient is not finite
 anyway). The chain is then written once per residual point and read by its consumers. The
