@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xmodal_jax import main
-from xmodal_jax.bench import ablations, cli, measure, profile
+from xmodal_jax.bench import ablations, cli, measure, profile, workloads
 from xmodal_jax.bench.profile import UNTRACED
 from xmodal_jax.errors import UserError
 from xmodal_jax.models import cotangent, layers
@@ -546,6 +546,17 @@ def test_fsdp_and_max_batch_ablations_at_small_size(tfds_dir, capsys):
         assert peaks == sorted(peaks)  # the plan grows with the batch
         assert all(t["fits"] == (t["peak_bytes"] <= 0.03 * 2**30) for t in tried.values())
     assert "| unrolled |" in bench_tables.ablations(out)
+
+
+@pytest.mark.slow  # two small CLIP compiles
+def test_the_sharded_path_counts_the_plain_steps_flops():
+    """The `fsdp` ablation's step reads XLA's FLOP count as the plain step does, with the same
+    fallback to the lowered program's (a device's share of it) where the compiled one is off."""
+    sz = workloads.sizes("clip", True)
+    plain = workloads.build("clip", sz).runner.compiled
+    sharded = workloads.build("clip", sz, fsdp=True).runner.compiled
+    assert (plain.flops_source, sharded.flops_source) == ("compiled", "compiled")
+    assert sharded.flops == pytest.approx(plain.flops, rel=0.05)
 
 
 def test_max_pool_ablation_same_update_both_forms():

@@ -189,11 +189,14 @@ def _build_sharded(task, batch: dict, tx, lr_fn, examples: int) -> Built:
     batch = mesh_lib.global_batch(batch, mesh)
     init_fn, abstract = step_lib.init_state(config, task, tx, mesh, batch)
     start = time.perf_counter()
-    compiled = step_lib.compile_train_step(config, task, tx, lr_fn, abstract, mesh, batch)
+    lowered = step_lib.lower_train_step(config, task, tx, lr_fn, abstract, mesh, batch)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    timed = measure.Compiled(
-        compiled, seconds, measure.flops_of(compiled), measure.peak_bytes_of(compiled)
-    )
+    # The lowered program is the whole mesh's computation; the compiled one a device's share.
+    whole = measure.flops_of(lowered)
+    share = whole / mesh.size if whole is not None else None
+    flops, source = measure.plausible_flops(measure.flops_of(compiled), share)
+    timed = measure.Compiled(compiled, seconds, flops, measure.peak_bytes_of(compiled), source)
     state = init_fn(batch)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     return Built(measure.StepRunner(timed, state, batch), examples, n_params)

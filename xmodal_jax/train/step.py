@@ -106,6 +106,11 @@ def make_train_step(task, tx: optax.GradientTransformation, lr_fn, total: int, a
 def compile_train_step(config, task, tx, lr_fn, abstract, mesh, sample_batch):
     """The train step jitted with the state's shardings, donated state, batch sharded over
     (`data`, `fsdp`), compiled ahead of time for `sample_batch`'s shapes."""
+    return lower_train_step(config, task, tx, lr_fn, abstract, mesh, sample_batch).compile()
+
+
+def lower_train_step(config, task, tx, lr_fn, abstract, mesh, sample_batch):
+    """`compile_train_step`'s program, lowered and not yet compiled (`jax.stages.Lowered`)."""
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     step = make_train_step(task, tx, lr_fn, config.total_steps, check_batch(config, mesh))
     jitted = jax.jit(
@@ -114,7 +119,7 @@ def compile_train_step(config, task, tx, lr_fn, abstract, mesh, sample_batch):
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
         donate_argnums=0,
     )
-    return jitted.lower(abstract, sample_batch).compile()
+    return jitted.lower(abstract, sample_batch)
 
 
 def flops(compiled) -> float | None:
