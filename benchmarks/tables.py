@@ -43,8 +43,10 @@ def header(r: dict) -> str:
         f"{m.get('cpu_convolutions', 'ynnpack')} convolutions on CPU, "
         # Runs before the field ran `shift` where a depthwise layer asked for 'auto'.
         + (f"{m['cpu_depthwise']} depthwise, " if m.get("cpu_depthwise") else "")
-        # Runs before the field ran `fused` (`cotangent.py`).
+        # Runs before the fields ran `fused` (`models/residuals.py`); `cpu_cotangent` runs stored
+        # the transformer blocks' gradients only.
         + (f"{m['cpu_cotangent']} cotangents, " if m.get("cpu_cotangent") else "")
+        + (f"{m['cpu_residuals']} residuals, " if m.get("cpu_residuals") else "")
         # Runs before the field, or outside the `xmodal` program: glibc's allocator defaults.
         + (f"glibc tunables `{m['glibc_tunables']}`, " if m.get("glibc_tunables") else "")
         + "load average "
@@ -195,7 +197,7 @@ def conv_forms(a: dict) -> list[str]:
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
-        if name in ("depthwise", "max_pool", "cotangent"):
+        if name in ("depthwise", "max_pool", "cotangent", "residuals"):
             rows = ["| quantity | value |", "|---|---|"]
             rows += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v:.4g} |"
                      for k, v in a.items()]  # fmt: skip

@@ -15,7 +15,7 @@ from xmodal_jax import main
 from xmodal_jax.bench import ablations, cli, measure, profile, workloads
 from xmodal_jax.bench.profile import UNTRACED
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import cotangent, layers
+from xmodal_jax.models import layers, residuals
 
 STEP_FIELDS = (
     "compile_s",
@@ -91,16 +91,17 @@ def test_depthwise_forms_agree_on_train_step_gradients(capsys):
     assert d["speed_shift_vjp_vs_shift"] == pytest.approx(ratio)
 
 
-@pytest.mark.slow  # two more CLIP compiles; the mechanism's own check is tests/test_cotangent.py
-def test_cotangent_ablation_compares_the_two_settings():
-    results = main.run(["bench", "--small", "--workloads", "clip", "--ablations", "cotangent",
-                        "--steps", "1", "--rounds", "1"])  # fmt: skip
-    c = results["ablations"]["cotangent"]
-    assert c["grad_max_abs_diff_rel"] < 1e-5  # the same gradients up to float32 rounding
-    assert c["fused_instructions_fused"] > c["fused_instructions_materialized"] > 0
-    ratio = c["train_step_fused_s"] / c["train_step_materialized_s"]
-    assert c["speed_materialized_vs_fused"] == pytest.approx(ratio)
-    assert results["machine"]["cpu_cotangent"] == "materialized"
+@pytest.mark.slow  # four more compiles; the mechanism's own check is tests/test_residuals.py
+def test_residuals_ablation_compares_the_two_settings():
+    argv = ["bench", "--small", "--workloads", "clip,resnet50", "--ablations", "residuals"]
+    results = main.run([*argv, "--steps", "1", "--rounds", "1"])
+    r = results["ablations"]["residuals"]
+    for p in ("", "resnet50_"):
+        assert r[f"{p}grad_max_abs_diff_rel"] < 1e-5  # equal up to float32 rounding
+        assert r[f"{p}fused_instructions_fused"] > r[f"{p}fused_instructions_stored"] > 0
+        ratio = r[f"{p}train_step_fused_s"] / r[f"{p}train_step_stored_s"]
+        assert r[f"{p}speed_stored_vs_fused"] == pytest.approx(ratio)
+    assert results["machine"]["cpu_residuals"] == "stored"
 
 
 def _numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
@@ -337,13 +338,13 @@ def test_layer_stack_and_depthwise_flags_and_profile_of_the_scanned_remat_step(
     )
     before = {k: v for k, v in m.items() if k != "cpu_depthwise"}
     assert " depthwise, " not in bench_tables.header({**out, "machine": before})
-    # and how residual gradients were fused on CPU (runs before the field: `fused`, not named)
-    assert m["cpu_cotangent"] == cotangent.cpu_cotangent()
-    assert "shift_vjp depthwise, materialized cotangents, " in bench_tables.header(
-        {**out, "machine": {**m, "cpu_depthwise": "shift_vjp", "cpu_cotangent": "materialized"}}
+    # and how residual streams were fused on CPU (runs before the field: `fused`, not named)
+    assert m["cpu_residuals"] == residuals.cpu_residuals()
+    assert "shift_vjp depthwise, stored residuals, " in bench_tables.header(
+        {**out, "machine": {**m, "cpu_depthwise": "shift_vjp", "cpu_residuals": "stored"}}
     )
-    before = {k: v for k, v in m.items() if k != "cpu_cotangent"}
-    assert " cotangents, " not in bench_tables.header({**out, "machine": before})
+    before = {k: v for k, v in m.items() if k != "cpu_residuals"}
+    assert " residuals, " not in bench_tables.header({**out, "machine": before})
     assert "| clip (scan, remat dots) | 4 |" in bench_tables.steps(out)
     plain = {**out, "workloads": {"clip": {k: v for k, v in clip.items() if k != "variant"}}}
     assert "| clip | 4 |" in bench_tables.steps(plain)

@@ -6,7 +6,7 @@ repeated with exactly the record's config, arguments, seed and overrides, in a p
 with the record's XLA:CPU convolution setting (`xla_defaults`; XLA reads its flags once a
 process, and a record made before the project's default ran YNNPACK's), the depthwise form its
 `depthwise='auto'` ran on CPU (`layers.cpu_depthwise`; `shift` before the field), its residual
-gradients' setting (`cotangent.cpu_cotangent`; `fused` before the field) and a feature
+streams' setting (`residuals.cpu_residuals`; `fused` before the field) and a feature
 cache of its own (a cached locked-tower feature would hide a change to the tower), and every
 metric the table reads must equal the record's to 1e-6. A case whose record was made on another
 device count or software stack (its provenance says so) fails with the reason: such a record is
@@ -29,7 +29,7 @@ import jax
 import pytest
 
 from xmodal_jax import cache_dirs, provenance, xla_defaults
-from xmodal_jax.models import cotangent, layers
+from xmodal_jax.models import layers, residuals
 from xmodal_jax.tables import records, spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,7 @@ def _record(table: str, row: str, seed: int, args: dict) -> dict:
 def _environment(rec: dict) -> dict[str, str]:
     """This process's environment with the record's convolution setting in `XLA_FLAGS`, its
     depthwise form on CPU (`layers.cpu_depthwise`; records before the field ran `shift`) and its
-    residual gradients' setting (`cotangent.cpu_cotangent`; records before the field: `fused`)."""
+    residual streams' setting (`residuals.cpu_residuals`; records before the field: `fused`)."""
     env = dict(os.environ)
     flags = [
         f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(f"{xla_defaults.NAME}=")
@@ -74,7 +74,7 @@ def _environment(rec: dict) -> dict[str, str]:
     flags.append(xla_defaults.FLAG if theirs == "xla" else keep_ynnpack)
     env["XLA_FLAGS"] = " ".join(flags)
     env[layers.CPU_DEPTHWISE_ENV] = (rec.get("provenance") or {}).get("cpu_depthwise", "shift")
-    env[cotangent.CPU_COTANGENT_ENV] = (rec.get("provenance") or {}).get("cpu_cotangent", "fused")
+    env[residuals.CPU_RESIDUALS_ENV] = (rec.get("provenance") or {}).get("cpu_residuals", "fused")
     return env
 
 
@@ -269,12 +269,12 @@ def test_a_rerun_gets_its_records_depthwise_form(monkeypatch):
     assert layers.cpu_depthwise(new) == "shift_vjp"
 
 
-def test_a_rerun_gets_its_records_cotangent_setting(monkeypatch):
-    """Records before `cpu_cotangent` ran the plain identity (`fused`) on CPU; a record that
+def test_a_rerun_gets_its_records_residuals_setting(monkeypatch):
+    """Records before `cpu_residuals` ran the plain identity (`fused`) on CPU; a record that
     names its setting gets that one, whatever this process's own setting."""
-    monkeypatch.setenv(cotangent.CPU_COTANGENT_ENV, "materialized")
+    monkeypatch.setenv(residuals.CPU_RESIDUALS_ENV, "stored")
     old = _environment({"provenance": {"platform": "cpu"}})
-    assert cotangent.cpu_cotangent(old) == "fused"
-    monkeypatch.setenv(cotangent.CPU_COTANGENT_ENV, "fused")
-    new = _environment({"provenance": {"cpu_cotangent": "materialized"}})
-    assert cotangent.cpu_cotangent(new) == "materialized"
+    assert residuals.cpu_residuals(old) == "fused"
+    monkeypatch.setenv(residuals.CPU_RESIDUALS_ENV, "fused")
+    new = _environment({"provenance": {"cpu_residuals": "stored"}})
+    assert residuals.cpu_residuals(new) == "stored"

@@ -124,7 +124,7 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
     """The provenance of a run of `config` in this process."""
     import jax  # here, so that `config_hash` serves tools that never start JAX
 
-    from xmodal_jax.models import cotangent, layers
+    from xmodal_jax.models import layers, residuals
 
     devices = jax.devices()
     return {
@@ -144,7 +144,7 @@ def describe(config: Mapping[str, Any], argv: list[str] | None = None) -> dict[s
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
         "cpu_depthwise": layers.cpu_depthwise(),  # what depthwise='auto' runs on CPU
-        "cpu_cotangent": cotangent.cpu_cotangent(),  # residual gradients on CPU
+        "cpu_residuals": residuals.cpu_residuals(),  # residual streams on CPU
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults
         "argv": list(sys.argv if argv is None else argv),
     }

@@ -3,8 +3,8 @@
 `scan_remat` (ViT stack unrolled / `nn.scan` / scan + remat), `donation` (state buffers donated
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference,
-and the shifted form with its own input gradient), `cotangent` (the CLIP step with its residual
-gradients materialized or fused, `models/cotangent.py`),
+and the shifted form with its own input gradient), `residuals` (the CLIP and ResNet-50 steps with
+their residual streams stored once a block or fused, `models/residuals.py`),
 `max_pool` (`nn.max_pool` or the elementwise forms of `pooling`: LeNet + DANN's pool, ResNet-50's
 stem pool),
 `conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
@@ -30,7 +30,7 @@ import numpy as np
 
 from xmodal_jax.bench import measure, runner, workloads
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import cotangent, zoo
+from xmodal_jax.models import residuals, zoo
 
 
 def _first_updates(name: str, sz: dict, **variant: Any) -> tuple[Any, float, Any]:
@@ -122,28 +122,44 @@ def _clip_gradients(sz: dict, dtype: Any) -> Any:
     return jax.device_get(jax.jit(jax.grad(loss))(params))
 
 
-def cotangent_ablation(args) -> dict[str, Any]:
-    """The CLIP step (unrolled) with its residual gradients materialized once a block (the
-    default on CPU) and as XLA's fusion leaves them (`fused`; `models/cotangent.py`): step times
-    alternated in one process, compile times, the instructions in each program's fusions
-    (duplicated producers counted as often as they are copied), and how far apart the two
-    settings' loss gradients are."""
-    sz = workloads.sizes("clip", args.small, args.batch)
-    dtype = args_dtype(args)
-    built, grads, out = {}, {}, {"batch": sz["batch"]}
-    for setting in cotangent.CPU_COTANGENT:
-        with _environ(cotangent.CPU_COTANGENT_ENV, setting):
-            built[setting] = workloads.build("clip", sz, dtype=dtype)
-            grads[setting] = _clip_gradients(sz, dtype)
-        compiled = built[setting].runner.compiled
-        out[f"compile_{setting}_s"] = compiled.compile_s
-        out[f"fused_instructions_{setting}"] = measure.fused_instructions(compiled.fn.as_text())
-    calls = {f"train_step_{k}_s": b.runner.step for k, b in built.items()}
-    out |= runner.alternate(calls, args.steps, args.rounds)
-    out["speed_materialized_vs_fused"] = (
-        out["train_step_fused_s"] / out["train_step_materialized_s"]
-    )
-    out["grad_max_abs_diff_rel"] = max_rel_diff(grads["fused"], grads["materialized"])
+RESIDUAL_STACKS = ("clip", "resnet50")  # workloads whose blocks call `residuals.stored`
+
+
+def residuals_ablation(args) -> dict[str, Any]:
+    """The CLIP step (unrolled) and ResNet-50's, where `--workloads` names them (neither: CLIP),
+    with their residual streams stored once a block (the default on CPU) and as XLA's fusion
+    leaves them (`fused`; `models/residuals.py`): step times alternated in one process, compile
+    times, the instructions in each program's fusions (duplicated producers counted as often as
+    they are copied), and how far apart the two settings' gradients are (CLIP: the loss
+    gradient; ResNet-50: the first update, -lr x gradient with SGD). ResNet-50's figures are
+    prefixed `resnet50_`."""
+    chosen = [w for w in RESIDUAL_STACKS if w in getattr(args, "workloads", "").split(",")]
+    out: dict[str, Any] = {}
+    for name in chosen or ["clip"]:
+        prefix = "" if name == "clip" else f"{name}_"
+        sz = workloads.sizes(name, args.small, args.batch)
+        built, grads = {}, {}
+        for setting in residuals.CPU_RESIDUALS:
+            with _environ(residuals.CPU_RESIDUALS_ENV, setting):
+                if name == "clip":
+                    built[setting] = workloads.build(name, sz, dtype=args_dtype(args))
+                    grads[setting] = _clip_gradients(sz, args_dtype(args))
+                else:
+                    grads[setting], _, built[setting] = _first_updates(name, sz)
+            compiled = built[setting].runner.compiled
+            out[f"{prefix}compile_{setting}_s"] = compiled.compile_s
+            text = compiled.fn.as_text()
+            out[f"{prefix}fused_instructions_{setting}"] = measure.fused_instructions(text)
+        calls = {f"{prefix}train_step_{k}_s": b.runner.step for k, b in built.items()}
+        times = runner.alternate(calls, args.steps, args.rounds)
+        out |= times
+        out[f"{prefix}speed_stored_vs_fused"] = (
+            times[f"{prefix}train_step_fused_s"] / times[f"{prefix}train_step_stored_s"]
+        )
+        out[f"{prefix}grad_max_abs_diff_rel"] = max_rel_diff(grads["fused"], grads["stored"])
+        out[f"{prefix}batch"] = sz["batch"]
+        del built, calls
+        gc.collect()
     return out
 
 
@@ -281,8 +297,8 @@ def run(name: str, args, peaks: dict, progress: Callable[[dict], None] | None = 
         return depthwise_ablation(args)
     if name == "max_pool":
         return max_pool_ablation(args)
-    if name == "cotangent":
-        return cotangent_ablation(args)
+    if name == "residuals":
+        return residuals_ablation(args)
     if name == "conv_forms":
         from xmodal_jax.bench import conv_forms
 

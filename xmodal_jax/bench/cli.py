@@ -4,7 +4,7 @@
                  [--torch] [--steps N] [--batch N] [--dtype float32|bfloat16]
                  [--scan] [--remat none|dots|full] [--profile]
                  [--depthwise auto|conv|shift|shift_vjp]
-                 [--ablations scan_remat,donation,bf16,depthwise,cotangent,max_pool,
+                 [--ablations scan_remat,donation,bf16,depthwise,residuals,max_pool,
                                 conv_forms,cpu_backends,malloc|all]
                  [--ablations fsdp,max_batch [--memory-gib G]]   # for an accelerator
 

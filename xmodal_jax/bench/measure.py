@@ -74,7 +74,7 @@ def fused_instructions(hlo_text: str) -> int:
     """Instructions in the fused computations of a compiled program's HLO text
     (`jax.stages.Compiled.as_text()`), each counted as often as a fusion calls it: where the
     fusion pass duplicates producers into several consumers, this counts every copy
-    (`cotangent.py`)."""
+    (`models/residuals.py`)."""
     sizes: dict[str, int] = {}
     name = None
     for line in hlo_text.splitlines():

@@ -8,7 +8,7 @@ ABLATIONS = (
     "donation",
     "bf16",
     "depthwise",
-    "cotangent",
+    "residuals",
     "max_pool",
     "conv_forms",
     "cpu_backends",

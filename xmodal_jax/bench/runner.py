@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from xmodal_jax import provenance, xla_defaults
 from xmodal_jax.bench import measure, workloads
-from xmodal_jax.models import cotangent, layers
+from xmodal_jax.models import layers, residuals
 
 WARMUP = 2
 
@@ -32,7 +32,7 @@ def machine() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_convolutions": xla_defaults.cpu_convolutions(),
         "cpu_depthwise": layers.cpu_depthwise(),  # what depthwise='auto' runs on CPU
-        "cpu_cotangent": cotangent.cpu_cotangent(),  # residual gradients on CPU
+        "cpu_residuals": residuals.cpu_residuals(),  # residual streams on CPU
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc_defaults
     }
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import axes, layers, pooling
+from xmodal_jax.models import axes, layers, pooling, residuals
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -120,7 +120,7 @@ class ResNet(nn.Module):
                     y = jax.nn.relu(norm(f"{prefix}_norm2", mid)(y))
                     y = conv(out, 1, name=f"{prefix}_conv3")(y)
                     y = norm(f"{prefix}_norm3", out, self.zero_init_residual)(y)
-                x = jax.nn.relu(y + residual)
+                x = residuals.stored(jax.nn.relu(y + residual))  # see `residuals.py`
 
         pooled = jnp.mean(x, axis=(1, 2))
         out = {"pooled": pooled, "features": x}

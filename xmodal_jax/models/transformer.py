@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax.errors import UserError
-from xmodal_jax.models import axes
-from xmodal_jax.models.cotangent import materialized_cotangent
+from xmodal_jax.models import axes, residuals
 from xmodal_jax.models.layers import (
     REMAT_POLICIES,
     Dense,
@@ -161,14 +160,14 @@ class TransformerBlock(nn.Module):
         attn = MultiHeadAttention(self.num_heads, dropout=self.attn_dropout, name="attn", **kw)
         mlp = MlpBlock(self.mlp_dim, self.act, name="mlp", **kw)
         drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-        # Each residual point's gradient is computed once (see `cotangent.py`).
-        x = materialized_cotangent(x)
+        # Each residual point computed once, value and gradient (see `residuals.py`).
+        x = residuals.stored(x)
         if self.norm_first:
             y = norm1(x)
-            x = materialized_cotangent(x + drop(attn(y, y, mask, self.deterministic)))
+            x = residuals.stored(x + drop(attn(y, y, mask, self.deterministic)))
             x = x + drop(mlp(norm2(x)))
         else:
-            x = materialized_cotangent(norm1(x + drop(attn(x, x, mask, self.deterministic))))
+            x = residuals.stored(norm1(x + drop(attn(x, x, mask, self.deterministic))))
             x = norm2(x + drop(mlp(x)))
         return x.astype(self.dtype), None
 

@@ -174,7 +174,7 @@ def _device(prov: dict) -> str:
     and model and its vector extension (records before those fields name none), who ran its
     convolutions (`xla_defaults`; records before the field: YNNPACK, XLA's default then) and the
     depthwise form `depthwise='auto'` ran (`layers.cpu_depthwise`; named where recorded, records
-    before the field ran `shift`) and how residual gradients were fused (`cotangent.cpu_cotangent`;
+    before the field ran `shift`) and how residual streams were fused (`residuals.cpu_residuals`;
     named where recorded, records before the field: `fused`), as each changes the last bits of a
     run."""
     if not prov.get("device_kind"):
@@ -191,8 +191,8 @@ def _device(prov: dict) -> str:
         convs = f"{convs} convolutions"
         if prov.get("cpu_depthwise"):
             convs += f", {prov['cpu_depthwise']} depthwise"
-        if prov.get("cpu_cotangent"):
-            convs += f", {prov['cpu_cotangent']} cotangents"
+        if prov.get("cpu_residuals"):
+            convs += f", {prov['cpu_residuals']} residuals"
         text += f" ({cpus}: {model}; {convs})" if model else f" ({cpus}, {convs})"
     return text
 
