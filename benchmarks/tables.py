@@ -197,7 +197,7 @@ def conv_forms(a: dict) -> list[str]:
 def ablations(r: dict) -> str:
     out = []
     for name, a in r.get("ablations", {}).items():
-        if name in ("depthwise", "max_pool", "cotangent", "residuals"):
+        if name in ("depthwise", "max_pool", "cotangent"):
             rows = ["| quantity | value |", "|---|---|"]
             rows += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v:.4g} |"
                      for k, v in a.items()]  # fmt: skip
@@ -205,6 +205,8 @@ def ablations(r: dict) -> str:
             rows = cpu_backends(a)
         elif name == "malloc":
             rows = malloc(a)
+        elif name == "residuals":
+            rows = residuals(a)
         elif name == "max_batch":
             rows = max_batch(a)
         elif name == "conv_forms":
@@ -232,7 +234,7 @@ def _process_variants(a: dict, column: str, label: dict[str, str], rss: bool) ->
         "|---" * (6 + rss) + "|",
     ]
     for workload, row in a.items():
-        if not isinstance(row, dict) or workload in ("flags", "tunables"):
+        if not isinstance(row, dict) or workload in ("flags", "tunables", "settings"):
             continue
         for variant, v in row.items():
             name = f"{variant} (`{label[variant] or 'none'}`)"
@@ -254,6 +256,18 @@ def cpu_backends(a: dict) -> list[str]:
     its XLA flag)."""
     rows = _process_variants(a, "backend (XLA flag)", a["flags"], rss=False)
     return rows + [f"\n{a['rounds']} rounds, the backends alternating, each in its own process."]
+
+
+def residuals(a: dict) -> list[str]:
+    """Rows of the residual-stream ablation (`_process_variants`, each setting named with its
+    environment variable), with the instructions in each program's fusions."""
+    rows = _process_variants(a, "setting", a["settings"], rss=True)
+    rows += ["", "| workload | setting | fused instructions |", "|---|---|---|"]
+    for workload, row in a.items():
+        if isinstance(row, dict) and workload != "settings":
+            for variant, v in row.items():
+                rows.append(f"| {workload} | {variant} | {v.get('fused_instructions', 0):,} |")
+    return rows + [f"\n{a['rounds']} rounds, the settings alternating, each in its own process."]
 
 
 def malloc(a: dict) -> list[str]:

@@ -4,7 +4,7 @@
 to the step or not), `bf16` (bfloat16 compute, float32 parameters), `depthwise` (MobileNetV2's
 grouped-conv vs shifted multiply-add depthwise convolution, in the train step and in inference,
 and the shifted form with its own input gradient), `residuals` (the CLIP and ResNet-50 steps with
-their residual streams stored once a block or fused, `models/residuals.py`),
+their residual streams stored once a block or fused, each in its own process),
 `max_pool` (`nn.max_pool` or the elementwise forms of `pooling`: LeNet + DANN's pool, ResNet-50's
 stem pool),
 `conv_forms` (ResNet-50's 3x3 convolutions as XLA's, in NCHW, as im2col + one GEMM, beside the
@@ -17,13 +17,11 @@ and `max_batch` (the largest CLIP batch that fits, unrolled and scanned with rem
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,66 +112,25 @@ def max_pool_ablation(args) -> dict[str, Any]:
     return out
 
 
-def _clip_gradients(sz: dict, dtype: Any) -> Any:
-    """The CLIP step's loss gradient at the workload's initial parameters (unrolled stacks)."""
-    task, batch = workloads.clip_task(sz, dtype, scan=False, remat="none")
-    params = nn.unbox(task.init(jax.random.key(0), batch))["params"]
-    loss = lambda p: task.loss(p, {}, batch, jax.random.key(1), 0.0)[0]
-    return jax.device_get(jax.jit(jax.grad(loss))(params))
-
-
 RESIDUAL_STACKS = ("clip", "resnet50")  # workloads whose blocks call `residuals.stored`
 
 
 def residuals_ablation(args) -> dict[str, Any]:
     """The CLIP step (unrolled) and ResNet-50's, where `--workloads` names them (neither: CLIP),
-    with their residual streams stored once a block (the default on CPU) and as XLA's fusion
-    leaves them (`fused`; `models/residuals.py`): step times alternated in one process, compile
-    times, the instructions in each program's fusions (duplicated producers counted as often as
-    they are copied), and how far apart the two settings' gradients are (CLIP: the loss
-    gradient; ResNet-50: the first update, -lr x gradient with SGD). ResNet-50's figures are
-    prefixed `resnet50_`."""
+    with their residual streams as XLA's fusion leaves them (`fused`, the reference) and stored
+    once a block (`stored`, the default on CPU; `models/residuals.py`), each in a process of its
+    own taking turns round after round (`backends.compare`): step times, compile times, the
+    instructions in each program's fusions (duplicated producers counted as often as they are
+    copied), and the first updates' distance (SGD for ResNet-50: -lr x gradient; AdamW for
+    CLIP: about lr x the gradient's sign, so a near-zero gradient that rounds to the other sign
+    moves it by up to 2 lr)."""
+    from xmodal_jax.bench import backends
+
     chosen = [w for w in RESIDUAL_STACKS if w in getattr(args, "workloads", "").split(",")]
-    out: dict[str, Any] = {}
-    for name in chosen or ["clip"]:
-        prefix = "" if name == "clip" else f"{name}_"
-        sz = workloads.sizes(name, args.small, args.batch)
-        built, grads = {}, {}
-        for setting in residuals.CPU_RESIDUALS:
-            with _environ(residuals.CPU_RESIDUALS_ENV, setting):
-                if name == "clip":
-                    built[setting] = workloads.build(name, sz, dtype=args_dtype(args))
-                    grads[setting] = _clip_gradients(sz, args_dtype(args))
-                else:
-                    grads[setting], _, built[setting] = _first_updates(name, sz)
-            compiled = built[setting].runner.compiled
-            out[f"{prefix}compile_{setting}_s"] = compiled.compile_s
-            text = compiled.fn.as_text()
-            out[f"{prefix}fused_instructions_{setting}"] = measure.fused_instructions(text)
-        calls = {f"{prefix}train_step_{k}_s": b.runner.step for k, b in built.items()}
-        times = runner.alternate(calls, args.steps, args.rounds)
-        out |= times
-        out[f"{prefix}speed_stored_vs_fused"] = (
-            times[f"{prefix}train_step_fused_s"] / times[f"{prefix}train_step_stored_s"]
-        )
-        out[f"{prefix}grad_max_abs_diff_rel"] = max_rel_diff(grads["fused"], grads["stored"])
-        out[f"{prefix}batch"] = sz["batch"]
-        del built, calls
-        gc.collect()
-    return out
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = before
+    settings = ("fused", "stored")
+    envs = {s: {**os.environ, residuals.CPU_RESIDUALS_ENV: s} for s in settings}
+    variables = {s: f"{residuals.CPU_RESIDUALS_ENV}={s}" for s in settings}
+    return {"settings": variables, **backends.compare(envs, args, tuple(chosen or ["clip"]))}
 
 
 def variant_ablation(name: str, args, peaks: dict, variants: dict[str, dict]) -> dict[str, Any]:

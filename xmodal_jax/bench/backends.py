@@ -74,6 +74,7 @@ def _child(argv: list[str]) -> None:
         np.savez(args.updates, **leaves)
     times = measure.time_calls(built.runner.step, args.steps)
     out = {"step_s": times, "compile_s": built.runner.compiled.compile_s}
+    out["fused_instructions"] = measure.fused_instructions(built.runner.compiled.fn.as_text())
     out["max_rss_mib"] = _peak_rss_mib()
     print(json.dumps(out))
 
@@ -127,7 +128,8 @@ def compare(
 ) -> dict[str, Any]:
     """Per workload and variant (a process environment; the first is the reference, named
     `default`): median step seconds over the rounds, the first step's compile seconds, the
-    largest peak resident memory, and the first update's distance to the reference's. The
+    largest peak resident memory, the instructions in the program's fusions
+    (`measure.fused_instructions`), and the first update's distance to the reference's. The
     variants take turns, round after round, each in a process of its own."""
     out: dict[str, Any] = {"rounds": args.rounds}
     reference = next(iter(envs))
@@ -156,6 +158,7 @@ def compare(
                     "step_s": float(np.median([t for r in runs[key] for t in r["step_s"]])),
                     "compile_s": runs[key][0]["compile_s"],
                     "max_rss_mib": max(r["max_rss_mib"] for r in runs[key]),
+                    "fused_instructions": runs[key][0].get("fused_instructions"),
                     "update_max_abs_diff_rel": _max_rel_diff(ref, mine)
                     if os.path.exists(ref) and os.path.exists(mine)
                     else None,

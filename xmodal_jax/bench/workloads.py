@@ -108,7 +108,7 @@ def _optimizer(name: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"lr": 1e-3, "total_steps": 1000, "optimizer": opt})
 
 
-def clip_task(sz: dict, dtype: Any, scan: bool, remat: str) -> tuple[ClipPairs, dict]:
+def _clip(sz: dict, dtype: Any, scan: bool, remat: str) -> tuple[ClipPairs, dict]:
     image = zoo.build(
         "vit_b16", patch_size=sz["patch"], image_size=sz["image"], width=sz["width"],
         depth=sz["depth"], num_heads=sz["heads"], mlp_dim=4 * sz["width"], pre_norm=True,
@@ -219,7 +219,7 @@ def build(
     the state placed by the sharding rules with FSDP over every local device, the batch split
     over them), so that its cost beside the plain step is known before a pod."""
     if name == "clip":
-        task, batch = clip_task(sz, dtype, scan, remat)
+        task, batch = _clip(sz, dtype, scan, remat)
         examples = sz["batch"]
     elif name == "resnet50":
         task, batch = _classification(sz, dtype, pool)
@@ -263,7 +263,7 @@ def _unrolled_flops(sz: dict, dtype: Any, remat: str, tx, lr_fn) -> float | None
     """FLOPs of the CLIP step with its layer stacks unrolled (the same remat policy), from the
     lowered program (nothing compiled): XLA's cost analysis counts the body of a scanned stack's
     loop once, not once per layer."""
-    task, batch = clip_task(sz, dtype, scan=False, remat=remat)
+    task, batch = _clip(sz, dtype, scan=False, remat=remat)
     state = jax.eval_shape(lambda b: _initial_state(task, tx, b), batch)
     step = step_lib.make_train_step(task, tx, lr_fn, total=1000)
     return measure.flops_of(jax.jit(step).lower(state, batch))
