@@ -222,15 +222,17 @@ def ablations(r: dict) -> str:
     return "\n\n".join(out)
 
 
-def _process_variants(a: dict, column: str, label: dict[str, str], rss: bool) -> list[str]:
+def _process_variants(
+    a: dict, column: str, label: dict[str, str], rss: bool, reference: str = "default"
+) -> list[str]:
     """Rows of a comparison of train steps run in processes of their own (`backends.compare`):
     per workload and variant (named with `label[variant]`), the median step, its speed against
     the first variant, optionally the process's peak resident memory, and the first update's
     distance to the first variant's."""
     rows = [
-        f"| workload | {column} | compile s | step ms | speed vs default | "
+        f"| workload | {column} | compile s | step ms | speed vs {reference} | "
         + ("peak RSS MiB | " if rss else "")
-        + "first update vs default (max rel. diff) |",
+        + f"first update vs {reference} (max rel. diff) |",
         "|---" * (6 + rss) + "|",
     ]
     for workload, row in a.items():
@@ -261,7 +263,7 @@ def cpu_backends(a: dict) -> list[str]:
 def residuals(a: dict) -> list[str]:
     """Rows of the residual-stream ablation (`_process_variants`, each setting named with its
     environment variable), with the instructions in each program's fusions."""
-    rows = _process_variants(a, "setting", a["settings"], rss=True)
+    rows = _process_variants(a, "setting", a["settings"], rss=True, reference="fused")
     rows += ["", "| workload | setting | fused instructions |", "|---|---|---|"]
     for workload, row in a.items():
         if isinstance(row, dict) and workload != "settings":
