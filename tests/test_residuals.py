@@ -52,10 +52,12 @@ def test_an_unknown_setting_is_refused_with_the_choices(monkeypatch):
         residuals.stored(jnp.ones(2))
 
 
-def _stack_grad(depth: int, norm_first: bool = True):
-    """A jitted loss gradient of a small transformer stack (width 16, 2 heads), unrolled."""
+def _stack_grad(depth: int, norm_first: bool = True, scan: bool = False):
+    """A jitted loss gradient of a small transformer stack (width 16, 2 heads): unrolled, or
+    scanned with remat (`dots`)."""
     block = dict(num_heads=2, mlp_dim=32, norm_first=norm_first)
-    stack = transformer.LayerStack(transformer.TransformerBlock, block, depth)
+    remat = "dots" if scan else "none"
+    stack = transformer.LayerStack(transformer.TransformerBlock, block, depth, scan, remat)
     x = jax.random.normal(jax.random.key(0), (2, 7, 16))
     params = stack.init(jax.random.key(1), x)
     loss = lambda p: jnp.sum(jnp.sin(stack.apply(p, x)))
@@ -84,8 +86,13 @@ def _assert_close_trees(a, b) -> None:
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: _stack_grad(4, True), lambda: _stack_grad(4, False), lambda: _resnet_grad((2, 2))],
-    ids=["pre_ln", "post_ln", "resnet"],
+    [
+        lambda: _stack_grad(4, True),
+        lambda: _stack_grad(4, False),
+        lambda: _stack_grad(4, True, scan=True),
+        lambda: _resnet_grad((2, 2)),
+    ],
+    ids=["pre_ln", "post_ln", "scan_remat", "resnet"],
 )
 def test_gradients_equal_the_plain_identitys(monkeypatch, build):
     grads = {}
