@@ -258,23 +258,20 @@ def test_a_rerun_gets_its_records_convolution_setting(monkeypatch):
     assert xla_defaults.cpu_convolutions(new) == "xla"
 
 
-def test_a_rerun_gets_its_records_depthwise_form(monkeypatch):
-    """Records before `cpu_depthwise` ran `shift` for `depthwise='auto'` on CPU; a record that
-    names its form gets that one, whatever this process's own setting."""
-    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "shift_vjp")
+@pytest.mark.parametrize(
+    "env, read, field, before, now",
+    [
+        (layers.CPU_DEPTHWISE_ENV, layers.cpu_depthwise, "cpu_depthwise", "shift", "shift_vjp"),
+        (residuals.CPU_RESIDUALS_ENV, residuals.cpu_residuals, "cpu_residuals", "fused", "stored"),
+    ],
+    ids=["depthwise", "residuals"],
+)
+def test_a_rerun_gets_its_records_cpu_setting(monkeypatch, env, read, field, before, now):
+    """Records made before a CPU setting's provenance field ran its old value (the depthwise
+    form `shift`, the plain residual identity `fused`); a record that names its value gets that
+    one, whatever this process's own setting."""
+    monkeypatch.setenv(env, now)
     old = _environment({"provenance": {"platform": "cpu"}})
-    assert layers.cpu_depthwise(old) == "shift"
-    monkeypatch.setenv(layers.CPU_DEPTHWISE_ENV, "shift")
-    new = _environment({"provenance": {"cpu_depthwise": "shift_vjp"}})
-    assert layers.cpu_depthwise(new) == "shift_vjp"
-
-
-def test_a_rerun_gets_its_records_residuals_setting(monkeypatch):
-    """Records before `cpu_residuals` ran the plain identity (`fused`) on CPU; a record that
-    names its setting gets that one, whatever this process's own setting."""
-    monkeypatch.setenv(residuals.CPU_RESIDUALS_ENV, "stored")
-    old = _environment({"provenance": {"platform": "cpu"}})
-    assert residuals.cpu_residuals(old) == "fused"
-    monkeypatch.setenv(residuals.CPU_RESIDUALS_ENV, "fused")
-    new = _environment({"provenance": {"cpu_residuals": "stored"}})
-    assert residuals.cpu_residuals(new) == "stored"
+    assert read(old) == before
+    monkeypatch.setenv(env, before)
+    assert read(_environment({"provenance": {field: now}})) == now

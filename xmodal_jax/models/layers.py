@@ -197,17 +197,25 @@ CPU_DEPTHWISE_ENV = "XMODAL_CPU_DEPTHWISE"
 CPU_DEPTHWISE = ("shift_vjp", "shift")
 
 
+def env_choice(
+    name: str, choices: tuple[str, ...], what: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """`$name` from `environ` (default: this process's), one of `choices`; unset or empty gives
+    the first. Another value raises a `UserError` naming the choices (`what`: what they are)."""
+    value = (os.environ if environ is None else environ).get(name) or choices[0]
+    if value not in choices:
+        raise UserError(
+            f"${name}={value!r} is not a {what}: use one of {choices}, or unset it for the "
+            f"default ({choices[0]!r})."
+        )
+    return value
+
+
 def cpu_depthwise(environ: Mapping[str, str] | None = None) -> str:
     """The depthwise form `'auto'` picks on CPU: `shift_vjp` (the fastest there, BENCHMARKS.md),
     or `shift` (autodiff's gradient, bit for bit as runs made before it) where
     `$XMODAL_CPU_DEPTHWISE=shift`."""
-    value = (os.environ if environ is None else environ).get(CPU_DEPTHWISE_ENV) or "shift_vjp"
-    if value not in CPU_DEPTHWISE:
-        raise UserError(
-            f"${CPU_DEPTHWISE_ENV}={value!r} is not a CPU depthwise form: use one of "
-            f"{CPU_DEPTHWISE}, or unset it for the default ({CPU_DEPTHWISE[0]!r})."
-        )
-    return value
+    return env_choice(CPU_DEPTHWISE_ENV, CPU_DEPTHWISE, "CPU depthwise form", environ)
 
 
 def depthwise_impl(impl: str) -> str:

@@ -28,12 +28,11 @@ its provenance); `XMODAL_CPU_RESIDUALS=fused` gives it back, as the regression t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
 
-from xmodal_jax.errors import UserError
+from xmodal_jax.models import layers
 
 CPU_RESIDUALS_ENV = "XMODAL_CPU_RESIDUALS"
 CPU_RESIDUALS = ("stored", "fused")
@@ -42,13 +41,7 @@ CPU_RESIDUALS = ("stored", "fused")
 def cpu_residuals(environ: Mapping[str, str] | None = None) -> str:
     """What `stored` does on CPU: `stored` (the default), or `fused` (the plain identity, XLA's
     fusion left as it is) where `$XMODAL_CPU_RESIDUALS=fused`."""
-    value = (os.environ if environ is None else environ).get(CPU_RESIDUALS_ENV) or "stored"
-    if value not in CPU_RESIDUALS:
-        raise UserError(
-            f"${CPU_RESIDUALS_ENV}={value!r} is not a CPU residuals setting: use one of "
-            f"{CPU_RESIDUALS}, or unset it for the default ({CPU_RESIDUALS[0]!r})."
-        )
-    return value
+    return layers.env_choice(CPU_RESIDUALS_ENV, CPU_RESIDUALS, "CPU residuals setting", environ)
 
 
 def _divided(y: jax.Array, x: jax.Array) -> jax.Array:
