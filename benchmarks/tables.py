@@ -268,7 +268,8 @@ def residuals(a: dict) -> list[str]:
     for workload, row in a.items():
         if isinstance(row, dict) and workload != "settings":
             for variant, v in row.items():
-                rows.append(f"| {workload} | {variant} | {v.get('fused_instructions', 0):,} |")
+                n = v.get("fused_instructions")  # none where the variant's process failed
+                rows.append(f"| {workload} | {variant} | {'n/a' if n is None else f'{n:,}'} |")
     return rows + [f"\n{a['rounds']} rounds, the settings alternating, each in its own process."]
 
 
