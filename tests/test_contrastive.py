@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from xmodal_jax.objectives import contrastive as C
@@ -163,7 +164,7 @@ def _dot_output_shapes(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             shapes.append(eqn.outvars[0].aval.shape)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax_core.jaxprs_in_params(eqn.params):
             shapes += _dot_output_shapes(sub)
     return shapes
 
