@@ -1,4 +1,5 @@
-# Set-up and the two entry points of README.md. Everything lives in .venv (Python 3.11).
+# Set-up and the two entry points of README.md. Everything lives in .venv (Python 3.11; 3.12, which
+# installs jax 0.11, with PYTHON=python3.12 in a fresh checkout).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -30,8 +31,8 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 $(STAMP): setup.cfg pyproject.toml Makefile
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), \
-	  f"Python 3.11 is needed, {sys.executable} is {sys.version.split()[0]}; set PYTHON=..."'
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), \
+	  f"Python 3.11 or 3.12 is needed, {sys.executable} is {sys.version.split()[0]}; set PYTHON=..."'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .

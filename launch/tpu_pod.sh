@@ -147,7 +147,7 @@ copy_code() {
 # ---------------------------------------------------------------- install
 install="cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
 # gcsfs: etils.epath reaches gs:// through fsspec when TensorFlow is not installed.
-install+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]>=0.10.2,<0.11'"
+install+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]>=0.10.2,<0.12'"
 [[ -z $assets ]] || install+=" && .venv/bin/pip install -q --no-deps $assets"
 
 # ---------------------------------------------------------------- train
