@@ -297,8 +297,8 @@ def test_run(r: dict) -> str:
         cache = f"; {cached} programs in the compilation cache at the start"
     return (
         f"`{r['command']}`: {outcome} in {minutes} min {seconds} s "
-        f"({r['date']}; {cpu}, {r['usable_cpus']} cores{cache}; jax {v['jax']}, jaxlib "
-        f"{v['jaxlib']}, commit {commit}).\n"
+        f"({r['date']}; {cpu}, {r['usable_cpus']} cores{cache}; python {v['python']}, jax "
+        f"{v['jax']}, jaxlib {v['jaxlib']}, commit {commit}).\n"
     )
 
 

@@ -225,6 +225,36 @@ def test_a_backend_flag_is_added_to_the_users_own_xla_flags(monkeypatch):
     assert backends.env_for("onednn")["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
 
 
+def test_compared_variants_take_turns_at_running_first(monkeypatch, tmp_path):
+    """Round r starts with the r-th variant; every variant's update is saved in the first round,
+    and the figures are the median of every round's steps."""
+    import argparse
+
+    from xmodal_jax.bench import backends
+
+    calls = []
+
+    def child(env, workload, args, updates):
+        calls.append((workload, env["V"]))
+        if updates:
+            np.savez(updates, w=np.float32([1.0, 2.0 if env["V"] == "c" else 1.0]))
+        return {"step_s": [0.1 * len(calls)], "compile_s": 1.0, "max_rss_mib": 10.0}
+
+    monkeypatch.setattr(backends, "run_child", child)
+    envs = {v: {"V": v} for v in ("a", "b", "c")}
+    out = backends.compare(envs, argparse.Namespace(rounds=4), ("w1", "w2"))
+    firsts = [calls[i][1] for i in range(0, len(calls), 3)]
+    assert firsts == ["a", "a", "b", "b", "c", "c", "a", "a"]
+    assert [v for w, v in calls[:6]] == ["a", "b", "c", "a", "b", "c"]
+    assert [v for w, v in calls[6:9]] == ["b", "c", "a"]
+    steps_a = [0.1 * (i + 1) for i, (w, v) in enumerate(calls) if (w, v) == ("w1", "a")]
+    assert out["w1"]["a"]["step_s"] == pytest.approx(np.median(steps_a))
+    assert out["w1"]["c"]["update_max_abs_diff_rel"] == 1.0  # |2 - 1| over the largest |1|
+    assert out["w1"]["b"]["speed_vs_default"] == pytest.approx(
+        out["w1"]["a"]["step_s"] / out["w1"]["b"]["step_s"]
+    )
+
+
 @pytest.mark.slow
 def test_cpu_backends_ablation_runs_each_backend_and_compares_first_updates():
     """Each backend in its own process (the small ResNet-50 step): every one runs, and its first
@@ -586,6 +616,7 @@ def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
     """`--timing-record` notes the processor's vector extension and how many compiled programs
     the run found cached (a cold cache can triple a tier's time); the README line says both."""
     import os
+    import platform
 
     import benchmarks.tables as bench_tables
     from xmodal_jax import provenance
@@ -609,6 +640,7 @@ def test_a_timed_test_run_records_its_processor_and_compilation_cache(tmp_path):
     assert rec["cpu_simd"] == provenance.cpu_simd()
     line = bench_tables.test_run(rec)
     assert "2 programs in the compilation cache at the start" in line
+    assert f"python {platform.python_version()}, jax {jax.__version__}, " in line
     assert rec["cpu_family"] == provenance.cpu_family()
     named = bench_tables.test_run({**rec, "cpu_family": "family 26, model 2"})
     assert f"{rec['cpu']} (family 26, model 2) {rec['cpu_simd']}, " in named

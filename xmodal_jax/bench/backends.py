@@ -130,17 +130,21 @@ def compare(
     `default`): median step seconds over the rounds, the first step's compile seconds, the
     largest peak resident memory, the instructions in the program's fusions
     (`measure.fused_instructions`), and the first update's distance to the reference's. The
-    variants take turns, round after round, each in a process of its own."""
+    variants take turns, round after round, each in a process of its own; each round starts
+    one variant later than the one before, so that none always runs first (in the first place,
+    a process ran up to 1.25x slower than the same program later in the round)."""
     out: dict[str, Any] = {"rounds": args.rounds}
     reference = next(iter(envs))
+    order = list(envs)
     with tempfile.TemporaryDirectory() as tmp:
         runs: dict[tuple[str, str], list[dict]] = {}
         errors: dict[tuple[str, str], str] = {}
         for round_ in range(args.rounds):
             for workload in workloads:
-                for variant, env in envs.items():
+                shift = round_ % len(order)
+                for variant in order[shift:] + order[:shift]:
                     path = os.path.join(tmp, f"{workload}_{variant}.npz") if round_ == 0 else None
-                    r = run_child(env, workload, args, path)
+                    r = run_child(envs[variant], workload, args, path)
                     if "error" in r:
                         errors[workload, variant] = r["error"]
                     else:
