@@ -253,11 +253,17 @@ def _process_variants(
     return rows
 
 
+def _turns(a: dict, what: str) -> str:
+    """How the variants of a process comparison took turns."""
+    first = ", each round starting with the next" if a.get("rotated") else ""
+    return f"\n{a['rounds']} rounds, {what} alternating{first}, each in its own process."
+
+
 def cpu_backends(a: dict) -> list[str]:
     """Rows of the XLA:CPU kernel-backend ablation (`_process_variants`, each backend named with
     its XLA flag)."""
     rows = _process_variants(a, "backend (XLA flag)", a["flags"], rss=False)
-    return rows + [f"\n{a['rounds']} rounds, the backends alternating, each in its own process."]
+    return rows + [_turns(a, "the backends")]
 
 
 def residuals(a: dict) -> list[str]:
@@ -270,7 +276,7 @@ def residuals(a: dict) -> list[str]:
             for variant, v in row.items():
                 n = v.get("fused_instructions")  # none where the variant's process failed
                 rows.append(f"| {workload} | {variant} | {'n/a' if n is None else f'{n:,}'} |")
-    return rows + [f"\n{a['rounds']} rounds, the settings alternating, each in its own process."]
+    return rows + [_turns(a, "the settings")]
 
 
 def malloc(a: dict) -> list[str]:
@@ -278,7 +284,7 @@ def malloc(a: dict) -> list[str]:
     setting (transparent huge pages), with the processes' peak resident memory."""
     head = [f"glibc {a['glibc']}, transparent huge pages `{a['thp_mode']}`.", ""]
     rows = _process_variants(a, "allocator (`GLIBC_TUNABLES`)", a["tunables"], rss=True)
-    return head + rows + [f"\n{a['rounds']} rounds, the two alternating, each in its own process."]
+    return head + rows + [_turns(a, "the two")]
 
 
 def test_run(r: dict) -> str:

@@ -230,6 +230,7 @@ def test_compared_variants_take_turns_at_running_first(monkeypatch, tmp_path):
     and the figures are the median of every round's steps."""
     import argparse
 
+    import benchmarks.tables as bench_tables
     from xmodal_jax.bench import backends
 
     calls = []
@@ -243,6 +244,7 @@ def test_compared_variants_take_turns_at_running_first(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "run_child", child)
     envs = {v: {"V": v} for v in ("a", "b", "c")}
     out = backends.compare(envs, argparse.Namespace(rounds=4), ("w1", "w2"))
+    assert out["rotated"] and "each round starting with the next" in bench_tables._turns(out, "x")
     firsts = [calls[i][1] for i in range(0, len(calls), 3)]
     assert firsts == ["a", "a", "b", "b", "c", "c", "a", "a"]
     assert [v for w, v in calls[:6]] == ["a", "b", "c", "a", "b", "c"]

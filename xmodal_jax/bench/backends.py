@@ -133,7 +133,7 @@ def compare(
     variants take turns, round after round, each in a process of its own; each round starts
     one variant later than the one before, so that none always runs first (in the first place,
     a process ran up to 1.25x slower than the same program later in the round)."""
-    out: dict[str, Any] = {"rounds": args.rounds}
+    out: dict[str, Any] = {"rounds": args.rounds, "rotated": True}  # records before: no turns
     reference = next(iter(envs))
     order = list(envs)
     with tempfile.TemporaryDirectory() as tmp:
