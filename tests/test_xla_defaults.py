@@ -42,7 +42,7 @@ def test_left_alone(monkeypatch, env):
 
 
 def test_not_added_for_another_jaxlib(monkeypatch):
-    monkeypatch.setattr(xla_defaults.importlib.metadata, "version", lambda name: "0.11.2")
+    monkeypatch.setattr(xla_defaults.importlib.metadata, "version", lambda name: "0.12.0")
     env = {}
     assert not xla_defaults.apply(env) and env == {}
 

@@ -1,10 +1,11 @@
 """The XLA:CPU setting this project makes its default, put in `XLA_FLAGS` before JAX starts.
 
-jaxlib 0.10 hands convolutions on CPU to the YNNPACK library by default; with
+jaxlib 0.10 and 0.11 hand convolutions on CPU to the YNNPACK library by default; with
 `--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION` XLA runs them
-itself, and every convolutional train step of `xmodal bench` ran faster that way (the
-`cpu_backends` ablation in BENCHMARKS.md: step times, and the first updates against XLA's
-default, which differ by float32 summation order). So `import xmodal_jax` adds the flag, unless:
+itself, and the convolutional train steps of `xmodal bench` ran faster that way, or level, on
+both (the `cpu_backends` ablations in BENCHMARKS.md: step times, and the first updates against
+XLA's default, which differ by float32 summation order). So `import xmodal_jax` adds the flag,
+unless:
 - `XLA_FLAGS` already sets `--xla_cpu_experimental_ynn_fusion_type` (the user's choice wins;
   `=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION` keeps XLA's default),
 - `XMODAL_XLA_DEFAULTS=off`, or
@@ -27,7 +28,7 @@ NAME = "--xla_cpu_experimental_ynn_fusion_type"
 CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 FLAG = f"{NAME}=-{CONVOLUTIONS}"
 OFF_ENV = "XMODAL_XLA_DEFAULTS"
-JAXLIB_RELEASES = ("0.10.",)  # measured with these (prefixes of jaxlib's version)
+JAXLIB_RELEASES = ("0.10.", "0.11.")  # measured with these (prefixes of jaxlib's version)
 
 
 def _jaxlib_measured() -> bool:

@@ -131,8 +131,8 @@ def compare(
     largest peak resident memory, the instructions in the program's fusions
     (`measure.fused_instructions`), and the first update's distance to the reference's. The
     variants take turns, round after round, each in a process of its own; each round starts
-    one variant later than the one before, so that none always runs first (in the first place,
-    a process ran up to 1.25x slower than the same program later in the round)."""
+    one variant later than the one before, so that none always runs first, right after the
+    parent's own measurements."""
     out: dict[str, Any] = {"rounds": args.rounds, "rotated": True}  # records before: no turns
     reference = next(iter(envs))
     order = list(envs)
