@@ -48,16 +48,19 @@ quickstart: install
 	$(BIN)/xmodal train --config experiments/quickstart.py --workdir workdirs/quickstart
 
 # The tests that exercise sharding run on 8 virtual devices, the others on 1 (a step there is a
-# single-device program, several times cheaper than an 8-way one on 2 cores).
+# single-device program, several times cheaper than an 8-way one on 2 cores). RECORD=PATH also
+# writes the run's timing record, as for test-slow below.
 test: install-test
 	$(BIN)/ruff check .
-	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "mesh and not slow" $(PYTEST_ARGS)
-	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "not mesh and not slow" $(PYTEST_ARGS)
+	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "mesh and not slow" $(PYTEST_ARGS) \
+	  $(if $(RECORD),--timing-record=$(RECORD))
+	XMODAL_TEST_DEVICES=1 $(BIN)/python -m pytest -m "not mesh and not slow" $(PYTEST_ARGS) \
+	  $(if $(RECORD),--timing-record=$(RECORD) --timing-record-append)
 
+RECORD ?=
 # The regression tier: headline runs repeated from their committed records
 # (tests/test_regression.py), and the long runs. RECORD=PATH also writes the run's timing
 # record (the README's figure: RECORD=benchmarks/results/test_slow.json, then make tables).
-RECORD ?=
 test-slow: install-test
 	XMODAL_TEST_DEVICES=8 $(BIN)/python -m pytest -m "slow and mesh" -n 2 --dist loadscope \
 	  --durations=0 $(if $(RECORD),--timing-record=$(RECORD))
