@@ -133,7 +133,7 @@ def compare(
     variants take turns, round after round, each in a process of its own; each round starts
     one variant later than the one before, so that none always runs first, right after the
     parent's own measurements."""
-    out: dict[str, Any] = {"rounds": args.rounds, "rotated": True}  # records before: no turns
+    out: dict[str, Any] = {"rounds": args.rounds, "rotated": True}  # older records: fixed order
     reference = next(iter(envs))
     order = list(envs)
     with tempfile.TemporaryDirectory() as tmp:
