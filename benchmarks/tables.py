@@ -222,6 +222,14 @@ def ablations(r: dict) -> str:
     return "\n\n".join(out)
 
 
+_LABELS = ("flags", "tunables", "settings")  # a process comparison's names of its variants
+
+
+def _workload_rows(a: dict) -> list[tuple[str, dict]]:
+    """`(workload, {variant: figures})` of a process comparison (`backends.compare`)."""
+    return [(w, row) for w, row in a.items() if isinstance(row, dict) and w not in _LABELS]
+
+
 def _process_variants(
     a: dict, column: str, label: dict[str, str], rss: bool, reference: str = "default"
 ) -> list[str]:
@@ -235,9 +243,7 @@ def _process_variants(
         + f"first update vs {reference} (max rel. diff) |",
         "|---" * (6 + rss) + "|",
     ]
-    for workload, row in a.items():
-        if not isinstance(row, dict) or workload in ("flags", "tunables", "settings"):
-            continue
+    for workload, row in _workload_rows(a):
         for variant, v in row.items():
             name = f"{variant} (`{label[variant] or 'none'}`)"
             if "error" in v:
@@ -271,11 +277,10 @@ def residuals(a: dict) -> list[str]:
     environment variable), with the instructions in each program's fusions."""
     rows = _process_variants(a, "setting", a["settings"], rss=True, reference="fused")
     rows += ["", "| workload | setting | fused instructions |", "|---|---|---|"]
-    for workload, row in a.items():
-        if isinstance(row, dict) and workload != "settings":
-            for variant, v in row.items():
-                n = v.get("fused_instructions")  # none where the variant's process failed
-                rows.append(f"| {workload} | {variant} | {'n/a' if n is None else f'{n:,}'} |")
+    for workload, row in _workload_rows(a):
+        for variant, v in row.items():
+            n = v.get("fused_instructions")  # none where the variant's process failed
+            rows.append(f"| {workload} | {variant} | {'n/a' if n is None else f'{n:,}'} |")
     return rows + [_turns(a, "the settings")]
 
 
